@@ -1,0 +1,16 @@
+"""qcompile: a deployment compiler for quantized LLMs built around ONNX.
+
+    import qcompile
+    art = qcompile.compile("smollm2-135m", target="ort-int4", out_dir="out/smollm2-int4")
+    art.metrics["quantized"]["ppl"]
+"""
+
+__version__ = "0.1.0"
+
+from qcompile.artifact import Artifact  # noqa: E402
+from qcompile.errors import QcompileError  # noqa: E402
+from qcompile.pipeline import compile, evaluate, export  # noqa: E402
+
+load = Artifact.load
+
+__all__ = ["Artifact", "QcompileError", "compile", "evaluate", "export", "load", "__version__"]

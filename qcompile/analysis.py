@@ -1,0 +1,356 @@
+"""Find the transformer structure of an exported causal LM: the one place that knows the graph's shape.
+
+`analyze(model)` returns a `ModelMap`: the embedding, each block's norms and linears with their roles
+(q, k, v, o, gate, up, down), the residual adds, the final norm and lm_head. Roles come from structure,
+never from tensor names (the exporter names weights `val_76`):
+
+    norm ──┬─ MatMul(q) ─ ... ─┐                 norm ──┬─ MatMul(gate) ─ act ─┐
+           ├─ MatMul(k) ─ ... ─┴─ MatMul(scores)        └─ MatMul(up) ─────────┴─ Mul ─ MatMul(down)
+           └─ MatMul(v) ─ ... ─── MatMul(context, input 1) ─ ... ─ MatMul(o) ─ Add(residual)
+
+A linear is a MatMul whose second input is a constant [K, N] weight, a DequantizeLinear of one (the
+canonical quantized form), a Transpose of one (a tied lm_head), or a com.microsoft.MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import errors
+
+
+class Role(str, enum.Enum):
+    Q = "q"
+    K = "k"
+    V = "v"
+    O = "o"
+    GATE = "gate"
+    UP = "up"
+    DOWN = "down"
+    LM_HEAD = "lm_head"
+
+
+@dataclasses.dataclass
+class Norm:
+    """A normalization: output = norm(input) * gain (+ bias)."""
+
+    kind: str  # "rms" or "layer"
+    node: ir.Node  # the node producing `output` (the gain Mul, or the fused op)
+    input: ir.Value
+    output: ir.Value
+    gain: ir.Value | None
+
+
+@dataclasses.dataclass
+class Linear:
+    """y = x @ W with W of shape [in_features, out_features]."""
+
+    name: str  # "blocks.3.q", "lm_head"
+    role: Role
+    block: int | None
+    node: ir.Node
+    in_features: int
+    out_features: int
+    norm: Norm | None = None
+
+    @property
+    def weight_input(self) -> ir.Value:
+        return self.node.inputs[1]
+
+    def format(self) -> str:
+        """How the weight is stored: 'float32', 'INT4 block 128 (DequantizeLinear)', 'MatMulNBits ...'."""
+        if self.node.op_type == "MatMulNBits":
+            a = self.node.attributes
+            return (f"MatMulNBits {a['bits'].as_int()}-bit block {a['block_size'].as_int()} "
+                    f"acc{a.get_int('accuracy_level', 0)}")
+        dq = self.weight_input.producer()
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            block = dq.attributes.get_int("block_size", 0)
+            layout = f"block {block}" if block else "per-channel"
+            return f"{dq.inputs[0].dtype.name} {layout} (DequantizeLinear)"
+        weight = _weight_initializer(self.node)
+        return weight.dtype.name if weight is not None else "?"
+
+    def float_weight(self) -> np.ndarray:
+        """The float weight as a [K, N] array (a tied lm_head's embedding is transposed)."""
+        producer = self.weight_input.producer()
+        if producer is None:
+            return self.weight_input.const_value.numpy()
+        if producer.op_type == "Transpose":
+            return producer.inputs[0].const_value.numpy().T
+        raise errors.InputError(f"linear {self.name} is already quantized ({self.format()}): start from a float model")
+
+
+@dataclasses.dataclass
+class Block:
+    index: int
+    input_norm: Norm
+    post_attention_norm: Norm
+    linears: dict[Role, Linear]
+    attention_residual: ir.Node
+    mlp_residual: ir.Node
+
+
+@dataclasses.dataclass
+class ModelMap:
+    embedding: ir.Node  # the Gather reading the token embedding table
+    blocks: list[Block]
+    final_norm: Norm
+    lm_head: Linear
+    tied_lm_head: bool
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm_head.in_features
+
+    def linears(self) -> list[Linear]:
+        return [lin for b in self.blocks for lin in b.linears.values()] + [self.lm_head]
+
+
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+def _skip_back(value: ir.Value, ops=("Cast", "Identity")) -> ir.Value:
+    """Walk back through no-op-like producers (a bf16 model's upcasts, identities)."""
+    while (p := value.producer()) is not None and p.op_type in ops:
+        value = p.inputs[0]
+    return value
+
+
+def _weight_initializer(node: ir.Node) -> ir.Value | None:
+    """The constant 2-D tensor behind a MatMul's weight input, if it is a linear."""
+    w = node.inputs[1]
+    if w is None:
+        return None
+    producer = w.producer()
+    if producer is not None and producer.op_type in ("DequantizeLinear", "Transpose"):
+        w = producer.inputs[0]
+    if _is_const(w) and len(w.const_value.shape) == 2:
+        return w
+    return None
+
+
+def _linear_dims(node: ir.Node) -> tuple[int, int] | None:
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        return node.attributes["K"].as_int(), node.attributes["N"].as_int()
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return None
+    w = _weight_initializer(node)
+    if w is None:
+        return None
+    k, n = w.const_value.shape
+    if w.producer() is None and node.inputs[1].producer() is not None and node.inputs[1].producer().op_type == "Transpose":
+        k, n = n, k
+    return int(k), int(n)
+
+
+_FUSED_NORMS = {
+    "SimplifiedLayerNormalization": "rms",
+    "SkipSimplifiedLayerNormalization": "rms",
+    "RMSNormalization": "rms",
+    "LayerNormalization": "layer",
+    "SkipLayerNormalization": "layer",
+}
+
+
+def _rms_input(normed: ir.Value) -> ir.Value | None:
+    """If `normed` = x * rsqrt(mean(x^2) + eps) (any exported spelling), return x."""
+    node = normed.producer()
+    if node is None or node.op_type not in ("Mul", "Div"):
+        return None
+    candidates = [(0, 1), (1, 0)] if node.op_type == "Mul" else [(0, 1)]
+    for xi, ri in candidates:
+        x, r = _skip_back(node.inputs[xi]), node.inputs[ri]
+        chain = ["Sqrt", "Add", "ReduceMean"] if node.op_type == "Div" else ["Reciprocal", "Sqrt", "Add", "ReduceMean"]
+        cur = r
+        ok = True
+        for op in chain:
+            p = _skip_back(cur).producer()
+            if p is None or p.op_type != op:
+                # Div(1, Sqrt(...)) is another spelling of Reciprocal(Sqrt(...))
+                if op == "Reciprocal" and p is not None and p.op_type == "Div" and _is_const(p.inputs[0]):
+                    cur = p.inputs[1]
+                    continue
+                ok = False
+                break
+            cur = p.inputs[0]
+        if not ok:
+            continue
+        square = _skip_back(cur).producer()
+        if square is None:
+            continue
+        if square.op_type == "Pow" and _skip_back(square.inputs[0]) is x:
+            return x
+        if square.op_type == "Mul" and _skip_back(square.inputs[0]) is x and _skip_back(square.inputs[1]) is x:
+            return x
+    return None
+
+
+def match_norm(value: ir.Value) -> Norm | None:
+    """The norm producing `value`, or None."""
+    out = value
+    node = _skip_back(value).producer()
+    if node is None:
+        return None
+    if node.op_type in _FUSED_NORMS:
+        gain = node.inputs[1] if len(node.inputs) > 1 else None
+        return Norm(_FUSED_NORMS[node.op_type], node, node.inputs[0], out, gain)
+    if node.op_type != "Mul":
+        return None
+    for gi in (0, 1):
+        gain, other = node.inputs[gi], node.inputs[1 - gi]
+        if _is_const(gain) and len(gain.const_value.shape) == 1:
+            x = _rms_input(_skip_back(other))
+            if x is not None:
+                return Norm("rms", node, x, out, gain)
+    return None
+
+
+_ATTENTION_OPS = {"GroupQueryAttention", "MultiHeadAttention", "Attention"}
+
+
+def _forward_first(value: ir.Value, stop, limit: int = 400) -> tuple[ir.Node, int] | None:
+    """Breadth-first over consumers of `value`; the first (node, input index) where stop(node) holds."""
+    queue = collections.deque([value])
+    seen = set()
+    while queue and len(seen) < limit:
+        v = queue.popleft()
+        for use in v.uses():
+            node, idx = use.node, use.idx
+            if stop(node):
+                return node, idx
+            if node not in seen:
+                seen.add(node)
+                queue.extend(node.outputs)
+    return None
+
+
+class _Analyzer:
+    def __init__(self, model: ir.Model):
+        self.graph = model.graph
+        self.order = {node: i for i, node in enumerate(self.graph)}
+        self.linear_nodes = {n: d for n in self.graph if (d := _linear_dims(n)) is not None}
+
+    def fail(self, what: str) -> errors.UnsupportedModelError:
+        return errors.UnsupportedModelError(
+            f"not a supported decoder-only LLM graph: {what}. qcompile handles Llama-style models "
+            "(RMSNorm/LayerNorm, q/k/v/o attention, gated MLP) exported by `qcompile export`"
+        )
+
+    def is_dynamic_matmul(self, node: ir.Node) -> bool:
+        return (node.op_type == "MatMul" and node not in self.linear_nodes) or node.op_type in _ATTENTION_OPS
+
+    def embedding(self) -> ir.Node:
+        graph_inputs = set(self.graph.inputs)
+        for node in self.graph:
+            if (node.op_type in ("Gather", "GatherBlockQuantized") and node.inputs[1] in graph_inputs
+                    and _is_const(node.inputs[0])):
+                return node
+        raise self.fail("no token-embedding Gather reading a graph input was found")
+
+    def lm_head(self) -> ir.Node:
+        if not self.graph.outputs:
+            raise self.fail("the graph has no outputs")
+        value = _skip_back(self.graph.outputs[0], ops=("Cast", "Identity", "Reshape"))
+        node = value.producer()
+        if node is None or node not in self.linear_nodes:
+            raise self.fail(f"the first output '{self.graph.outputs[0].name}' is not produced by a linear (lm_head)")
+        return node
+
+    def run(self) -> ModelMap:
+        embedding = self.embedding()
+        head_node = self.lm_head()
+        final_norm = match_norm(head_node.inputs[0])
+        if final_norm is None:
+            raise self.fail("no norm (RMSNorm/LayerNorm) feeds lm_head")
+        groups: dict[ir.Node, list[ir.Node]] = collections.defaultdict(list)
+        norms: dict[ir.Node, Norm] = {}
+        for node in self.linear_nodes:
+            if node is head_node:
+                continue
+            norm = match_norm(node.inputs[0])
+            if norm is not None:
+                groups[norm.node].append(node)
+                norms[norm.node] = norm
+        attention = sorted((n for n, ls in groups.items() if len(ls) == 3), key=self.order.get)
+        mlp = sorted((n for n, ls in groups.items() if len(ls) == 2), key=self.order.get)
+        if not attention:
+            raise self.fail("no norm feeding three linears (q, k, v) was found")
+        if len(attention) != len(mlp):
+            raise self.fail(f"found {len(attention)} attention norms but {len(mlp)} MLP norms (gate/up)")
+        blocks = []
+        for i, (an, mn) in enumerate(zip(attention, mlp)):
+            linears = {**self.attention_roles(i, groups[an], norms[an]), **self.mlp_roles(i, groups[mn], norms[mn])}
+            blocks.append(Block(
+                i, norms[an], norms[mn], linears,
+                self.residual_add(linears[Role.O]), self.residual_add(linears[Role.DOWN]),
+            ))
+        k, n = self.linear_nodes[head_node]
+        tied = head_node.op_type == "MatMul" and _weight_initializer(head_node) is embedding.inputs[0]
+        lm_head = Linear("lm_head", Role.LM_HEAD, None, head_node, k, n, final_norm)
+        return ModelMap(embedding, blocks, final_norm, lm_head, tied)
+
+    def linear(self, block: int, role: Role, node: ir.Node, norm: Norm | None) -> Linear:
+        k, n = self.linear_nodes[node]
+        return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, norm)
+
+    def attention_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> dict[Role, Linear]:
+        reached = {}
+        for node in nodes:
+            hit = _forward_first(node.outputs[0], self.is_dynamic_matmul)
+            if hit is None:
+                raise self.fail(f"block {i}: linear '{node.name}' reaches no attention MatMul")
+            reached[node] = hit
+        roles = {}
+        for node, (target, idx) in reached.items():
+            if target.op_type in _ATTENTION_OPS:
+                roles[(Role.Q, Role.K, Role.V)[idx]] = node
+            else:
+                shared = sum(1 for t, _ in reached.values() if t is target)
+                roles[Role.V if shared == 1 else (Role.Q, Role.K)[idx]] = node
+        if set(roles) != {Role.Q, Role.K, Role.V}:
+            raise self.fail(f"block {i}: could not tell q, k and v apart")
+        context = _forward_first(roles[Role.V].outputs[0], self.is_dynamic_matmul)[0]
+        o_hit = _forward_first(context.outputs[0], lambda n: n in self.linear_nodes)
+        if o_hit is None:
+            raise self.fail(f"block {i}: no output projection after attention")
+        out = {role: self.linear(i, role, node, norm) for role, node in roles.items()}
+        out[Role.O] = self.linear(i, Role.O, o_hit[0], None)
+        return out
+
+    def mlp_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> dict[Role, Linear]:
+        def only_mul(node):
+            uses = list(node.outputs[0].uses())
+            return len(uses) == 1 and uses[0].node.op_type == "Mul"
+
+        ups = [n for n in nodes if only_mul(n)]
+        if len(ups) != 1:
+            raise self.fail(f"block {i}: could not tell the MLP gate and up projections apart")
+        up = ups[0]
+        gate = nodes[0] if nodes[1] is up else nodes[1]
+        combine = next(iter(up.outputs[0].uses())).node
+        down = _forward_first(combine.outputs[0], lambda n: n in self.linear_nodes)
+        if down is None:
+            raise self.fail(f"block {i}: no down projection after the gated MLP")
+        return {
+            Role.GATE: self.linear(i, Role.GATE, gate, norm),
+            Role.UP: self.linear(i, Role.UP, up, norm),
+            Role.DOWN: self.linear(i, Role.DOWN, down[0], None),
+        }
+
+    def residual_add(self, linear: Linear) -> ir.Node:
+        hit = _forward_first(linear.node.outputs[0], lambda n: n.op_type == "Add" and not any(map(_is_const, n.inputs)))
+        if hit is None:
+            raise self.fail(f"{linear.name}: no residual Add after it")
+        return hit[0]
+
+
+def analyze(model: ir.Model) -> ModelMap:
+    """Return the ModelMap of `model`, or raise UnsupportedModelError naming what was not found."""
+    return _Analyzer(model).run()

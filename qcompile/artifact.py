@@ -1,0 +1,102 @@
+"""Artifacts on disk: atomic folder writes, file hashes and the manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+from qcompile import errors
+from qcompile.sources import file_sha256
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+PACKAGES = ("qcompile", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "torch", "transformers", "gguf")
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A compiled model folder: model.onnx (+ model.onnx.data), tokenizer files, manifest.json."""
+
+    path: pathlib.Path
+    manifest: dict
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def model_path(self) -> pathlib.Path:
+        return self.path / "model.onnx"
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> "Artifact":
+        path = pathlib.Path(path)
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise errors.SourceNotFoundError(f"'{path}' is not a qcompile artifact (no {MANIFEST})")
+        return cls(path, json.loads(manifest.read_text()))
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def file_hashes(folder: pathlib.Path) -> dict[str, dict]:
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST
+    }
+
+
+def model_bytes(model_path: pathlib.Path) -> int:
+    """Bytes of an ONNX model file plus its external data files beside it."""
+    folder = model_path.parent
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(model_path.name))
+
+
+def copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
+    for name in (*TOKENIZER_FILES, "config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def check_output(out: pathlib.Path) -> None:
+    """Refuse to overwrite anything but an earlier qcompile artifact or export."""
+    if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or (out / "model.onnx").is_file())):
+        raise errors.OutputExistsError(
+            f"output '{out}' exists and is not a qcompile artifact: choose another --out or remove it"
+        )
+
+
+@contextlib.contextmanager
+def atomic_folder(out: pathlib.Path):
+    """Yield a temporary folder beside `out`; on success it replaces `out` in one rename, else it is removed."""
+    check_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(folder: pathlib.Path, manifest: dict) -> None:
+    manifest["files"] = file_hashes(folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

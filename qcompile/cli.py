@@ -1,0 +1,241 @@
+"""The `qcompile` command line (typer + rich). Errors become one line on stderr and an exit code:
+2 for bad input, 1 for internal errors; `--debug` anywhere shows the traceback instead."""
+
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import pathlib
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qcompile import errors, evaluation
+
+app = typer.Typer(
+    help="qcompile: compile Hugging Face / GGUF / ONNX causal LMs into quantized ONNX models for ONNX Runtime.\n\n"
+    "`qcompile SOURCE --target T` is short for `qcompile model SOURCE --target T`. Add --debug for tracebacks.",
+    no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+console = Console()
+
+
+class LmHead(str, enum.Enum):
+    default = "default"
+    float = "float"
+    int8 = "int8"
+    int4 = "int4"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _progress():
+    from qcompile.progress import RichProgress
+
+    return RichProgress(Console(stderr=True))
+
+
+@app.command()
+def model(
+    source: str = typer.Argument("smollm2-135m", help="HF model folder, .gguf file, .onnx file/folder, or alias smollm2-135m."),
+    target: str = typer.Option("ort-int4", "--target", "-t", help="Target name (see `qcompile targets`)."),
+    out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Artifact folder [default: qcompile-out/<model>-<target>]."),
+    algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn [default: the target's]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Block size along K: 32, 64 or 128 [default: the target's, 128]."),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric (signed, no zero point) or asymmetric weights [default: the target's, symmetric]."),
+    lm_head: LmHead = typer.Option(LmHead.default, "--lm-head", help="lm_head precision [default: the target's, int8]."),
+    accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="ORT MatMulNBits accuracy_level: 0 (fp32 compute) or 4 (int8 activations) [default: 4]."),
+    eval_windows: int = typer.Option(32, "--eval-windows", help="WikiText-2 test windows of 512 tokens to evaluate."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity and latency measurement."),
+):
+    """Compile a model for a target: export, quantize, lower, evaluate, write the artifact."""
+    from qcompile import pipeline
+
+    head = {"default": "default", "float": None, "int8": 8, "int4": 4}[lm_head.value]
+    with _progress() as progress:
+        art = pipeline.compile(
+            source, target, out, algo=algo, group_size=group_size, symmetric=symmetric, lm_head_bits=head,
+            accuracy_level=accuracy_level, eval_windows=None if no_eval else eval_windows, progress=progress,
+        )
+    _print_summary(art)
+
+
+def _print_summary(art) -> None:
+    m = art.metrics
+    table = Table(title=f"qcompile {art.manifest['target']['name']}: {art.manifest['source']['path']}")
+    table.add_column("metric")
+    table.add_column("float", justify="right")
+    table.add_column("quantized", justify="right")
+    table.add_column("change", justify="right")
+    if "float" in m:
+        f, q = m["float"], m["quantized"]
+        table.add_row(f"perplexity ({q['windows']}×512 tokens)", f"{f['ppl']:.3f}", f"{q['ppl']:.3f}", f"{m['ppl_increase_pct']:+.2f} %")
+        table.add_row("argmax agreement", "", f"{100 * m['argmax_agreement']:.1f} %", "")
+        table.add_row("size", _mb(f["size_bytes"]), _mb(q["size_bytes"]), f"{m['size_ratio']:.2f}×")
+        table.add_row(f"prefill {q['prompt_len']} tokens", f"{f['prefill_ms']:.0f} ms", f"{q['prefill_ms']:.0f} ms",
+                      f"{f['prefill_ms'] / q['prefill_ms']:.2f}× faster")
+        table.add_row("decode per token", f"{f['decode_ms_per_token']:.1f} ms", f"{q['decode_ms_per_token']:.1f} ms",
+                      f"{m['decode_speedup']:.2f}× faster")
+    table.add_row("compile time", "", f"{m['compile_seconds']:.0f} s", "")
+    console.print(table)
+    console.print(f"Artifact written to [bold]{art.path}[/bold]")
+
+
+@app.command()
+def export(
+    source: str = typer.Argument("smollm2-135m", help="HF model folder, .gguf file, or alias smollm2-135m."),
+    out: pathlib.Path = typer.Option(..., "--out", "-o", help="Folder to write model.onnx, its data and tokenizer files to."),
+):
+    """Export a model to an fp32 ONNX KV-cache decoder (onnxruntime-genai I/O names)."""
+    from qcompile import pipeline
+
+    with _progress() as progress:
+        folder = pipeline.export(source, out, progress=progress)
+    console.print(f"Exported to [bold]{folder}[/bold]")
+
+
+@app.command("eval")
+def eval_(
+    path: pathlib.Path = typer.Argument(..., help="Artifact or export folder, or a .onnx file (tokenizer.json beside it)."),
+    windows: int = typer.Option(evaluation.DEFAULT_WINDOWS, "--windows", help="Number of 512-token WikiText-2 test windows."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Also measure prefill and decode latency."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Perplexity on the pinned WikiText-2 protocol (and latency, size)."""
+    from qcompile import pipeline
+
+    if windows < 1:
+        raise errors.InputError(f"--windows {windows}: use a positive number of windows")
+    with _progress() as progress:
+        result = pipeline.evaluate(path, windows, latency, progress)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("perplexity", f"{result['ppl']:.3f}")
+    table.add_row("tokens scored", f"{result['tokens']} ({result['windows']} windows × 511)")
+    table.add_row("size", _mb(result["size_bytes"]))
+    if latency:
+        table.add_row(f"prefill {result['prompt_len']} tokens", f"{result['prefill_ms']:.0f} ms")
+        table.add_row("decode per token", f"{result['decode_ms_per_token']:.1f} ms")
+    console.print(table)
+    console.print(f"protocol: {evaluation.PROTOCOL}")
+
+
+@app.command()
+def run(
+    path: pathlib.Path = typer.Argument(..., help="Artifact or export folder."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 for greedy; otherwise sampling temperature."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+):
+    """Generate text from a prompt with the KV cache, streaming tokens to the terminal."""
+    from qcompile import generation, runtime
+
+    decoder = runtime.Decoder(path)
+    tokenizer = runtime.load_tokenizer(decoder.path.parent)
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise errors.InputError("--prompt is empty: give some text to continue")
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    tokens = generation.generate(decoder, ids, max_new_tokens, temperature, top_p, seed, runtime.eos_token_ids(decoder.path.parent))
+    generation.stream_text(tokenizer, ids, tokens, write)
+    sys.stdout.write("\n")
+
+
+@app.command()
+def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an export/artifact folder.")):
+    """Print the structure qcompile finds: blocks, norms, linears with roles, shapes and formats."""
+    from qcompile import analysis, pipeline, runtime
+
+    model_path = runtime.model_file(path)
+    graph_model = pipeline.load_onnx(model_path)
+    mm = analysis.analyze(graph_model)
+    table = Table(title=f"{model_path}: {len(mm.blocks)} blocks, hidden {mm.hidden_size}")
+    for col in ("linear", "role", "in", "out", "fed by", "weights"):
+        table.add_column(col)
+    for b in mm.blocks:
+        for lin in b.linears.values():
+            fed = f"{b.input_norm.kind}norm (input)" if lin.norm is b.input_norm else (
+                f"{b.post_attention_norm.kind}norm (post-attn)" if lin.norm is b.post_attention_norm else "")
+            table.add_row(lin.name, lin.role.value, str(lin.in_features), str(lin.out_features), fed, lin.format())
+    head = mm.lm_head
+    table.add_row(head.name, head.role.value, str(head.in_features), str(head.out_features),
+                  f"{mm.final_norm.kind}norm (final)", head.format() + (" (tied to embedding)" if mm.tied_lm_head else ""))
+    console.print(table)
+    emb = mm.embedding.inputs[0]
+    console.print(f"embedding: {mm.embedding.op_type} of {emb.name} {list(emb.shape)} {emb.dtype.name}")
+    console.print(f"residual adds: {2 * len(mm.blocks)}; norms: {2 * len(mm.blocks) + 1} ({mm.final_norm.kind})")
+    ops = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph_model.graph)
+    quant = {k: v for k, v in ops.items() if any(s in k for s in ("Quantize", "NBits", "Integer", "qcompile"))}
+    console.print(f"nodes: {sum(ops.values())}; quantized ops: {quant or 'none'}")
+
+
+@app.command("targets")
+def list_targets():
+    """List the available targets."""
+    from qcompile import targets as registry
+
+    table = Table(title="qcompile targets")
+    for col in ("target", "runtime", "weights", "description"):
+        table.add_column(col)
+    for name in registry.names():
+        t = registry.get(name)
+        s = t.scheme
+        weights = f"{s.algorithm.value} {s.bits}-bit g{s.group_size} {'sym' if s.symmetric else 'asym'}"
+        table.add_row(name, t.runtime, weights, t.description)
+    console.print(table)
+
+
+_COMMANDS = {"model", "export", "eval", "run", "inspect", "targets"}
+_TOP_LEVEL = {"--help", "-h", "--install-completion", "--show-completion"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    if args and args[0] not in _COMMANDS and args[0] not in _TOP_LEVEL:
+        args.insert(0, "model")  # `qcompile SOURCE --target T` == `qcompile model SOURCE --target T`
+    import click
+
+    try:
+        result = app(args=args, prog_name="qcompile", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except errors.QcompileError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.ClickException as e:
+        e.show()
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: one line unless --debug
+        if debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

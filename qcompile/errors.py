@@ -1,0 +1,42 @@
+"""Typed errors. Each message names the problem and the fix; the CLI prints it as one line.
+
+Exit codes: 2 for bad input (the user can fix it), 1 for internal errors.
+"""
+
+from __future__ import annotations
+
+
+class QcompileError(Exception):
+    """Base class of every error qcompile raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(QcompileError):
+    """The input (a path, a model, an option) is wrong; the message says how to fix it."""
+
+    exit_code = 2
+
+
+class SourceNotFoundError(InputError):
+    """A model source (path or alias) does not exist."""
+
+
+class CorruptModelError(InputError):
+    """A model file exists but cannot be read."""
+
+
+class UnsupportedModelError(InputError):
+    """The graph is readable but its transformer structure was not recognised."""
+
+
+class UnknownTargetError(InputError):
+    """A target name is not in the registry."""
+
+
+class MissingDependencyError(InputError):
+    """An optional dependency is needed for this input; the message gives the pip command."""
+
+
+class OutputExistsError(InputError):
+    """The output path exists and is not a qcompile artifact that may be replaced."""

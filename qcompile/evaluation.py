@@ -1,0 +1,98 @@
+"""The pinned evaluation protocol: WikiText-2 perplexity, argmax agreement, prefill/decode latency.
+
+Perplexity: the WikiText-2 test text (shipped in the package) tokenized as one string, cut into
+non-overlapping windows of 512 tokens; the first N windows (default 128) are scored, each from an empty
+KV cache, on its 511 next-token predictions. Latency: a 512-token prefill, then 1-token decode steps with
+the KV cache; medians after warm-up, on the CPU execution provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import statistics
+import time
+
+import numpy as np
+
+from qcompile.runtime import Decoder, load_tokenizer
+
+SEQ_LEN = 512
+DEFAULT_WINDOWS = 128
+PROTOCOL = "wikitext-2 test, non-overlapping 512-token windows, first N, ORT CPU fp32 logits"
+
+
+def wikitext(split: str = "test") -> str:
+    return (importlib.resources.files("qcompile") / "data" / "wikitext-2" / f"{split}.txt").read_text(encoding="utf-8")
+
+
+def windows(tokenizer, count: int, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """[count, seq_len] token ids: the first `count` non-overlapping windows of the test text."""
+    ids = np.array(tokenizer.encode(wikitext("test")).ids, dtype=np.int64)
+    available = len(ids) // seq_len
+    if count > available:
+        from qcompile import errors
+
+        raise errors.InputError(f"--windows {count} is more than the {available} windows the test text has")
+    return ids[: count * seq_len].reshape(count, seq_len)
+
+
+@dataclasses.dataclass
+class Perplexity:
+    ppl: float
+    tokens: int
+    windows: int
+    predictions: np.ndarray  # argmax next-token id at every scored position, for agreement
+
+    def to_dict(self) -> dict:
+        return {"ppl": round(self.ppl, 4), "tokens": self.tokens, "windows": self.windows, "seq_len": SEQ_LEN,
+                "protocol": PROTOCOL}
+
+
+def perplexity(decoder: Decoder, tokenizer, count: int = DEFAULT_WINDOWS, progress=None) -> Perplexity:
+    batches = windows(tokenizer, count)
+    advance = progress.task(f"Perplexity ({decoder.path.parent.name or decoder.path.name})", count) if progress else (lambda: None)
+    nll, predictions = 0.0, []
+    for window in batches:
+        logits, _ = decoder.forward(window[None], decoder.empty_cache(), 0)
+        logits = logits[0, :-1].astype(np.float64)
+        target = window[1:]
+        peak = logits.max(axis=-1, keepdims=True)
+        logsumexp = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+        nll += float((logsumexp - logits[np.arange(len(target)), target]).sum())
+        predictions.append(logits.argmax(axis=-1))
+        advance()
+    tokens = count * (SEQ_LEN - 1)
+    return Perplexity(float(np.exp(nll / tokens)), tokens, count, np.concatenate(predictions))
+
+
+def latency(decoder: Decoder, prompt_len: int = SEQ_LEN, decode_steps: int = 32, repeats: int = 5) -> dict:
+    """Median prefill ms for `prompt_len` tokens and median ms per decode token after it."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(100, 1000, size=(1, prompt_len))
+    decoder.forward(ids, decoder.empty_cache(), 0)  # warm-up
+    prefill = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        logits, cache = decoder.forward(ids, decoder.empty_cache(), 0)
+        prefill.append(time.perf_counter() - start)
+    steps = []
+    token = logits[:, -1:].argmax(-1)
+    for i in range(decode_steps + 2):
+        start = time.perf_counter()
+        logits, cache = decoder.forward(token, cache, prompt_len + i)
+        steps.append(time.perf_counter() - start)
+        token = logits[:, -1:].argmax(-1)
+    return {
+        "prefill_ms": round(1000 * statistics.median(prefill), 2),
+        "decode_ms_per_token": round(1000 * statistics.median(steps[2:]), 2),  # first steps warm up
+        "prompt_len": prompt_len,
+        "decode_steps": decode_steps,
+    }
+
+
+def evaluate_model(path, count: int = DEFAULT_WINDOWS, with_latency: bool = True, progress=None) -> tuple[Perplexity, dict]:
+    decoder = Decoder(path)
+    tokenizer = load_tokenizer(decoder.path.parent)
+    ppl = perplexity(decoder, tokenizer, count, progress)
+    return ppl, (latency(decoder) if with_latency else {})

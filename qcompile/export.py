@@ -1,0 +1,136 @@
+"""Export a Hugging Face causal LM to an ONNX KV-cache decoder with `torch.onnx.export(dynamo=True)`.
+
+The graph follows the I/O names onnxruntime-genai expects:
+
+    input_ids [b, s], attention_mask [b, past + s], position_ids [b, s],
+    past_key_values.N.key/.value [b, kv_heads, past, head_dim]
+      -> logits [b, s, vocab], present.N.key/.value [b, kv_heads, past + s, head_dim]
+
+Weights are fp32 initializers saved as external data (`model.onnx.data`) so that they are memory-mapped
+on load and models past 2 GB work. torch and transformers are imported only here (the `export` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pathlib
+import warnings
+
+from qcompile import errors
+from qcompile.sources import Source, SourceKind
+
+OPSET = 21  # blocked DequantizeLinear (the canonical int4 form) needs opset 21
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+EXPORT_PIP = "pip install torch==2.13.0 && pip install 'qcompile[export]'"
+
+
+def _require_export_deps():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise errors.MissingDependencyError(
+            f"exporting a Hugging Face or GGUF model needs torch and transformers ({e.name} is missing): "
+            f"run `{EXPORT_PIP}`"
+        ) from None
+
+
+def load_hf(source: Source):
+    """Load (model, tokenizer) from a HF folder or GGUF file, in fp32 and eval mode."""
+    _require_export_deps()
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if source.kind == SourceKind.GGUF:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise errors.MissingDependencyError(f"reading GGUF needs the gguf package: run `{EXPORT_PIP}`") from None
+        folder, kwargs = source.path.parent, {"gguf_file": source.path.name}
+    else:
+        folder, kwargs = source.path, {}
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+        raise errors.CorruptModelError(
+            f"cannot load '{source.path}' as a causal LM ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+            "check that the file is complete and is a supported text model"
+        ) from None
+    return model.eval(), tokenizer
+
+
+def _io_names(num_layers: int):
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
+    """Export an in-memory HF causal LM to `out_dir/model.onnx`; returns that path.
+
+    `out_dir` must exist and be empty (callers write into a temporary folder and rename it).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    class KVDecoder(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=config)
+            out = self.lm(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True,
+            )
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    # Past and new lengths get separate dims; the mask's length is a third (the exporter refuses Dim + Dim).
+    batch, past_len, seq = 2, 3, 4
+    ids = torch.randint(0, min(config.vocab_size, 1000), (batch, seq))
+    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    pos = torch.arange(past_len, past_len + seq).expand(batch, seq)
+    past = [torch.zeros(batch, kv_heads, past_len, head_dim) for _ in range(2 * layers)]
+    bs = {0: "batch_size"}
+    dynamic = (
+        {**bs, 1: "sequence_length"},
+        {**bs, 1: "total_sequence_length"},
+        {**bs, 1: "sequence_length"},
+        [{**bs, 2: "past_sequence_length"}] * (2 * layers),
+    )
+    inputs, outputs = _io_names(layers)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            KVDecoder(model).eval(), (ids, mask, pos, past), input_names=inputs, output_names=outputs,
+            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+        )
+    ir_model = program.model
+    for value in ir_model.graph.outputs[1:]:  # "past_sequence_length + sequence_length" reads badly
+        value.shape = value.shape.__class__([*value.shape[:2], "total_sequence_length", value.shape[3]])
+    ir_model.producer_name = "qcompile"
+    import onnx_ir as ir
+
+    path = out_dir / MODEL_FILE
+    ir.save(ir_model, path, external_data=DATA_FILE)
+    hf_config = config.to_dict()
+    hf_config.pop("quantization_config", None)  # the GGUF loader's marker; the export is plain fp32
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return path

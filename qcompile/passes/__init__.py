@@ -1,0 +1,5 @@
+"""Graph passes: one transformation per file, each an onnx_ir pass."""
+
+from qcompile.passes.quantize_weights_rtn import QuantizeWeightsRTN
+
+__all__ = ["QuantizeWeightsRTN"]

@@ -1,0 +1,71 @@
+"""The canonical quantized weight form, shared by every weight-quantization pass.
+
+A quantized linear is stored once, in standard ONNX (opset 21):
+
+    q [K, N] INT4/UINT4/INT8/UINT8 ─┐
+    scale [ceil(K/B), N] float32 ───┼─ DequantizeLinear(axis=0, block_size=B) ─ MatMul(x, ·)
+    zero_point (asymmetric only) ───┘
+
+Standard ops rather than a custom op because this form already says everything a weight-only scheme
+needs: ONNX Runtime fuses it into MatMulNBits, TensorRT reads it as is, and any ONNX runtime (or
+onnx.reference) executes it, so the canonical model is the numerical reference for every target.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.algorithms.rtn import QuantizedWeight
+from qcompile.analysis import Linear
+
+_STORAGE = {
+    (4, True): (ml_dtypes.int4, ir.DataType.INT4),
+    (4, False): (ml_dtypes.uint4, ir.DataType.UINT4),
+    (8, True): (np.int8, ir.DataType.INT8),
+    (8, False): (np.uint8, ir.DataType.UINT8),
+}
+
+
+def attach_quantized_weight(graph: ir.Graph, linear: Linear, qw: QuantizedWeight) -> None:
+    """Make `linear` read its weight through DequantizeLinear of `qw`; drop the float weight if unused."""
+    np_type, _ = _STORAGE[(qw.bits, qw.symmetric)]
+    old = linear.weight_input
+    inputs = [
+        _initializer(graph, f"{linear.name}.weight_q", qw.q.astype(np_type)),
+        _initializer(graph, f"{linear.name}.weight_scale", qw.scale),
+    ]
+    if qw.zero_point is not None:
+        inputs.append(_initializer(graph, f"{linear.name}.weight_zero_point", qw.zero_point.astype(np_type)))
+    dq = ir.node(
+        "DequantizeLinear", inputs, attributes={"axis": 0, "block_size": qw.group_size},
+        name=f"{linear.name}.weight_dq",
+    )
+    dq.outputs[0].name = f"{linear.name}.weight"
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = ir.Shape([linear.in_features, linear.out_features])
+    graph.insert_before(linear.node, dq)
+    linear.node.replace_input_with(1, dq.outputs[0])
+    _remove_if_unused(graph, old)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def _remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove a dead weight: an unused initializer, or an unused Transpose of one (tied lm_head)."""
+    if value.uses() or value in graph.outputs:
+        return
+    producer = value.producer()
+    if producer is not None:
+        source = producer.inputs[0]
+        graph.remove(producer, safe=True)
+        _remove_if_unused(graph, source)
+    elif value.name in graph.initializers:
+        graph.initializers.pop(value.name)

@@ -1,0 +1,51 @@
+"""QuantizeWeightsRTN: every linear's float weight becomes the canonical blocked DequantizeLinear form."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from qcompile import analysis
+from qcompile.algorithms.rtn import quantize_rtn
+from qcompile.passes._canonical import attach_quantized_weight
+from qcompile.schemes import WeightScheme
+
+
+class QuantizeWeightsRTN(ir.passes.InPlacePass):
+    """W ≈ (q - z) · s blockwise along K, by round-to-nearest (see `algorithms.rtn`).
+
+    Approximates, it does not preserve: y = x·W becomes y = x·DequantizeLinear(q, s, z). Block linears use
+    `scheme.bits`; lm_head uses `scheme.lm_head_bits` (None keeps it float); `scheme.skip` stays float.
+    Requires a float model whose structure `analysis.analyze` recognises (checked in `requires`).
+    `self.layers` records what was done to each linear, for the manifest.
+    """
+
+    def __init__(self, scheme: WeightScheme, progress=None):
+        super().__init__()
+        self.scheme = scheme
+        self.progress = progress
+        self.layers: list[dict] = []
+
+    def requires(self, model: ir.Model) -> None:
+        analysis.analyze(model)  # raises UnsupportedModelError naming what is missing
+
+    def bits_for(self, linear: analysis.Linear) -> int | None:
+        if linear.name in self.scheme.skip:
+            return None
+        return self.scheme.lm_head_bits if linear.role == analysis.Role.LM_HEAD else self.scheme.bits
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        linears = analysis.analyze(model).linears()
+        self.layers = []
+        advance = self.progress.task("Quantizing weights (RTN)", len(linears)) if self.progress else (lambda: None)
+        for linear in linears:
+            bits = self.bits_for(linear)
+            entry = {"name": linear.name, "role": linear.role.value, "shape": [linear.in_features, linear.out_features]}
+            if bits is None:
+                entry["format"] = linear.format()
+            else:
+                qw = quantize_rtn(linear.float_weight(), bits, self.scheme.group_size, self.scheme.symmetric)
+                attach_quantized_weight(model.graph, linear, qw)
+                entry.update(bits=bits, group_size=qw.group_size, symmetric=qw.symmetric, algorithm="rtn")
+            self.layers.append(entry)
+            advance()
+        return ir.passes.PassResult(model, modified=any("bits" in e for e in self.layers))

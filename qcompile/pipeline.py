@@ -1,0 +1,176 @@
+"""The pipeline behind `qcompile model` and the Python API: source → float ONNX → canonical → target."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import __version__, analysis, artifact, errors, evaluation, export as export_mod, sources, targets
+from qcompile.passes import QuantizeWeightsRTN
+from qcompile.schemes import WeightScheme, parse_algorithm
+
+DEFAULT_OUT_ROOT = pathlib.Path("qcompile-out")
+
+
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("QCOMPILE_CACHE_DIR", pathlib.Path.home() / ".cache" / "qcompile"))
+
+
+def load_onnx(path: pathlib.Path) -> ir.Model:
+    try:
+        return ir.load(path)
+    except Exception as e:  # protobuf DecodeError, missing external data, ...
+        raise errors.CorruptModelError(
+            f"cannot read ONNX model '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'corrupt'}): "
+            "check that the file (and its .data file) is complete"
+        ) from None
+
+
+def export(source: str | pathlib.Path = "smollm2-135m", out_dir: str | pathlib.Path | None = None, progress=None) -> pathlib.Path:
+    """Export a HF folder / GGUF / alias to an fp32 ONNX KV-cache decoder folder; returns the folder.
+
+    Without `out_dir` the export goes to the cache (keyed by the source's content hash) and is reused.
+    """
+    return _export(sources.resolve(source), out_dir, progress)
+
+
+def _export(src: sources.Source, out_dir, progress) -> pathlib.Path:
+    if src.kind == sources.SourceKind.ONNX:
+        raise errors.InputError(f"'{src.path}' is already ONNX: pass it straight to `qcompile model` or `eval`")
+    if out_dir is None:
+        out = cache_root() / "exports" / f"{src.name}-{src.sha256()[:16]}-{__version__}"
+        if (out / "model.onnx").is_file():
+            return out
+    else:
+        out = pathlib.Path(out_dir)
+    model, tokenizer = export_mod.load_hf(src)
+    advance = progress.task("Exporting to ONNX (torch.onnx, dynamo)", 1) if progress else (lambda: None)
+    with artifact.atomic_folder(out) as tmp:
+        export_mod.export_model(model, tmp, tokenizer)
+        (tmp / "export.json").write_text(json.dumps({"source": src.describe(), "qcompile": __version__,
+                                                      "versions": artifact.package_versions()}, indent=2))
+    advance()
+    return out
+
+
+@dataclasses.dataclass
+class _Evaluated:
+    metrics: dict
+    predictions: np.ndarray | None
+
+
+def _evaluate(model_path: pathlib.Path, windows: int, progress, cache: pathlib.Path | None = None) -> _Evaluated:
+    """Perplexity + latency + size of one model; cached beside an export when `cache` is a folder."""
+    if cache is not None and (cache / f"metrics-{windows}.json").is_file():
+        return _Evaluated(json.loads((cache / f"metrics-{windows}.json").read_text()),
+                          np.load(cache / f"predictions-{windows}.npy"))
+    ppl, lat = evaluation.evaluate_model(model_path, windows, progress=progress)
+    metrics = {**ppl.to_dict(), **lat, "size_bytes": artifact.model_bytes(model_path)}
+    if cache is not None:
+        (cache / f"metrics-{windows}.json").write_text(json.dumps(metrics, indent=2))
+        np.save(cache / f"predictions-{windows}.npy", ppl.predictions)
+    return _Evaluated(metrics, ppl.predictions)
+
+
+def compile(
+    source: str | pathlib.Path = "smollm2-135m",
+    target: str = "ort-int4",
+    out_dir: str | pathlib.Path | None = None,
+    *,
+    algo: str | None = None,
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    lm_head_bits: int | None | str = "default",
+    accuracy_level: int | None = None,
+    eval_windows: int | None = 32,
+    progress=None,
+) -> artifact.Artifact:
+    """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
+
+    `eval_windows=None` skips evaluation. Options left as None take the target's defaults. The output
+    folder appears only when everything succeeded.
+    """
+    started = time.perf_counter()
+    tgt = targets.get(target)
+    changes = {}
+    if algo is not None:
+        changes["algorithm"] = parse_algorithm(algo)
+    if group_size is not None:
+        changes["group_size"] = group_size
+    if symmetric is not None:
+        changes["symmetric"] = symmetric
+    if lm_head_bits != "default":
+        changes["lm_head_bits"] = lm_head_bits
+    scheme = dataclasses.replace(tgt.scheme, **changes)
+    if accuracy_level is not None:
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise errors.InputError(f"accuracy level {accuracy_level} is not one of 0, 1, 2, 3, 4")
+        tgt = dataclasses.replace(tgt, accuracy_level=accuracy_level)
+    if eval_windows is not None and not 1 <= eval_windows <= 500:
+        raise errors.InputError(f"--eval-windows {eval_windows} is out of range: use 1..500 or --no-eval")
+
+    src = sources.resolve(source)
+    out = pathlib.Path(out_dir) if out_dir is not None else DEFAULT_OUT_ROOT / f"{src.name}-{tgt.name}"
+    artifact.check_output(out)
+
+    if src.kind == sources.SourceKind.ONNX:
+        float_path, float_cache = src.path, None
+    else:
+        float_dir = _export(src, None, progress)
+        float_path, float_cache = float_dir / export_mod.MODEL_FILE, float_dir
+    if eval_windows is not None and not (float_path.parent / "tokenizer.json").is_file():
+        raise errors.InputError(
+            f"no tokenizer.json beside '{float_path}' to evaluate with: copy it there or pass --no-eval"
+        )
+
+    model = load_onnx(float_path)
+    analysis.analyze(model)  # fail early, before any work, on an unsupported graph
+    quantize = QuantizeWeightsRTN(scheme, progress)
+    ir.passes.PassManager([quantize, *tgt.lowering_passes()])(model)
+
+    with artifact.atomic_folder(out) as tmp:
+        ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
+        del model
+        artifact.copy_tokenizer(float_path.parent, tmp)
+        metrics = {}
+        if eval_windows is not None:
+            base = _evaluate(float_path, eval_windows, progress, float_cache)
+            quant = _evaluate(tmp / "model.onnx", eval_windows, progress)
+            metrics = {
+                "float": base.metrics,
+                "quantized": quant.metrics,
+                "ppl_increase_pct": round(100 * (quant.metrics["ppl"] / base.metrics["ppl"] - 1), 3),
+                "argmax_agreement": round(float((base.predictions == quant.predictions).mean()), 4),
+                "decode_speedup": round(base.metrics["decode_ms_per_token"] / quant.metrics["decode_ms_per_token"], 2),
+                "size_ratio": round(quant.metrics["size_bytes"] / base.metrics["size_bytes"], 4),
+            }
+        metrics["compile_seconds"] = round(time.perf_counter() - started, 1)
+        manifest = {
+            "qcompile_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": src.describe(),
+            "target": {"name": tgt.name, "runtime": tgt.runtime, "accuracy_level": tgt.accuracy_level},
+            "recipe": {"weights": scheme.to_dict(), "activations": None, "passes": ["QuantizeWeightsRTN",
+                       *(type(p).__name__ for p in tgt.lowering_passes())]},
+            "layers": quantize.layers,
+            "versions": artifact.package_versions(),
+            "metrics": metrics,
+        }
+        artifact.write_manifest(tmp, manifest)
+    return artifact.Artifact.load(out)
+
+
+def evaluate(path: str | pathlib.Path, windows: int = evaluation.DEFAULT_WINDOWS, latency: bool = True, progress=None) -> dict:
+    """Perplexity (pinned protocol), latency and size of an artifact, export folder or .onnx file."""
+    from qcompile.runtime import model_file
+
+    model_path = model_file(path)
+    ppl, lat = evaluation.evaluate_model(model_path, windows, latency, progress)
+    return {**ppl.to_dict(), **lat, "size_bytes": artifact.model_bytes(model_path)}

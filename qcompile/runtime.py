@@ -1,0 +1,86 @@
+"""A thin ONNX Runtime wrapper for KV-cache decoders: prefill, decode steps, and model files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from qcompile import errors
+
+
+def model_file(path: str | pathlib.Path) -> pathlib.Path:
+    """`model.onnx` inside an artifact/export folder, or the .onnx file itself."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise errors.SourceNotFoundError(f"'{path}' not found: pass a qcompile artifact folder or a .onnx file")
+    return path
+
+
+def load_tokenizer(folder: pathlib.Path):
+    """The `tokenizers` tokenizer saved beside the model (tokenizer.json)."""
+    import tokenizers
+
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise errors.InputError(
+            f"no tokenizer.json beside the model in '{folder}': use a folder written by `qcompile export` "
+            "or `qcompile model`, or copy the model's tokenizer.json there"
+        )
+    return tokenizers.Tokenizer.from_file(str(file))
+
+
+def eos_token_ids(folder: pathlib.Path) -> set[int]:
+    config = folder / "config.json"
+    if not config.is_file():
+        return set()
+    eos = json.loads(config.read_text()).get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+class Decoder:
+    """An ORT session over a KV-cache decoder graph (qcompile's export signature)."""
+
+    def __init__(self, path: str | pathlib.Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = model_file(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise errors.CorruptModelError(
+                f"ONNX Runtime cannot load '{self.path}': {str(e).splitlines()[0][:300]}"
+            ) from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = {"input_ids", "attention_mask", "position_ids"} - set(inputs)
+        if missing:
+            raise errors.UnsupportedModelError(
+                f"'{self.path}' lacks decoder inputs {sorted(missing)}: export it with `qcompile export`"
+            )
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.cache_shapes = {n: inputs[n].shape for n in self.past_names}
+
+    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+        return {
+            n: np.zeros((batch, shape[1], 0, shape[3]), dtype=np.float32) for n, shape in self.cache_shapes.items()
+        }
+
+    def forward(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int):
+        """Run `ids` [b, s] after `past_len` cached tokens; returns (logits [b, s, vocab], new cache)."""
+        batch, seq = ids.shape
+        feeds = {
+            "input_ids": ids.astype(np.int64),
+            "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
+            **cache,
+        }
+        out = self.session.run(["logits", *self.present_names], feeds)
+        return out[0], dict(zip(self.past_names, out[1:]))

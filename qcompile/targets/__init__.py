@@ -1,0 +1,60 @@
+"""Targets: a name, the weight scheme it defaults to, and the lowering passes from the canonical form.
+
+Add a target by writing its lowering passes in a module here and registering a `Target` below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import onnx_ir as ir
+
+from qcompile import errors
+from qcompile.schemes import WeightScheme
+from qcompile.targets.ort import LowerToMatMulNBits
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    runtime: str
+    scheme: WeightScheme
+    lowering: Callable[["Target"], list[ir.passes.PassBase]]
+    accuracy_level: int = 4  # ORT MatMulNBits: 0 = fp32 compute; 4 = int8 activations per block
+    symmetric_only: bool = False
+
+    def lowering_passes(self) -> list[ir.passes.PassBase]:
+        return self.lowering(self)
+
+
+def _ort_nbits(target: Target) -> list[ir.passes.PassBase]:
+    return [LowerToMatMulNBits(target.accuracy_level)]
+
+
+_REGISTRY = {
+    t.name: t
+    for t in [
+        Target(
+            "ort-int4",
+            "4-bit weights (RTN, group 128, symmetric; lm_head 8-bit) as com.microsoft.MatMulNBits for ONNX Runtime CPU/CUDA",
+            "onnxruntime",
+            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8),
+            _ort_nbits,
+        ),
+    ]
+}
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Target:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise errors.UnknownTargetError(
+            f"unknown target '{name}': choose one of {', '.join(_REGISTRY)} (see `qcompile targets`)"
+        ) from None

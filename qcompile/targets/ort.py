@@ -1,0 +1,127 @@
+"""ONNX Runtime targets: canonical blocked DequantizeLinear → MatMul becomes com.microsoft.MatMulNBits.
+
+MatMulNBits (ORT contrib op) stores the same integers and scales in its own layout:
+
+    B      uint8 [N, ceil(K/bs), bs*bits/8]   W[k, n] in block k//bs at j = k%bs; 4-bit: byte j//2,
+                                             even j in the low nibble; the last block is padded
+    scales float [N, ceil(K/bs)]
+    zero_points uint8 [N, ceil(ceil(K/bs)*bits/8)] packed the same way (asymmetric); absent for
+           symmetric weights, whose unsigned codes are q + 2^(bits-1) (ORT's default zero point)
+
+and dequantizes (u - zp) * scale, which equals the canonical (q - zp) * scale bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase
+
+_INT_TYPES = {
+    ir.DataType.INT4: (4, True),
+    ir.DataType.UINT4: (4, False),
+    ir.DataType.INT8: (8, True),
+    ir.DataType.UINT8: (8, False),
+}
+
+
+def pack_matmul_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int, block_size: int):
+    """Canonical q [K, N] (signed when zero_point is None), scale/zero_point [G, N] → (B, scales, zero_points)."""
+    k, n = q.shape
+    groups = scale.shape[0]
+    offset = 2 ** (bits - 1) if zero_point is None else 0
+    codes = np.full((n, groups * block_size), offset, dtype=np.uint8)  # pad with the zero point's code
+    codes[:, :k] = (q.astype(np.int16) + offset).astype(np.uint8).T
+    codes = codes.reshape(n, groups, block_size)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4) if bits == 4 else codes
+    zp = None
+    if zero_point is not None:
+        zp = zero_point.astype(np.uint8).T  # [N, G]
+        if bits == 4:
+            if groups % 2:
+                zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scale.T.astype(np.float32)), zp
+
+
+def unpack_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int, block_size: int) -> np.ndarray:
+    """Dequantize MatMulNBits initializers to float32 [K, N] (the runtime's formula, for tests and inspect)."""
+    n, groups, _ = b.shape
+    codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, groups, block_size) if bits == 4 else b
+    if zero_points is None:
+        zp = np.full((n, groups), 2 ** (bits - 1), dtype=np.float32)
+    elif bits == 4:
+        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :groups].astype(np.float32)
+    else:
+        zp = zero_points.astype(np.float32)
+    w = (codes.astype(np.float32) - zp[..., None]) * scales.reshape(n, groups)[..., None]
+    return w.reshape(n, -1)[:, :k].T
+
+
+class _DequantizeMatMulToNBits(RewriteRuleClassBase):
+    """MatMul(x, DequantizeLinear(q, scale[, zp], axis=0, block_size)) → MatMulNBits(x, B, scales[, zp])."""
+
+    def __init__(self, accuracy_level: int):
+        super().__init__(name="DequantizeMatMulToNBits")
+        self.accuracy_level = accuracy_level
+
+    def pattern(self, op, x, q, scale):
+        return op.MatMul(x, op.DequantizeLinear(q, scale, _allow_other_inputs=True, _outputs=["w"]))
+
+    def check(self, context, x, q, scale, w, **_):
+        result = MatchResult()
+        dq = w.producer()
+        if q.const_value is None or scale.const_value is None or len(q.shape or ()) != 2:
+            return result.fail("weight or scale is not a constant 2-D tensor", q)
+        if q.dtype not in _INT_TYPES:
+            return result.fail(f"weight type {q.dtype} has no MatMulNBits form", q)
+        if dq.attributes.get_int("axis", 1) != 0:
+            return result.fail("not blocked along K (axis 0)", dq)
+        block = dq.attributes.get_int("block_size", 0)
+        if block < 16 or block & (block - 1):
+            return result.fail(f"block size {block} is not a power of two >= 16", dq)
+        zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+        if zp is not None and zp.const_value is None:
+            return result.fail("zero point is not constant", zp)
+        signed = _INT_TYPES[q.dtype][1]
+        if signed and zp is not None and np.any(zp.const_value.numpy()):
+            return result.fail("signed weights with a non-zero zero point", zp)
+        return result
+
+    def rewrite(self, op, x, q, scale, w, **_):
+        dq = w.producer()
+        bits, signed = _INT_TYPES[q.dtype]
+        block = dq.attributes.get_int("block_size", 0)
+        zp = dq.inputs[2] if len(dq.inputs) > 2 and not signed else None
+        k, n = q.shape
+        b, scales, zps = pack_matmul_nbits(
+            q.const_value.numpy(), scale.const_value.numpy(), zp.const_value.numpy() if zp is not None else None,
+            bits, block,
+        )
+        base = q.name.removesuffix("_q")
+        inputs = [op.initializer(ir.tensor(b, name=f"{base}_nbits_B")), op.initializer(ir.tensor(scales, name=f"{base}_nbits_scales"))]
+        if zps is not None:
+            inputs.append(op.initializer(ir.tensor(zps, name=f"{base}_nbits_zero_points")))
+        return op.MatMulNBits(
+            x, *inputs, _domain="com.microsoft",
+            K=int(k), N=int(n), bits=bits, block_size=block, accuracy_level=self.accuracy_level,
+        )
+
+
+class LowerToMatMulNBits(ir.passes.InPlacePass):
+    """Rewrite every canonical quantized linear into com.microsoft.MatMulNBits.
+
+    Preserves every dequantized weight bit for bit (same integers, same float32 scales); the output
+    changes only by the kernel's accumulation order, and by int8 activations when accuracy_level=4.
+    """
+
+    def __init__(self, accuracy_level: int = 4):
+        super().__init__()
+        self.accuracy_level = accuracy_level
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = RewritePass([_DequantizeMatMulToNBits.rule(self.accuracy_level)])(model)
+        if result.modified:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, result.modified)
