@@ -68,7 +68,7 @@ def model(
 
 def _print_summary(art) -> None:
     m = art.metrics
-    table = Table(title=f"qcompile {art.manifest['target']['name']}: {art.manifest['source']['path']}")
+    table = Table(title=f"qcompile {art.manifest['target']['name']}: {pathlib.Path(art.manifest['source']['path']).name}")
     table.add_column("metric")
     table.add_column("float", justify="right")
     table.add_column("quantized", justify="right")

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import pathlib
 import warnings
+from unittest import mock
 
 from qcompile import errors
 from qcompile.sources import Source, SourceKind
@@ -55,14 +57,34 @@ def load_hf(source: Source):
     else:
         folder, kwargs = source.path, {}
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+        with _quiet():
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError, EnvironmentError) as e:
         raise errors.CorruptModelError(
             f"cannot load '{source.path}' as a causal LM ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
             "check that the file is complete and is a supported text model"
         ) from None
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the libraries' own bars and warnings; qcompile reports progress itself."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # its tqdm ignores transformers' switch
+
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+              mock.patch.object(gguf_utils, "tqdm", lambda it, **_: it)):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _io_names(num_layers: int):
@@ -114,8 +136,7 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
         [{**bs, 2: "past_sequence_length"}] * (2 * layers),
     )
     inputs, outputs = _io_names(layers)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             KVDecoder(model).eval(), (ids, mask, pos, past), input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,

@@ -66,12 +66,12 @@ class _Evaluated:
     predictions: np.ndarray | None
 
 
-def _evaluate(model_path: pathlib.Path, windows: int, progress, cache: pathlib.Path | None = None) -> _Evaluated:
+def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cache: pathlib.Path | None = None) -> _Evaluated:
     """Perplexity + latency + size of one model; cached beside an export when `cache` is a folder."""
     if cache is not None and (cache / f"metrics-{windows}.json").is_file():
         return _Evaluated(json.loads((cache / f"metrics-{windows}.json").read_text()),
                           np.load(cache / f"predictions-{windows}.npy"))
-    ppl, lat = evaluation.evaluate_model(model_path, windows, progress=progress)
+    ppl, lat = evaluation.evaluate_model(model_path, windows, progress=progress, label=label)
     metrics = {**ppl.to_dict(), **lat, "size_bytes": artifact.model_bytes(model_path)}
     if cache is not None:
         (cache / f"metrics-{windows}.json").write_text(json.dumps(metrics, indent=2))
@@ -141,8 +141,8 @@ def compile(
         artifact.copy_tokenizer(float_path.parent, tmp)
         metrics = {}
         if eval_windows is not None:
-            base = _evaluate(float_path, eval_windows, progress, float_cache)
-            quant = _evaluate(tmp / "model.onnx", eval_windows, progress)
+            base = _evaluate(float_path, eval_windows, progress, "(float)", float_cache)
+            quant = _evaluate(tmp / "model.onnx", eval_windows, progress, "(quantized)")
             metrics = {
                 "float": base.metrics,
                 "quantized": quant.metrics,

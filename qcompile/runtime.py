@@ -44,7 +44,7 @@ def eos_token_ids(folder: pathlib.Path) -> set[int]:
 class Decoder:
     """An ORT session over a KV-cache decoder graph (qcompile's export signature)."""
 
-    def __init__(self, path: str | pathlib.Path, threads: int | None = None):
+    def __init__(self, path: str | pathlib.Path, threads: int | None = None, session_config: dict | None = None):
         import onnxruntime as ort
 
         self.path = model_file(path)
@@ -52,6 +52,8 @@ class Decoder:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types

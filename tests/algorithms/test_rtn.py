@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from qcompile.algorithms.rtn import quantize_rtn
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_extreme_maps_to_lowest_code(bits):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(256, 16)).astype(np.float32)
+    qw = quantize_rtn(w, bits, 128, symmetric=True)
+    half = 2 ** (bits - 1)
+    assert qw.q.min() >= -half and qw.q.max() <= half - 1
+    # The largest-magnitude value of every block is represented exactly, as -2^(b-1) * scale.
+    blocks = w.reshape(2, 128, 16)
+    extreme_idx = np.abs(blocks).argmax(axis=1)
+    q_blocks = qw.q.reshape(2, 128, 16)
+    assert np.all(np.take_along_axis(q_blocks, extreme_idx[:, None], axis=1) == -half)
+    np.testing.assert_array_equal(np.take_along_axis(blocks, extreme_idx[:, None], axis=1)[:, 0],
+                                  -half * qw.scale)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64)])
+def test_error_is_within_half_a_step(bits, group, symmetric):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(576, 24)).astype(np.float32)  # 576 is not a multiple of 128: a short last block
+    qw = quantize_rtn(w, bits, group, symmetric)
+    assert qw.scale.shape == (-(-576 // group), 24)
+    step = np.abs(np.repeat(qw.scale, group, axis=0)[:576])
+    err = np.abs(qw.dequantize() - w)
+    # Rounding error is at most half a step, except the symmetric positive side's top value (clipped:
+    # at most one step).
+    bound = step * (1.0 if symmetric else 0.5) + 1e-6
+    assert np.all(err <= bound)
+    # And RTN is a real approximation: SNR well above what the bit width allows at worst.
+    snr_db = 10 * np.log10((w**2).sum() / ((qw.dequantize() - w) ** 2).sum())
+    assert snr_db > (15 if bits == 4 else 35)
+
+
+def test_asymmetric_zero_is_exact_and_codes_unsigned():
+    w = np.abs(np.random.default_rng(2).normal(size=(64, 8))).astype(np.float32)
+    w[3] = 0.0
+    qw = quantize_rtn(w, 4, 32, symmetric=False)
+    assert qw.q.dtype == np.uint8 and qw.q.max() <= 15 and qw.zero_point.max() <= 15
+    np.testing.assert_array_equal(qw.dequantize()[3], 0.0)
+
+
+def test_all_zero_block_has_nonzero_scale():
+    qw = quantize_rtn(np.zeros((32, 4), np.float32), 4, 32, True)
+    assert np.all(qw.scale != 0) and np.all(qw.dequantize() == 0)
+
+
+def test_matches_onnxruntime_matmul_nbits_quantizer():
+    """Same algorithm as ORT's MatMulNBitsQuantizer RTN: the same integers and scales."""
+    pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from qcompile.targets.ort import pack_matmul_nbits, unpack_matmul_nbits
+
+    rng = np.random.default_rng(3)
+    k, n = 576, 64
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    for symmetric in (True, False):
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, k])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])],
+            [onnx.numpy_helper.from_array(w, "w")],
+        )
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+        quantizer = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
+            block_size=128, is_symmetric=symmetric, bits=4))
+        quantizer.process()
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in quantizer.model.model.graph.initializer}
+        ort_b = next(v for name, v in inits.items() if v.dtype == np.uint8 and v.ndim == 3)
+        ort_scales = next(v for v in inits.values() if v.dtype == np.float32).reshape(n, -1)
+        ort_zp = next((v for name, v in inits.items() if v.dtype == np.uint8 and v.ndim < 3), None)
+        qw = quantize_rtn(w, 4, 128, symmetric)
+        b, scales, zp = pack_matmul_nbits(qw.q, qw.scale, qw.zero_point, 4, 128)
+        np.testing.assert_allclose(scales, ort_scales, rtol=1e-6)
+        ours = unpack_matmul_nbits(b, scales, zp, k, 4, 128)
+        theirs = unpack_matmul_nbits(ort_b, ort_scales, ort_zp.reshape(n, -1) if ort_zp is not None else None, k, 4, 128)
+        # the same weights except at exact rounding ties, which random data essentially never hits
+        assert (ours == theirs).mean() > 0.999

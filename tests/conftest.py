@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny randomly initialised HF models exported to ONNX (no download), hand-built graphs."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+
+
+def tiny_hf_model(arch: str):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    torch.manual_seed(0)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    config = config_cls(**TINY, tie_word_embeddings=(arch == "llama"))
+    model = model_cls(config).eval()
+    with torch.no_grad():  # random norm gains, so that folding/ignoring them would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """arch -> (hf model, path of its exported model.onnx); each arch exported once per session."""
+    from qcompile.export import export_model
+
+    cache = {}
+
+    def get(arch: str = "llama"):
+        if arch not in cache:
+            model = tiny_hf_model(arch)
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            cache[arch] = (model, export_model(model, folder))
+        return cache[arch]
+
+    return get
+
+
+def run_logits(path: pathlib.Path | str, ids: np.ndarray, **session_config) -> np.ndarray:
+    from qcompile.runtime import Decoder
+
+    decoder = Decoder(path, session_config=session_config)
+    logits, _ = decoder.forward(ids, decoder.empty_cache(len(ids)), 0)
+    return logits
+
+
+def single_matmul_model(k: int = 8, n: int = 4) -> ir.Model:
+    """x [1, K] @ W [K, N]: a graph with no transformer in it."""
+    w = ir.Value(name="w", const_value=ir.tensor(np.ones((k, n), np.float32), name="w"))
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, k]))
+    node = ir.node("MatMul", [x, w])
+    node.outputs[0].name = "y"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)

@@ -1,0 +1,91 @@
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from qcompile import analysis
+from qcompile.algorithms.rtn import quantize_rtn
+from qcompile.passes import QuantizeWeightsRTN
+from qcompile.passes._canonical import attach_quantized_weight
+from qcompile.schemes import WeightScheme
+from qcompile.targets import get
+from qcompile.targets.ort import LowerToMatMulNBits, pack_matmul_nbits, unpack_matmul_nbits
+from tests.conftest import run_logits, single_matmul_model
+
+CASES = [(4, True, 128), (4, False, 128), (4, True, 32), (8, True, 64), (8, False, 16), (4, False, 64)]
+
+
+@pytest.mark.parametrize("bits,symmetric,block", CASES)
+def test_pack_unpack_equals_canonical_dequantize(bits, symmetric, block):
+    w = np.random.default_rng(0).normal(size=(200, 12)).astype(np.float32)  # K=200: short last block
+    qw = quantize_rtn(w, bits, block, symmetric)
+    b, scales, zp = pack_matmul_nbits(qw.q, qw.scale, qw.zero_point, bits, block)
+    assert b.shape == (12, -(-200 // block), block * bits // 8) and b.dtype == np.uint8
+    np.testing.assert_array_equal(unpack_matmul_nbits(b, scales, zp, 200, bits, block), qw.dequantize())
+
+
+def _one_linear(k, n, bits, symmetric, block, seed=0):
+    """x [M, K] @ DequantizeLinear(canonical RTN weight): the canonical form of one linear."""
+    model = single_matmul_model(k, n)
+    w = np.random.default_rng(seed).normal(size=(k, n)).astype(np.float32)
+    node = next(iter(model.graph))
+    lin = analysis.Linear("lin", analysis.Role.Q, 0, node, k, n)
+    qw = quantize_rtn(w, bits, block, symmetric)
+    attach_quantized_weight(model.graph, lin, qw)
+    model.graph.inputs[0].shape = ir.Shape(["m", k])
+    return model, qw
+
+
+def _run(model: ir.Model, x: np.ndarray, tmp_path, name: str) -> np.ndarray:
+    path = tmp_path / f"{name}.onnx"
+    ir.save(model, path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # run the nodes as written
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits,symmetric,block", CASES)
+def test_runtime_weights_are_bit_identical(bits, symmetric, block, tmp_path):
+    """Both runtimes' own kernels, fed the identity, return the dequantized weight: bit for bit equal."""
+    k, n = 192, 24
+    canonical, qw = _one_linear(k, n, bits, symmetric, block)
+    eye = np.eye(k, dtype=np.float32)
+    ref = _run(canonical, eye, tmp_path, "canonical")
+    np.testing.assert_array_equal(ref, qw.dequantize())
+    result = LowerToMatMulNBits(accuracy_level=0)(canonical)
+    assert result.modified
+    assert [n.op_type for n in canonical.graph] == ["MatMulNBits"]
+    np.testing.assert_array_equal(_run(canonical, eye, tmp_path, "nbits"), ref)
+
+
+@pytest.mark.parametrize("axis,block,reason", [(1, 0, "axis 0"), (0, 48, "power of two")])
+def test_rule_does_not_fire_on_other_layouts(axis, block, reason, tmp_path):
+    model, _ = _one_linear(64, 8, 4, True, 32)
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    dq.attributes["axis"] = ir.AttrInt64("axis", axis)
+    dq.attributes["block_size"] = ir.AttrInt64("block_size", block)
+    result = LowerToMatMulNBits()(model)
+    assert not result.modified
+    assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul"]
+
+
+def test_lowered_model_matches_canonical(tiny_export, tmp_path):
+    _, path = tiny_export("mistral")
+    model = ir.load(path)
+    QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=8))(model)
+    ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
+    LowerToMatMulNBits(accuracy_level=0)(model)
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 2 * 7 + 1
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph)
+    ir.save(model, tmp_path / "lowered.onnx", external_data="lowered.onnx.data")
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 12))
+    # ORT fuses the canonical DQ → MatMul itself; pin that fusion to fp32 compute like the lowered model
+    ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
+    got = run_logits(tmp_path / "lowered.onnx", ids)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)  # same weights; only accumulation order differs
+
+
+def test_registry_lists_ort_int4_with_its_defaults():
+    target = get("ort-int4")
+    assert target.scheme.bits == 4 and target.scheme.group_size == 128 and target.scheme.symmetric
+    assert [type(p).__name__ for p in target.lowering_passes()] == ["LowerToMatMulNBits"]

@@ -1,0 +1,56 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from qcompile import analysis, errors
+from tests.conftest import single_matmul_model
+
+HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_roles_match_the_hf_modules(tiny_export, arch):
+    """Every linear the analysis finds holds exactly the weight of the HF module of that role."""
+    hf, path = tiny_export(arch)
+    mm = analysis.analyze(ir.load(path))
+    assert len(mm.blocks) == hf.config.num_hidden_layers
+    params = dict(hf.named_parameters())
+    for block in mm.blocks:
+        assert set(block.linears) == set(analysis.Role) - {analysis.Role.LM_HEAD}
+        for role, lin in block.linears.items():
+            expected = params[f"model.layers.{block.index}.{HF_NAMES[role.value]}.weight"].detach().numpy().T
+            np.testing.assert_array_equal(lin.float_weight(), expected, err_msg=lin.name)
+        gains = {"input": block.input_norm.gain.const_value.numpy(),
+                 "post": block.post_attention_norm.gain.const_value.numpy()}
+        np.testing.assert_array_equal(gains["input"], params[f"model.layers.{block.index}.input_layernorm.weight"].detach().numpy())
+        np.testing.assert_array_equal(gains["post"], params[f"model.layers.{block.index}.post_attention_layernorm.weight"].detach().numpy())
+        assert block.linears[analysis.Role.Q].norm is block.input_norm
+        assert block.linears[analysis.Role.UP].norm is block.post_attention_norm
+        assert block.linears[analysis.Role.O].norm is None
+        assert block.attention_residual.op_type == "Add" and block.mlp_residual.op_type == "Add"
+    np.testing.assert_array_equal(mm.lm_head.float_weight(), hf.lm_head.weight.detach().numpy().T)
+    np.testing.assert_array_equal(mm.final_norm.gain.const_value.numpy(), hf.model.norm.weight.detach().numpy())
+    assert mm.tied_lm_head == hf.config.tie_word_embeddings
+    assert mm.hidden_size == hf.config.hidden_size
+
+
+def test_graph_without_embedding_is_refused_with_reason():
+    with pytest.raises(errors.UnsupportedModelError, match="no token-embedding Gather"):
+        analysis.analyze(single_matmul_model())
+
+
+def test_graph_without_blocks_is_refused_with_reason(tiny_export):
+    """An embedding → norm → lm_head graph (blocks cut out) names the missing q/k/v."""
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    mm = analysis.analyze(model)
+    # keep only logits, and feed the final norm from the embedding: every block becomes dead code
+    while len(model.graph.outputs) > 1:
+        model.graph.outputs.pop()
+    first = mm.blocks[0].input_norm.input
+    last_residual = mm.blocks[-1].mlp_residual.outputs[0]
+    last_residual.replace_all_uses_with(first)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    with pytest.raises(errors.UnsupportedModelError, match=r"q, k, v"):
+        analysis.analyze(model)
