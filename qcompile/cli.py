@@ -7,6 +7,7 @@ import collections
 import enum
 import json
 import pathlib
+import shutil
 import sys
 from typing import Optional
 
@@ -21,7 +22,8 @@ app = typer.Typer(
     "`qcompile SOURCE --target T` is short for `qcompile model SOURCE --target T`. Add --debug for tracebacks.",
     no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
-console = Console()
+# tables stay readable when piped (rich would assume 80 columns)
+console = Console(width=shutil.get_terminal_size((160, 40)).columns)
 
 
 class LmHead(str, enum.Enum):
@@ -203,6 +205,8 @@ def list_targets():
     console.print(table)
 
 
+# typer may vendor click: take its usage-error base class from typer's own BadParameter
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 _COMMANDS = {"model", "export", "eval", "run", "inspect", "targets"}
 _TOP_LEVEL = {"--help", "-h", "--install-completion", "--show-completion"}
 
@@ -213,8 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     if args and args[0] not in _COMMANDS and args[0] not in _TOP_LEVEL:
         args.insert(0, "model")  # `qcompile SOURCE --target T` == `qcompile model SOURCE --target T`
-    import click
-
     try:
         result = app(args=args, prog_name="qcompile", standalone_mode=False)
         return result if isinstance(result, int) else 0
@@ -223,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except click.exceptions.ClickException as e:
+    except _ClickException as e:
         e.show()
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     except Exception as e:  # an internal error: one line unless --debug

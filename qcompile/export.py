@@ -50,9 +50,16 @@ def load_hf(source: Source):
     transformers.utils.logging.set_verbosity_error()
     if source.kind == SourceKind.GGUF:
         try:
-            import gguf  # noqa: F401
+            import gguf
         except ImportError:
             raise errors.MissingDependencyError(f"reading GGUF needs the gguf package: run `{EXPORT_PIP}`") from None
+        try:
+            gguf.GGUFReader(source.path)  # memory-mapped: a cheap check before transformers reads it
+        except Exception as e:
+            raise errors.CorruptModelError(
+                f"'{source.path}' is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]}): "
+                "re-download or re-convert it"
+            ) from None
         folder, kwargs = source.path.parent, {"gguf_file": source.path.name}
     else:
         folder, kwargs = source.path, {}
@@ -60,7 +67,7 @@ def load_hf(source: Source):
         with _quiet():
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+    except Exception as e:  # a user's file: whatever transformers raises, the fix is in the input
         raise errors.CorruptModelError(
             f"cannot load '{source.path}' as a causal LM ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
             "check that the file is complete and is a supported text model"

@@ -125,13 +125,12 @@ def compile(
     else:
         float_dir = _export(src, None, progress)
         float_path, float_cache = float_dir / export_mod.MODEL_FILE, float_dir
+    model = load_onnx(float_path)
+    analysis.analyze(model)  # fail early, before any work, on an unsupported graph
     if eval_windows is not None and not (float_path.parent / "tokenizer.json").is_file():
         raise errors.InputError(
             f"no tokenizer.json beside '{float_path}' to evaluate with: copy it there or pass --no-eval"
         )
-
-    model = load_onnx(float_path)
-    analysis.analyze(model)  # fail early, before any work, on an unsupported graph
     quantize = QuantizeWeightsRTN(scheme, progress)
     ir.passes.PassManager([quantize, *tgt.lowering_passes()])(model)
 

@@ -19,12 +19,14 @@ class RichProgress:
         )
 
     def __enter__(self):
-        self._progress.start()
-        return self
+        return self  # the display starts with the first task, so an early error prints only itself
 
     def __exit__(self, *exc):
-        self._progress.stop()
+        if self._progress.live.is_started:
+            self._progress.stop()
 
     def task(self, description: str, total: int | None) -> Callable[[], None]:
+        if not self._progress.live.is_started:
+            self._progress.start()
         task_id = self._progress.add_task(description, total=total)
         return lambda: self._progress.advance(task_id)

@@ -1,0 +1,111 @@
+"""The CLI contract: exit codes, one-line errors, nothing written on bad input, the shorthand form."""
+
+import json
+import os
+
+import onnx_ir as ir
+import pytest
+
+from qcompile import artifact
+from qcompile.cli import main
+from tests.conftest import single_matmul_model
+
+
+def _fails_cleanly(capsys, tmp_path, args, match, code=2):
+    out = tmp_path / "out"  # where the model cases below ask for their artifact
+    assert main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert match in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folders left
+    return err
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "corrupt.onnx").write_bytes(os.urandom(2000))
+    (tmp_path / "corrupt.gguf").write_bytes(b"GGUF\x03\x00\x00\x00truncated")
+    (tmp_path / "notllm").mkdir()
+    ir.save(single_matmul_model(), tmp_path / "notllm" / "model.onnx")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,match", [
+    (["model", "missing.onnx"], "not found"),
+    (["missing.onnx", "--target", "ort-int4"], "not found"),  # shorthand reaches `model`
+    (["model", "{d}/corrupt.onnx"], "cannot read ONNX model"),
+    (["model", "{d}/corrupt.gguf"], "not a readable GGUF"),
+    (["model", "{d}/notllm/model.onnx"], "no token-embedding Gather"),
+    (["model", "{d}/notllm", "--target", "trt-int9"], "unknown target 'trt-int9'"),
+    (["model", "{d}/notllm", "--algo", "gptq"], "not available"),
+    (["model", "{d}/notllm", "--group-size", "48"], "power of two"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(capsys, bad_files, args, match):
+    args = [a.format(d=bad_files) for a in args] + ["-o", str(bad_files / "out")]
+    _fails_cleanly(capsys, bad_files, args, match)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["eval", "missing"], "not found"),
+    (["inspect", "{d}/corrupt.onnx"], "cannot read ONNX model"),
+    (["inspect", "{d}/notllm"], "not a supported"),
+    (["run", "{d}/notllm", "--prompt", "hi"], "lacks decoder inputs"),
+])
+def test_other_commands_fail_cleanly(capsys, bad_files, args, match):
+    _fails_cleanly(capsys, bad_files, [a.format(d=bad_files) for a in args], match)
+
+
+def test_refuses_to_overwrite_a_foreign_folder(capsys, tiny_export, tmp_path):
+    _, path = tiny_export("llama")
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["model", str(path), "-o", str(out), "--no-eval"]) == 2
+    assert "not a qcompile artifact" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["eval"]) == 2  # missing argument
+    assert main(["model", "--eval-windows", "many"]) == 2
+
+
+@pytest.mark.parametrize("command", ["model", "export", "eval", "run", "inspect", "targets"])
+def test_help_on_every_command(capsys, command):
+    assert main([command, "--help"]) == 0
+    assert "Usage" in capsys.readouterr().out
+
+
+def test_targets_lists_ort_int4(capsys):
+    assert main(["targets"]) == 0
+    assert "ort-int4" in capsys.readouterr().out
+
+
+def test_compile_inspect_and_replace_on_a_tiny_model(capsys, tiny_export, tmp_path):
+    _, path = tiny_export("qwen2")
+    out = tmp_path / "art"
+    assert main([str(path), "--target", "ort-int4", "-o", str(out), "--no-eval", "--group-size", "32"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["weights"]["group_size"] == 32
+    assert len(manifest["layers"]) == 2 * 7 + 1
+    for name, entry in manifest["files"].items():
+        assert artifact.file_sha256(out / name) == entry["sha256"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.1.down" in text and "MatMulNBits 4-bit block 32" in text and "lm_head" in text
+    # compiling again replaces the earlier artifact in one rename
+    assert main(["model", str(path), "-o", str(out), "--no-eval", "--asymmetric"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["weights"]["symmetric"] is False
+
+
+def test_interrupted_compile_leaves_nothing(monkeypatch, capsys, tiny_export, tmp_path):
+    _, path = tiny_export("llama")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact, "write_manifest", interrupt)
+    assert main(["model", str(path), "-o", str(tmp_path / "out"), "--no-eval"]) == 130
+    assert list(tmp_path.iterdir()) == []
