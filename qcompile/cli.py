@@ -49,6 +49,7 @@ def model(
     target: str = typer.Option("ort-int4", "--target", "-t", help="Target name (see `qcompile targets`)."),
     out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Artifact folder [default: qcompile-out/<model>-<target>]."),
     algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn [default: the target's]."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits for the block linears: 4 or 8 [default: the target's, 4]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Block size along K: 32, 64 or 128 [default: the target's, 128]."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric (signed, no zero point) or asymmetric weights [default: the target's, symmetric]."),
     lm_head: LmHead = typer.Option(LmHead.default, "--lm-head", help="lm_head precision [default: the target's, int8]."),
@@ -62,7 +63,7 @@ def model(
     head = {"default": "default", "float": None, "int8": 8, "int4": 4}[lm_head.value]
     with _progress() as progress:
         art = pipeline.compile(
-            source, target, out, algo=algo, group_size=group_size, symmetric=symmetric, lm_head_bits=head,
+            source, target, out, algo=algo, bits=bits, group_size=group_size, symmetric=symmetric, lm_head_bits=head,
             accuracy_level=accuracy_level, eval_windows=None if no_eval else eval_windows, progress=progress,
         )
     _print_summary(art)

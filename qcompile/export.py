@@ -26,6 +26,7 @@ from qcompile.sources import Source, SourceKind
 OPSET = 21  # blocked DequantizeLinear (the canonical int4 form) needs opset 21
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 EXPORT_PIP = "pip install torch==2.13.0 && pip install 'qcompile[export]'"
 
 
@@ -66,12 +67,20 @@ def load_hf(source: Source):
     try:
         with _quiet():
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception as e:  # a user's file: whatever transformers raises, the fix is in the input
         raise errors.CorruptModelError(
             f"cannot load '{source.path}' as a causal LM ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
             "check that the file is complete and is a supported text model"
         ) from None
+    # A weights-only folder still compiles; evaluation then asks for tokenizer.json. (Without tokenizer
+    # files transformers may build an empty tokenizer instead of failing, so look for the files first.)
+    tokenizer = None
+    if source.kind == SourceKind.GGUF or any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        try:
+            with _quiet():
+                tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+        except Exception:
+            tokenizer = None
     return model.eval(), tokenizer
 
 

@@ -85,6 +85,7 @@ def compile(
     out_dir: str | pathlib.Path | None = None,
     *,
     algo: str | None = None,
+    bits: int | None = None,
     group_size: int | None = None,
     symmetric: bool | None = None,
     lm_head_bits: int | None | str = "default",
@@ -102,6 +103,8 @@ def compile(
     changes = {}
     if algo is not None:
         changes["algorithm"] = parse_algorithm(algo)
+    if bits is not None:
+        changes["bits"] = bits
     if group_size is not None:
         changes["group_size"] = group_size
     if symmetric is not None:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import numpy as np
 import onnx_ir as ir
 import pytest
+
+@pytest.fixture(scope="session", autouse=True)
+def _export_cache(tmp_path_factory):
+    """Exports are cached by content hash; tests use a fresh cache unless QCOMPILE_CACHE_DIR is set."""
+    if "QCOMPILE_CACHE_DIR" not in os.environ:
+        os.environ["QCOMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
