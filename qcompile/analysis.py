@@ -145,8 +145,8 @@ def _linear_dims(node: ir.Node) -> tuple[int, int] | None:
     if w is None:
         return None
     k, n = w.const_value.shape
-    if w.producer() is None and node.inputs[1].producer() is not None and node.inputs[1].producer().op_type == "Transpose":
-        k, n = n, k
+    if (producer := node.inputs[1].producer()) is not None and producer.op_type == "Transpose":
+        k, n = n, k  # a tied lm_head reads the [vocab, hidden] embedding transposed
     return int(k), int(n)
 
 

@@ -105,7 +105,7 @@ def export(
 
 @app.command("eval")
 def eval_(
-    path: pathlib.Path = typer.Argument(..., help="Artifact or export folder, or a .onnx file (tokenizer.json beside it)."),
+    path: str = typer.Argument(..., help="Artifact or export folder, .onnx file (tokenizer.json beside it), or a float source (HF folder, .gguf, smollm2-135m)."),
     windows: int = typer.Option(evaluation.DEFAULT_WINDOWS, "--windows", help="Number of 512-token WikiText-2 test windows."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Also measure prefill and decode latency."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -170,9 +170,9 @@ def compile(
 
 
 def evaluate(path: str | pathlib.Path, windows: int = evaluation.DEFAULT_WINDOWS, latency: bool = True, progress=None) -> dict:
-    """Perplexity (pinned protocol), latency and size of an artifact, export folder or .onnx file."""
-    from qcompile.runtime import model_file
-
-    model_path = model_file(path)
+    """Perplexity (pinned protocol), latency and size of an artifact, export folder or .onnx file,
+    or of a float source (HF folder, GGUF, alias), exported first (cached)."""
+    src = sources.resolve(path)
+    model_path = src.path if src.kind == sources.SourceKind.ONNX else _export(src, None, progress) / export_mod.MODEL_FILE
     ppl, lat = evaluation.evaluate_model(model_path, windows, latency, progress)
     return {**ppl.to_dict(), **lat, "size_bytes": artifact.model_bytes(model_path)}
