@@ -48,7 +48,11 @@ def model(
     source: str = typer.Argument("smollm2-135m", help="HF model folder, .gguf file, .onnx file/folder, or alias smollm2-135m."),
     target: str = typer.Option("ort-int4", "--target", "-t", help="Target name (see `qcompile targets`)."),
     out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Artifact folder [default: qcompile-out/<model>-<target>]."),
-    algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn [default: the target's]."),
+    algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn or gptq [default: the target's, rtn]."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit input channels by decreasing activation energy [default: off]."),
+    calib: Optional[pathlib.Path] = typer.Option(None, "--calib", help="Calibration text or JSONL ({\"text\": ...} lines) [default: packaged WikiText-2 valid.txt]."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration window."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits for the block linears: 4 or 8 [default: the target's, 4]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Block size along K: 32, 64 or 128 [default: the target's, 128]."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric (signed, no zero point) or asymmetric weights [default: the target's, symmetric]."),
@@ -64,7 +68,8 @@ def model(
     with _progress() as progress:
         art = pipeline.compile(
             source, target, out, algo=algo, bits=bits, group_size=group_size, symmetric=symmetric, lm_head_bits=head,
-            accuracy_level=accuracy_level, eval_windows=None if no_eval else eval_windows, progress=progress,
+            accuracy_level=accuracy_level, act_order=act_order, calib=calib, calib_samples=calib_samples,
+            calib_seqlen=calib_seqlen, eval_windows=None if no_eval else eval_windows, progress=progress,
         )
     _print_summary(art)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -12,9 +13,10 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import __version__, analysis, artifact, errors, evaluation, export as export_mod, sources, targets
-from qcompile.passes import QuantizeWeightsRTN
-from qcompile.schemes import WeightScheme, parse_algorithm
+from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, sources, targets
+from qcompile.passes import QuantizeWeightsGPTQ, QuantizeWeightsRTN
+from qcompile.runtime import load_tokenizer
+from qcompile.schemes import Algorithm, WeightScheme, parse_algorithm
 
 DEFAULT_OUT_ROOT = pathlib.Path("qcompile-out")
 
@@ -90,13 +92,19 @@ def compile(
     symmetric: bool | None = None,
     lm_head_bits: int | None | str = "default",
     accuracy_level: int | None = None,
+    act_order: bool | None = None,
+    calib: str | pathlib.Path | None = None,
+    calib_samples: int = calibration.DEFAULT_SAMPLES,
+    calib_seqlen: int = calibration.DEFAULT_SEQLEN,
     eval_windows: int | None = 32,
     progress=None,
 ) -> artifact.Artifact:
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
 
-    `eval_windows=None` skips evaluation. Options left as None take the target's defaults. The output
-    folder appears only when everything succeeded.
+    `eval_windows=None` skips evaluation. Options left as None take the target's defaults (`lm_head_bits`
+    None means float, so its "use the default" value is the string "default"). Calibration (for GPTQ)
+    reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
+    when everything succeeded.
     """
     started = time.perf_counter()
     tgt = targets.get(target)
@@ -111,6 +119,8 @@ def compile(
         changes["symmetric"] = symmetric
     if lm_head_bits != "default":
         changes["lm_head_bits"] = lm_head_bits
+    if act_order is not None:
+        changes["act_order"] = act_order
     scheme = dataclasses.replace(tgt.scheme, **changes)
     if accuracy_level is not None:
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -134,7 +144,14 @@ def compile(
         raise errors.InputError(
             f"no tokenizer.json beside '{float_path}' to evaluate with: copy it there or pass --no-eval"
         )
-    quantize = QuantizeWeightsRTN(scheme, progress)
+    calib_record = None
+    if scheme.algorithm == Algorithm.RTN:
+        quantize = QuantizeWeightsRTN(scheme, progress)
+    else:
+        windows = calibration.calibration_windows(load_tokenizer(float_path.parent), calib, calib_samples, calib_seqlen)
+        calib_record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": calib_samples,
+                        "seqlen": calib_seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
+        quantize = QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress)
     ir.passes.PassManager([quantize, *tgt.lowering_passes()])(model)
 
     with artifact.atomic_folder(out) as tmp:
@@ -159,8 +176,8 @@ def compile(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": src.describe(),
             "target": {"name": tgt.name, "runtime": tgt.runtime, "accuracy_level": tgt.accuracy_level},
-            "recipe": {"weights": scheme.to_dict(), "activations": None, "passes": ["QuantizeWeightsRTN",
-                       *(type(p).__name__ for p in tgt.lowering_passes())]},
+            "recipe": {"weights": scheme.to_dict(), "activations": None, "calibration": calib_record,
+                       "passes": [type(quantize).__name__, *(type(p).__name__ for p in tgt.lowering_passes())]},
             "layers": quantize.layers,
             "versions": artifact.package_versions(),
             "metrics": metrics,

@@ -10,9 +10,10 @@ from qcompile import errors
 
 class Algorithm(str, enum.Enum):
     RTN = "rtn"
+    GPTQ = "gptq"
 
 
-PLANNED_ALGORITHMS = ("gptq", "awq")  # accepted names that are not built yet; say so clearly
+PLANNED_ALGORITHMS = ("awq", "awq+gptq")  # accepted names that are not built yet; say so clearly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,7 @@ class WeightScheme:
 
     bits/group_size/symmetric apply to every block linear; `lm_head_bits` is the lm_head's width
     (None keeps it float); `skip` names layers (ModelMap names, e.g. "blocks.0.down") left float.
+    `act_order` and `damp` are GPTQ's (visit channels by decreasing Hessian diagonal; Hessian damping).
     """
 
     bits: int = 4
@@ -29,6 +31,8 @@ class WeightScheme:
     algorithm: Algorithm = Algorithm.RTN
     lm_head_bits: int | None = 8
     skip: tuple[str, ...] = ()
+    act_order: bool = False
+    damp: float = 0.01
     version: int = 1
 
     def __post_init__(self):
@@ -54,6 +58,6 @@ def parse_algorithm(name: str) -> Algorithm:
     except ValueError:
         if name.lower() in PLANNED_ALGORITHMS:
             raise errors.InputError(
-                f"--algo {name} is not available in this version of qcompile yet: use --algo rtn"
+                f"--algo {name} is not available in this version of qcompile yet: use --algo rtn or gptq"
             ) from None
-        raise errors.InputError(f"unknown algorithm '{name}': use rtn") from None
+        raise errors.InputError(f"unknown algorithm '{name}': use one of {', '.join(a.value for a in Algorithm)}") from None

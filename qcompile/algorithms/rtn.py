@@ -31,11 +31,11 @@ class QuantizedWeight:
     def dequantize(self) -> np.ndarray:
         """float32 [K, N], computed the way DequantizeLinear does: (q - zp) * scale in float32."""
         k = self.q.shape[0]
-        scale = np.repeat(self.scale, self.group_size, axis=0)[:k]
-        q = self.q.astype(np.float32)
-        if self.zero_point is not None:
-            q = q - np.repeat(self.zero_point, self.group_size, axis=0)[:k].astype(np.float32)
-        return q * scale
+
+        def rows(a):
+            return None if a is None else np.repeat(a, self.group_size, axis=0)[:k]
+
+        return dequantize_values(self.q, rows(self.scale), rows(self.zero_point))
 
 
 def _blocks(w: np.ndarray, group_size: int) -> np.ndarray:
@@ -47,27 +47,41 @@ def _blocks(w: np.ndarray, group_size: int) -> np.ndarray:
     return padded.reshape(groups, group_size, n)
 
 
+def block_params(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale (and zero point) of each block: `blocks` is [..., B, N], reduced over B → [..., N]."""
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=-2)
+        extreme = np.take_along_axis(blocks, np.expand_dims(idx, -2), axis=-2)[..., 0, :]
+        scale = (extreme / -(2 ** (bits - 1))).astype(np.float32)
+        scale[scale == 0] = 1.0  # an all-zero block: any scale gives q = 0
+        return scale, None
+    top = 2**bits - 1
+    lo = np.minimum(blocks.min(axis=-2), 0.0)
+    hi = np.maximum(blocks.max(axis=-2), 0.0)
+    scale = ((hi - lo) / top).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return scale, np.clip(np.rint(-lo / scale), 0, top).astype(np.uint8)
+
+
+def quantize_values(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int) -> np.ndarray:
+    """Codes of `x` on the grid (scale, zero_point), broadcasting: int8 when symmetric, else uint8."""
+    if zero_point is None:
+        half = 2 ** (bits - 1)
+        return np.clip(np.rint(x / scale), -half, half - 1).astype(np.int8)
+    return np.clip(np.rint(x / scale) + zero_point, 0, 2**bits - 1).astype(np.uint8)
+
+
+def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None) -> np.ndarray:
+    q = q.astype(np.float32)
+    return (q if zero_point is None else q - zero_point.astype(np.float32)) * scale
+
+
 def quantize_rtn(w: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
     """Quantize a [K, N] float weight blockwise along K by round-to-nearest."""
     if w.ndim != 2:
         raise ValueError(f"expected a [K, N] weight, got shape {w.shape}")
     k = w.shape[0]
     blocks = _blocks(np.asarray(w, dtype=np.float32), group_size)
-    if symmetric:
-        half = 2 ** (bits - 1)
-        idx = np.abs(blocks).argmax(axis=1)  # [G, N]
-        extreme = np.take_along_axis(blocks, idx[:, None, :], axis=1)[:, 0, :]
-        scale = (extreme / -half).astype(np.float32)
-        scale[scale == 0] = 1.0  # an all-zero block: any scale gives q = 0
-        q = np.clip(np.rint(blocks / scale[:, None, :]), -half, half - 1).astype(np.int8)
-        zero_point = None
-    else:
-        top = 2**bits - 1
-        lo = np.minimum(blocks.min(axis=1), 0.0)
-        hi = np.maximum(blocks.max(axis=1), 0.0)
-        scale = ((hi - lo) / top).astype(np.float32)
-        scale[scale == 0] = 1.0
-        zero_point = np.clip(np.rint(-lo / scale), 0, top).astype(np.uint8)
-        q = np.clip(np.rint(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, top).astype(np.uint8)
-    q = q.reshape(-1, w.shape[1])[:k]
-    return QuantizedWeight(q, scale, zero_point, bits, group_size)
+    scale, zero_point = block_params(blocks, bits, symmetric)
+    q = quantize_values(blocks, scale[:, None, :], None if zero_point is None else zero_point[:, None, :], bits)
+    return QuantizedWeight(q.reshape(-1, w.shape[1])[:k], scale, zero_point, bits, group_size)

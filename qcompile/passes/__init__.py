@@ -1,5 +1,6 @@
 """Graph passes: one transformation per file, each an onnx_ir pass."""
 
+from qcompile.passes.quantize_weights_gptq import QuantizeWeightsGPTQ
 from qcompile.passes.quantize_weights_rtn import QuantizeWeightsRTN
 
-__all__ = ["QuantizeWeightsRTN"]
+__all__ = ["QuantizeWeightsGPTQ", "QuantizeWeightsRTN"]

@@ -18,7 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.algorithms.rtn import QuantizedWeight
-from qcompile.analysis import Linear
+from qcompile.analysis import Linear, Role
+from qcompile.schemes import WeightScheme
 
 _STORAGE = {
     (4, True): (ml_dtypes.int4, ir.DataType.INT4),
@@ -69,3 +70,18 @@ def _remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         _remove_if_unused(graph, source)
     elif value.name in graph.initializers:
         graph.initializers.pop(value.name)
+
+
+def bits_for(scheme: WeightScheme, linear: Linear) -> int | None:
+    """The width `scheme` gives `linear`: lm_head has its own, skipped layers None (kept float)."""
+    if linear.name in scheme.skip:
+        return None
+    return scheme.lm_head_bits if linear.role == Role.LM_HEAD else scheme.bits
+
+
+def layer_record(linear: Linear, qw: QuantizedWeight | None, algorithm: str) -> dict:
+    """One manifest entry: what was done to `linear`."""
+    entry = {"name": linear.name, "role": linear.role.value, "shape": [linear.in_features, linear.out_features]}
+    if qw is None:
+        return {**entry, "format": linear.format()}
+    return {**entry, "bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric, "algorithm": algorithm}

@@ -6,7 +6,7 @@ import onnx_ir as ir
 
 from qcompile import analysis
 from qcompile.algorithms.rtn import quantize_rtn
-from qcompile.passes._canonical import attach_quantized_weight
+from qcompile.passes._canonical import attach_quantized_weight, bits_for, layer_record
 from qcompile.schemes import WeightScheme
 
 
@@ -28,24 +28,16 @@ class QuantizeWeightsRTN(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         analysis.analyze(model)  # raises UnsupportedModelError naming what is missing
 
-    def bits_for(self, linear: analysis.Linear) -> int | None:
-        if linear.name in self.scheme.skip:
-            return None
-        return self.scheme.lm_head_bits if linear.role == analysis.Role.LM_HEAD else self.scheme.bits
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         linears = analysis.analyze(model).linears()
         self.layers = []
         advance = self.progress.task("Quantizing weights (RTN)", len(linears)) if self.progress else (lambda: None)
         for linear in linears:
-            bits = self.bits_for(linear)
-            entry = {"name": linear.name, "role": linear.role.value, "shape": [linear.in_features, linear.out_features]}
-            if bits is None:
-                entry["format"] = linear.format()
-            else:
+            bits = bits_for(self.scheme, linear)
+            qw = None
+            if bits is not None:
                 qw = quantize_rtn(linear.float_weight(), bits, self.scheme.group_size, self.scheme.symmetric)
                 attach_quantized_weight(model.graph, linear, qw)
-                entry.update(bits=bits, group_size=qw.group_size, symmetric=qw.symmetric, algorithm="rtn")
-            self.layers.append(entry)
+            self.layers.append(layer_record(linear, qw, "rtn"))
             advance()
         return ir.passes.PassResult(model, modified=any("bits" in e for e in self.layers))

@@ -1,0 +1,71 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear's weight rows one input channel at a time, moving each
+rounding error onto the channels not yet quantized through the inverse Hessian of the layer's inputs.
+
+Layout: W is [K, N] (y = x·W), so an input channel is a row of W; H = Σ xᵀx over calibration tokens,
+[K, K]. For the layer error ||X·W - X·Ŵ||², quantizing row k with error e_k is best compensated by
+W[k+1:] -= U[k, k+1:]ᵀ · e_k / U[k, k], where U is the upper Cholesky factor of H⁻¹ (damped). Lazy
+batching applies the updates block by block (identical result, fewer passes over W).
+
+Groups are blocks of `group_size` consecutive input channels, as in the canonical layout. With
+`act_order` channels are visited by decreasing H[k, k], and every group's scale is fixed from the
+original weights first ("static groups"), so the result keeps the plain blocked layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompile.algorithms.rtn import (QuantizedWeight, _blocks, block_params, dequantize_values,
+                                     quantize_values)
+
+
+def inverse_hessian_factor(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(upper Cholesky factor of (H + λI)⁻¹, dead-channel mask); λ = damp · mean(diag H)."""
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    inverse = np.linalg.inv(np.linalg.cholesky(h))  # L⁻¹, so H⁻¹ = L⁻ᵀ L⁻¹
+    h_inv = inverse.T @ inverse
+    return np.linalg.cholesky(h_inv).T, dead
+
+
+def quantize_gptq(
+    w: np.ndarray, h: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+    block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+) -> QuantizedWeight:
+    """GPTQ-quantize a [K, N] weight given the [K, K] input Hessian H = Σ xᵀx."""
+    k, n = w.shape
+    block_size = max(block_size // group_size, 1) * group_size  # whole groups per block: lazy == eager
+    work = np.array(w, dtype=np.float64)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    upper, dead = inverse_hessian_factor(np.asarray(h)[np.ix_(order, order)], damp)
+    work[order[dead]] = 0.0
+    groups = -(-k // group_size)
+    scale = np.empty((groups, n), np.float32)
+    zero = None if symmetric else np.empty((groups, n), np.uint8)
+    if act_order:  # static groups from the original weights
+        scale[:], z = block_params(_blocks(work.astype(np.float32), group_size), bits, symmetric)
+        if zero is not None:
+            zero[:] = z
+    work = work[order]
+    codes = np.empty((k, n), np.int8 if symmetric else np.uint8)
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        block = work[start:end].copy()
+        errors = np.zeros_like(block)
+        for i in range(end - start):
+            row = order[start + i]
+            g = row // group_size
+            if not act_order and row % group_size == 0:  # a group starts: its scale from the updated rows
+                scale[g], z = block_params(block[i: i + group_size].astype(np.float32), bits, symmetric)
+                if zero is not None:
+                    zero[g] = z
+            zg = None if zero is None else zero[g]
+            q = quantize_values(block[i], scale[g], zg, bits)
+            err = (block[i] - dequantize_values(q, scale[g], zg)) / upper[start + i, start + i]
+            block[i + 1:] -= np.outer(upper[start + i, start + i + 1: end], err)
+            errors[i] = err
+            codes[row] = q
+        work[end:] -= upper[start:end, end:].T @ errors
+    return QuantizedWeight(codes, scale, zero, bits, group_size)

@@ -1,0 +1,53 @@
+"""QuantizeWeightsGPTQ: every linear's weight quantized by GPTQ from calibration Hessians (canonical form)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis, calibration
+from qcompile.algorithms.gptq import quantize_gptq
+from qcompile.passes._canonical import attach_quantized_weight, bits_for, layer_record
+from qcompile.schemes import WeightScheme
+
+
+class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
+    """W ≈ Ŵ = (q - z) · s chosen to minimise ||X·W - X·Ŵ||² on calibration inputs X (see `algorithms.gptq`).
+
+    Mode "parallel": every Hessian H = XᵀX is measured on the float model in one calibration run
+    (linears sharing an input share one tap). Requires a float model that `analysis.analyze` recognises.
+    Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `self.layers` records what was done.
+    """
+
+    def __init__(self, scheme: WeightScheme, windows: np.ndarray, act_order: bool = False, damp: float = 0.01,
+                 progress=None):
+        super().__init__()
+        self.scheme = scheme
+        self.windows = windows
+        self.act_order = act_order
+        self.damp = damp
+        self.progress = progress
+        self.layers: list[dict] = []
+
+    def requires(self, model: ir.Model) -> None:
+        analysis.analyze(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        linears = analysis.analyze(model).linears()
+        quantized = [lin for lin in linears if bits_for(self.scheme, lin) is not None]
+        taps = list(dict.fromkeys(lin.node.inputs[0] for lin in quantized))
+        stats = calibration.collect(model, taps, self.windows, hessian=True, progress=self.progress,
+                                    label="Calibrating (Hessians)")
+        advance = self.progress.task("Quantizing weights (GPTQ)", len(linears)) if self.progress else (lambda: None)
+        self.layers = []
+        for linear in linears:
+            bits = bits_for(self.scheme, linear)
+            qw = None
+            if bits is not None:
+                qw = quantize_gptq(linear.float_weight(), stats[linear.node.inputs[0].name].hessian, bits,
+                                   self.scheme.group_size, self.scheme.symmetric, damp=self.damp,
+                                   act_order=self.act_order)
+                attach_quantized_weight(model.graph, linear, qw)
+            self.layers.append(layer_record(linear, qw, "gptq"))
+            advance()
+        return ir.passes.PassResult(model, modified=bool(quantized))

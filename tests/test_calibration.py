@@ -1,0 +1,56 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from qcompile import analysis, calibration, errors
+
+
+def test_tap_statistics_equal_torch_activations(tiny_export):
+    """The Hessian, max and mean of q_proj's input equal those of the torch module's input."""
+    torch = pytest.importorskip("torch")
+    hf, path = tiny_export("llama")
+    model = ir.load(path)
+    mm = analysis.analyze(model)
+    q, down = mm.blocks[1].linears[analysis.Role.Q], mm.blocks[0].linears[analysis.Role.DOWN]
+    windows = np.random.default_rng(0).integers(0, 256, size=(3, 24))
+    outputs = list(model.graph.outputs)
+    stats = calibration.collect(model, [q.node.inputs[0], down.node.inputs[0]], windows)
+    assert list(model.graph.outputs) == outputs  # the taps are gone again
+    seen = {"q": [], "down": []}
+    hooks = [hf.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen["q"].append(a[0])),
+             hf.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen["down"].append(a[0]))]
+    with torch.no_grad():
+        for w in windows:
+            hf(torch.from_numpy(w[None]))
+    for h in hooks:
+        h.remove()
+    for key, lin in (("q", q), ("down", down)):
+        x = torch.cat(seen[key], dim=1).reshape(-1, lin.in_features).double().numpy()
+        s = stats[lin.node.inputs[0].name]
+        assert s.tokens == 3 * 24
+        np.testing.assert_allclose(s.hessian, x.T @ x, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(s.absmax, np.abs(x).max(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(s.absmean, np.abs(x).mean(axis=0), rtol=1e-5)
+
+
+class _Tokenizer:
+    def encode(self, text):
+        class Ids:
+            ids = list(range(len(text.split())))
+        return Ids()
+
+
+def test_calibration_text_errors(tmp_path):
+    (tmp_path / "short.txt").write_text("a few words only")
+    with pytest.raises(errors.InputError, match="fewer than one window"):
+        calibration.calibration_windows(_Tokenizer(), tmp_path / "short.txt", 1, 512)
+    (tmp_path / "some.txt").write_text("word " * 1000)
+    with pytest.raises(errors.InputError, match="fewer than --calib-samples 5"):
+        calibration.calibration_windows(_Tokenizer(), tmp_path / "some.txt", 5, 512)
+    (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
+    with pytest.raises(errors.InputError, match='"text" field'):
+        calibration.calibration_windows(_Tokenizer(), tmp_path / "bad.jsonl", 1, 8)
+    (tmp_path / "ok.jsonl").write_text('{"text": "' + "w " * 40 + '"}\n')
+    assert calibration.calibration_windows(_Tokenizer(), tmp_path / "ok.jsonl", 2, 16).shape == (2, 16)
+    with pytest.raises(errors.SourceNotFoundError):
+        calibration.calibration_windows(_Tokenizer(), tmp_path / "missing.txt", 1, 8)
