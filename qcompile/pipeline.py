@@ -47,7 +47,7 @@ def _export(src: sources.Source, out_dir, progress) -> pathlib.Path:
     if src.kind == sources.SourceKind.ONNX:
         raise errors.InputError(f"'{src.path}' is already ONNX: pass it straight to `qcompile model` or `eval`")
     if out_dir is None:
-        out = cache_root() / "exports" / f"{src.name}-{src.sha256()[:16]}-{__version__}"
+        out = cache_root() / "exports" / f"{src.name}-{src.sha256[:16]}-{__version__}"
         if (out / "model.onnx").is_file():
             return out
     else:
@@ -81,6 +81,28 @@ def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cach
     return _Evaluated(metrics, ppl.predictions)
 
 
+def _weight_pass(scheme: WeightScheme, model_dir: pathlib.Path, calib, samples: int, seqlen: int, progress):
+    """The weight-quantization pass for `scheme.algorithm`, and the calibration record for the manifest."""
+    if scheme.algorithm == Algorithm.RTN:
+        return QuantizeWeightsRTN(scheme, progress), None
+    windows = calibration.calibration_windows(load_tokenizer(model_dir), calib, samples, seqlen)
+    record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": samples,
+              "seqlen": seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
+    return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress), record
+
+
+def _compare(base: _Evaluated, quant: _Evaluated) -> dict:
+    b, q = base.metrics, quant.metrics
+    return {
+        "float": b,
+        "quantized": q,
+        "ppl_increase_pct": round(100 * (q["ppl"] / b["ppl"] - 1), 3),
+        "argmax_agreement": round(float((base.predictions == quant.predictions).mean()), 4),
+        "decode_speedup": round(b["decode_ms_per_token"] / q["decode_ms_per_token"], 2),
+        "size_ratio": round(q["size_bytes"] / b["size_bytes"], 4),
+    }
+
+
 def compile(
     source: str | pathlib.Path = "smollm2-135m",
     target: str = "ort-int4",
@@ -108,19 +130,11 @@ def compile(
     """
     started = time.perf_counter()
     tgt = targets.get(target)
-    changes = {}
-    if algo is not None:
-        changes["algorithm"] = parse_algorithm(algo)
-    if bits is not None:
-        changes["bits"] = bits
-    if group_size is not None:
-        changes["group_size"] = group_size
-    if symmetric is not None:
-        changes["symmetric"] = symmetric
+    options = {"algorithm": parse_algorithm(algo) if algo else None, "bits": bits, "group_size": group_size,
+               "symmetric": symmetric, "act_order": act_order}
+    changes = {k: v for k, v in options.items() if v is not None}
     if lm_head_bits != "default":
         changes["lm_head_bits"] = lm_head_bits
-    if act_order is not None:
-        changes["act_order"] = act_order
     scheme = dataclasses.replace(tgt.scheme, **changes)
     if accuracy_level is not None:
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -144,14 +158,7 @@ def compile(
         raise errors.InputError(
             f"no tokenizer.json beside '{float_path}' to evaluate with: copy it there or pass --no-eval"
         )
-    calib_record = None
-    if scheme.algorithm == Algorithm.RTN:
-        quantize = QuantizeWeightsRTN(scheme, progress)
-    else:
-        windows = calibration.calibration_windows(load_tokenizer(float_path.parent), calib, calib_samples, calib_seqlen)
-        calib_record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": calib_samples,
-                        "seqlen": calib_seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
-        quantize = QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress)
+    quantize, calib_record = _weight_pass(scheme, float_path.parent, calib, calib_samples, calib_seqlen, progress)
     ir.passes.PassManager([quantize, *tgt.lowering_passes()])(model)
 
     with artifact.atomic_folder(out) as tmp:
@@ -162,14 +169,7 @@ def compile(
         if eval_windows is not None:
             base = _evaluate(float_path, eval_windows, progress, "(float)", float_cache)
             quant = _evaluate(tmp / "model.onnx", eval_windows, progress, "(quantized)")
-            metrics = {
-                "float": base.metrics,
-                "quantized": quant.metrics,
-                "ppl_increase_pct": round(100 * (quant.metrics["ppl"] / base.metrics["ppl"] - 1), 3),
-                "argmax_agreement": round(float((base.predictions == quant.predictions).mean()), 4),
-                "decode_speedup": round(base.metrics["decode_ms_per_token"] / quant.metrics["decode_ms_per_token"], 2),
-                "size_ratio": round(quant.metrics["size_bytes"] / base.metrics["size_bytes"], 4),
-            }
+            metrics = _compare(base, quant)
         metrics["compile_seconds"] = round(time.perf_counter() - started, 1)
         manifest = {
             "qcompile_version": __version__,

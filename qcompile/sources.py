@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import importlib.util
 import pathlib
@@ -27,9 +28,13 @@ class Source:
     path: pathlib.Path
     name: str  # short name used for default output folders
 
+    @functools.cached_property
     def sha256(self) -> str:
-        """Content hash of the files that define the model (weights and config)."""
-        files = [self.path] if self.path.is_file() else _hf_files(self.path)
+        """Content hash of the files that define the model (weights, external data, config)."""
+        if self.kind == SourceKind.HF_FOLDER:
+            files = _hf_files(self.path)
+        else:  # an ONNX file's external data lives beside it as <name>.data (or similar)
+            files = sorted(p for p in self.path.parent.iterdir() if p.is_file() and p.name.startswith(self.path.name))
         h = hashlib.sha256()
         for f in files:
             h.update(f.name.encode())
@@ -37,7 +42,7 @@ class Source:
         return h.hexdigest()
 
     def describe(self) -> dict:
-        return {"kind": self.kind.value, "path": str(self.path), "sha256": self.sha256()}
+        return {"kind": self.kind.value, "path": str(self.path), "sha256": self.sha256}
 
 
 def file_sha256(path: pathlib.Path, chunk: int = 1 << 22) -> str:
