@@ -159,35 +159,43 @@ _FUSED_NORMS = {
 }
 
 
-def _rms_input(normed: ir.Value) -> ir.Value | None:
-    """If `normed` = x * rsqrt(mean(x^2) + eps) (any exported spelling), return x."""
-    node = normed.producer()
-    if node is None or node.op_type not in ("Mul", "Div"):
+def _sqrt_mean_square_of(value: ir.Value) -> ir.Value | None:
+    """x if `value` = sqrt(mean(x²) + eps), else None."""
+    for op in ("Sqrt", "Add", "ReduceMean"):
+        producer = _skip_back(value).producer()
+        if producer is None or producer.op_type != op:
+            return None
+        value = producer.inputs[0]
+    square = _skip_back(value).producer()
+    if square is None:
         return None
-    candidates = [(0, 1), (1, 0)] if node.op_type == "Mul" else [(0, 1)]
-    for xi, ri in candidates:
-        x, r = _skip_back(node.inputs[xi]), node.inputs[ri]
-        chain = ["Sqrt", "Add", "ReduceMean"] if node.op_type == "Div" else ["Reciprocal", "Sqrt", "Add", "ReduceMean"]
-        cur = r
-        ok = True
-        for op in chain:
-            p = _skip_back(cur).producer()
-            if p is None or p.op_type != op:
-                # Div(1, Sqrt(...)) is another spelling of Reciprocal(Sqrt(...))
-                if op == "Reciprocal" and p is not None and p.op_type == "Div" and _is_const(p.inputs[0]):
-                    cur = p.inputs[1]
-                    continue
-                ok = False
-                break
-            cur = p.inputs[0]
-        if not ok:
+    x = _skip_back(square.inputs[0])
+    if square.op_type == "Pow" and _is_const(square.inputs[1]) and float(square.inputs[1].const_value.numpy()) == 2:
+        return x
+    if square.op_type == "Mul" and _skip_back(square.inputs[1]) is x:
+        return x
+    return None
+
+
+def _rms_input(normed: ir.Value) -> ir.Value | None:
+    """x if `normed` = x · 1/sqrt(mean(x²) + eps) in any exported spelling (Reciprocal, Div), else None."""
+    node = normed.producer()
+    if node is None:
+        return None
+    if node.op_type == "Div":
+        x = _skip_back(node.inputs[0])
+        return x if _sqrt_mean_square_of(node.inputs[1]) is x else None
+    if node.op_type != "Mul":
+        return None
+    for a, b in (node.inputs, node.inputs[::-1]):
+        x, r = _skip_back(a), _skip_back(b).producer()
+        if r is not None and r.op_type == "Reciprocal":
+            inner = r.inputs[0]
+        elif r is not None and r.op_type == "Div" and _is_const(r.inputs[0]):
+            inner = r.inputs[1]
+        else:
             continue
-        square = _skip_back(cur).producer()
-        if square is None:
-            continue
-        if square.op_type == "Pow" and _skip_back(square.inputs[0]) is x:
-            return x
-        if square.op_type == "Mul" and _skip_back(square.inputs[0]) is x and _skip_back(square.inputs[1]) is x:
+        if _sqrt_mean_square_of(inner) is x:
             return x
     return None
 

@@ -54,3 +54,39 @@ def test_graph_without_blocks_is_refused_with_reason(tiny_export):
     ir.passes.common.RemoveUnusedNodesPass()(model)
     with pytest.raises(errors.UnsupportedModelError, match=r"q, k, v"):
         analysis.analyze(model)
+
+
+def _norm_graph(spelling: str) -> ir.Value:
+    """x → RMSNorm-like subgraph → Mul(gain); returns the gain Mul's output in an onnx_ir graph."""
+    import onnx
+    from onnx import helper as h
+
+    nodes = [h.make_node("Pow", ["x", "two"], ["sq"]), h.make_node("ReduceMean", ["sq", "axes"], ["ms"]),
+             h.make_node("Add", ["ms", "eps"], ["mse"]), h.make_node("Sqrt", ["mse"], ["rms"])]
+    if spelling == "reciprocal":
+        nodes += [h.make_node("Reciprocal", ["rms"], ["inv"]), h.make_node("Mul", ["x", "inv"], ["normed"])]
+    elif spelling == "div-one":
+        nodes += [h.make_node("Div", ["one", "rms"], ["inv"]), h.make_node("Mul", ["inv", "x"], ["normed"])]
+    elif spelling == "div":
+        nodes += [h.make_node("Div", ["x", "rms"], ["normed"])]
+    else:  # not a norm: x scaled by the rms instead of divided
+        nodes += [h.make_node("Mul", ["x", "rms"], ["normed"])]
+    nodes.append(h.make_node("Mul", ["normed", "gain"], ["y"]))
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+             [("two", 2.0), ("eps", 1e-5), ("one", 1.0), ("gain", np.ones(8))]]
+    inits.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"))
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])], inits)
+    model = ir.serde.deserialize_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]))
+    return model.graph.outputs[0]
+
+
+@pytest.mark.parametrize("spelling", ["reciprocal", "div-one", "div"])
+def test_rmsnorm_spellings_are_recognised(spelling):
+    norm = analysis.match_norm(_norm_graph(spelling))
+    assert norm is not None and norm.kind == "rms"
+    assert norm.input.name == "x" and norm.gain.name == "gain"
+
+
+def test_a_scaled_input_is_not_a_norm():
+    assert analysis.match_norm(_norm_graph("times-rms")) is None
