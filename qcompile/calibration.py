@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import errors, evaluation
+from qcompile.runtime import Decoder
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQLEN = 512
@@ -80,10 +81,6 @@ def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian:
     The model is saved once to a temporary folder with the taps as extra outputs; ORT then computes only
     what the taps need (a tap-only run skips lm_head).
     """
-    import onnxruntime as ort
-
-    from qcompile.runtime import Decoder
-
     names = [t.name for t in taps]
     added = [t for t in taps if t not in model.graph.outputs]
     with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
@@ -96,16 +93,9 @@ def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian:
         decoder = Decoder(pathlib.Path(tmp) / "model.onnx")
         stats: dict[str, TapStats] = {}
         advance = progress.task(label, len(windows)) if progress else (lambda: None)
-        options = ort.RunOptions()
         for window in windows:
-            batch = window[None]
-            feeds = {
-                "input_ids": batch,
-                "attention_mask": np.ones_like(batch),
-                "position_ids": np.arange(batch.shape[1], dtype=np.int64)[None],
-                **decoder.empty_cache(),
-            }
-            for name, x in zip(names, decoder.session.run(names, feeds, options)):
+            outputs = decoder.session.run(names, decoder.feeds(window[None], decoder.empty_cache(), 0))
+            for name, x in zip(names, outputs):
                 if name not in stats:
                     k = x.shape[-1]
                     stats[name] = TapStats(np.zeros(k, np.float32), np.zeros(k, np.float64),

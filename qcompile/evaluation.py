@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from qcompile import errors
 from qcompile.runtime import Decoder, load_tokenizer
 
 SEQ_LEN = 512
@@ -31,8 +32,6 @@ def windows(tokenizer, count: int, seq_len: int = SEQ_LEN) -> np.ndarray:
     ids = np.array(tokenizer.encode(wikitext("test")).ids, dtype=np.int64)
     available = len(ids) // seq_len
     if count > available:
-        from qcompile import errors
-
         raise errors.InputError(f"--windows {count} is more than the {available} windows the test text has")
     return ids[: count * seq_len].reshape(count, seq_len)
 

@@ -44,14 +44,12 @@ def eos_token_ids(folder: pathlib.Path) -> set[int]:
 class Decoder:
     """An ORT session over a KV-cache decoder graph (qcompile's export signature)."""
 
-    def __init__(self, path: str | pathlib.Path, threads: int | None = None, session_config: dict | None = None):
+    def __init__(self, path: str | pathlib.Path, session_config: dict | None = None):
         import onnxruntime as ort
 
         self.path = model_file(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, str(value))
         try:
@@ -75,14 +73,17 @@ class Decoder:
             n: np.zeros((batch, shape[1], 0, shape[3]), dtype=np.float32) for n, shape in self.cache_shapes.items()
         }
 
-    def forward(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int):
-        """Run `ids` [b, s] after `past_len` cached tokens; returns (logits [b, s, vocab], new cache)."""
+    def feeds(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
+        """Inputs for `ids` [b, s] following `past_len` cached tokens."""
         batch, seq = ids.shape
-        feeds = {
+        return {
             "input_ids": ids.astype(np.int64),
             "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
             "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
             **cache,
         }
-        out = self.session.run(["logits", *self.present_names], feeds)
+
+    def forward(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int):
+        """Run `ids` [b, s] after `past_len` cached tokens; returns (logits [b, s, vocab], new cache)."""
+        out = self.session.run(["logits", *self.present_names], self.feeds(ids, cache, past_len))
         return out[0], dict(zip(self.past_names, out[1:]))
