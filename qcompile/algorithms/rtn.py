@@ -47,17 +47,21 @@ def _blocks(w: np.ndarray, group_size: int) -> np.ndarray:
     return padded.reshape(groups, group_size, n)
 
 
-def block_params(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale (and zero point) of each block: `blocks` is [..., B, N], reduced over B → [..., N]."""
+def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: np.ndarray | float = 1.0
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale (and zero point) of each block: `blocks` is [..., B, N], reduced over B → [..., N].
+
+    `clip` (broadcast to [..., N]) shrinks the range: values beyond clip·range saturate.
+    """
     if symmetric:
         idx = np.abs(blocks).argmax(axis=-2)
-        extreme = np.take_along_axis(blocks, np.expand_dims(idx, -2), axis=-2)[..., 0, :]
+        extreme = np.take_along_axis(blocks, np.expand_dims(idx, -2), axis=-2)[..., 0, :] * clip
         scale = (extreme / -(2 ** (bits - 1))).astype(np.float32)
         scale[scale == 0] = 1.0  # an all-zero block: any scale gives q = 0
         return scale, None
     top = 2**bits - 1
-    lo = np.minimum(blocks.min(axis=-2), 0.0)
-    hi = np.maximum(blocks.max(axis=-2), 0.0)
+    lo = np.minimum(blocks.min(axis=-2), 0.0) * clip
+    hi = np.maximum(blocks.max(axis=-2), 0.0) * clip
     scale = ((hi - lo) / top).astype(np.float32)
     scale[scale == 0] = 1.0
     return scale, np.clip(np.rint(-lo / scale), 0, top).astype(np.uint8)
@@ -76,12 +80,13 @@ def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray |
     return (q if zero_point is None else q - zero_point.astype(np.float32)) * scale
 
 
-def quantize_rtn(w: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
-    """Quantize a [K, N] float weight blockwise along K by round-to-nearest."""
+def quantize_rtn(w: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+                 clip: np.ndarray | float = 1.0) -> QuantizedWeight:
+    """Quantize a [K, N] float weight blockwise along K by round-to-nearest (`clip`: [G, N] or scalar)."""
     if w.ndim != 2:
         raise ValueError(f"expected a [K, N] weight, got shape {w.shape}")
     k = w.shape[0]
     blocks = _blocks(np.asarray(w, dtype=np.float32), group_size)
-    scale, zero_point = block_params(blocks, bits, symmetric)
+    scale, zero_point = block_params(blocks, bits, symmetric, clip)
     q = quantize_values(blocks, scale[:, None, :], None if zero_point is None else zero_point[:, None, :], bits)
     return QuantizedWeight(q.reshape(-1, w.shape[1])[:k], scale, zero_point, bits, group_size)

@@ -1,0 +1,61 @@
+"""AWQ (Lin et al., 2023): activation-aware scales and clipping for weight-only quantization.
+
+Scales. Linears reading the same input x (q/k/v, gate/up, or down after up) share a per-input-channel
+scale s: x·W = (x/s)·(diag(s)·W). Salient channels (large mean |x|) get s > 1, so their weights are
+quantized more finely. s = mean|x|^α, normalised to geometric mean 1, with α on a grid chosen to minimise
+the summed layer-output error of the quantized group. The 1/s is folded into whatever produces x.
+
+Clipping. Then, per quantization group and output channel, the range is shrunk by the ratio (from a grid)
+that minimises that group's output error.
+
+Output errors use the calibration Hessian H = Σ xᵀx: ||X·ΔW||² = tr(ΔWᵀ H ΔW), so no activations are kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompile.algorithms.rtn import QuantizedWeight, _blocks, quantize_rtn
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """||X·W - X·Ŵ||² = tr(ΔWᵀ H ΔW) for W [K, N], H = XᵀX [K, K]."""
+    d = (np.asarray(w, np.float64) - w_hat).astype(np.float32)
+    return float(np.einsum("kn,kn->", h.astype(np.float32) @ d, d, dtype=np.float64))
+
+
+def search_scales(weights: list[np.ndarray], h: np.ndarray, absmean: np.ndarray, bits: int, group_size: int,
+                  symmetric: bool, grid: int = 20) -> tuple[np.ndarray, float]:
+    """(s [K], α): the scale minimising the summed output error of `weights` (all [K, N_i], same input)."""
+    base = np.maximum(absmean.astype(np.float64), 1e-8)
+    best = (np.inf, np.ones_like(base), 0.0)
+    for alpha in np.arange(grid) / grid:
+        s = base**alpha
+        s /= np.sqrt(s.max() * s.min())
+        err = 0.0
+        for w in weights:
+            scaled = quantize_rtn((w * s[:, None]).astype(np.float32), bits, group_size, symmetric).dequantize()
+            err += output_error(w, scaled / s[:, None], h)
+        if err < best[0]:
+            best = (err, s, float(alpha))
+    return best[1], best[2]
+
+
+def search_clip(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, symmetric: bool,
+                ratios: np.ndarray = np.linspace(1.0, 0.5, 11)) -> QuantizedWeight:
+    """RTN with a per-(group, output channel) clip ratio minimising Δw_gᵀ H_gg Δw_g (block-diagonal H)."""
+    k, n = w.shape
+    blocks = _blocks(np.asarray(w, np.float32), group_size)  # [G, B, N] (last block zero-padded)
+    groups = blocks.shape[0]
+    h_blocks = np.zeros((groups, group_size, group_size), np.float32)
+    for g in range(groups):
+        size = min(group_size, k - g * group_size)
+        h_blocks[g, :size, :size] = h[g * group_size: g * group_size + size, g * group_size: g * group_size + size]
+    best_err = np.full((groups, n), np.inf)
+    best_ratio = np.ones((groups, n), np.float32)
+    for ratio in ratios:
+        d = blocks - _blocks(quantize_rtn(w, bits, group_size, symmetric, ratio).dequantize(), group_size)
+        err = np.einsum("gbn,gbc,gcn->gn", d, h_blocks, d, optimize=True)
+        better = err < best_err
+        best_err[better], best_ratio[better] = err[better], ratio
+    return quantize_rtn(w, bits, group_size, symmetric, best_ratio)
