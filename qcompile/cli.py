@@ -48,7 +48,7 @@ def model(
     source: str = typer.Argument("smollm2-135m", help="HF model folder, .gguf file, .onnx file/folder, or alias smollm2-135m."),
     target: str = typer.Option("ort-int4", "--target", "-t", help="Target name (see `qcompile targets`)."),
     out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Artifact folder [default: qcompile-out/<model>-<target>]."),
-    algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn or gptq [default: the target's, rtn]."),
+    algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn, gptq, awq or awq+gptq [default: the target's, rtn]."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit input channels by decreasing activation energy [default: off]."),
     calib: Optional[pathlib.Path] = typer.Option(None, "--calib", help="Calibration text or JSONL ({\"text\": ...} lines) [default: packaged WikiText-2 valid.txt]."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),

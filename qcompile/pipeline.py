@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, sources, targets
-from qcompile.passes import QuantizeWeightsGPTQ, QuantizeWeightsRTN
+from qcompile.passes import QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN
 from qcompile.runtime import load_tokenizer
 from qcompile.schemes import Algorithm, WeightScheme, parse_algorithm
 
@@ -88,7 +88,9 @@ def _weight_pass(scheme: WeightScheme, model_dir: pathlib.Path, calib, samples: 
     windows = calibration.calibration_windows(load_tokenizer(model_dir), calib, samples, seqlen)
     record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": samples,
               "seqlen": seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
-    return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress), record
+    if scheme.algorithm == Algorithm.GPTQ:
+        return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress), record
+    return QuantizeWeightsAWQ(scheme, windows, gptq=scheme.algorithm == Algorithm.AWQ_GPTQ, progress=progress), record
 
 
 def _compare(base: _Evaluated, quant: _Evaluated) -> dict:
@@ -124,7 +126,7 @@ def compile(
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
 
     `eval_windows=None` skips evaluation. Options left as None take the target's defaults (`lm_head_bits`
-    None means float, so its "use the default" value is the string "default"). Calibration (for GPTQ)
+    None means float, so its "use the default" value is the string "default"). Calibration (GPTQ, AWQ)
     reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
     when everything succeeded.
     """

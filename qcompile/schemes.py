@@ -11,9 +11,8 @@ from qcompile import errors
 class Algorithm(str, enum.Enum):
     RTN = "rtn"
     GPTQ = "gptq"
-
-
-PLANNED_ALGORITHMS = ("awq", "awq+gptq")  # accepted names that are not built yet; say so clearly
+    AWQ = "awq"
+    AWQ_GPTQ = "awq+gptq"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +55,4 @@ def parse_algorithm(name: str) -> Algorithm:
     try:
         return Algorithm(name.lower())
     except ValueError:
-        if name.lower() in PLANNED_ALGORITHMS:
-            raise errors.InputError(
-                f"--algo {name} is not available in this version of qcompile yet: use --algo rtn or gptq"
-            ) from None
         raise errors.InputError(f"unknown algorithm '{name}': use one of {', '.join(a.value for a in Algorithm)}") from None

@@ -38,7 +38,7 @@ def bad_files(tmp_path):
     (["model", "{d}/corrupt.gguf"], "not a readable GGUF"),
     (["model", "{d}/notllm/model.onnx"], "no token-embedding Gather"),
     (["model", "{d}/notllm", "--target", "trt-int9"], "unknown target 'trt-int9'"),
-    (["model", "{d}/notllm", "--algo", "awq"], "not available"),
+    (["model", "{d}/notllm", "--algo", "hqq"], "unknown algorithm"),
     (["model", "{d}/notllm", "--group-size", "48"], "power of two"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(capsys, bad_files, args, match):

@@ -15,13 +15,15 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     """W ≈ Ŵ = (q - z) · s chosen to minimise ||X·W - X·Ŵ||² on calibration inputs X (see `algorithms.gptq`).
 
     Mode "parallel": every Hessian H = XᵀX is measured on the float model in one calibration run
-    (linears sharing an input share one tap). Requires a float model that `analysis.analyze` recognises.
+    (linears sharing an input share one tap), unless `hessians` (linear name → H) are given, as
+    FoldAWQScales provides. Requires a float model that `analysis.analyze` recognises.
     Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `self.layers` records what was done.
     """
 
-    def __init__(self, scheme: WeightScheme, windows: np.ndarray, act_order: bool = False, damp: float = 0.01,
-                 progress=None):
+    def __init__(self, scheme: WeightScheme, windows: np.ndarray | None, act_order: bool = False, damp: float = 0.01,
+                 progress=None, hessians: dict[str, np.ndarray] | None = None):
         super().__init__()
+        self.hessians = hessians
         self.scheme = scheme
         self.windows = windows
         self.act_order = act_order
@@ -35,16 +37,19 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         linears = analysis.analyze(model).linears()
         quantized = [lin for lin in linears if bits_for(self.scheme, lin) is not None]
-        taps = list(dict.fromkeys(lin.node.inputs[0] for lin in quantized))
-        stats = calibration.collect(model, taps, self.windows, hessian=True, progress=self.progress,
-                                    label="Calibrating (Hessians)")
+        hessians = self.hessians
+        if hessians is None:
+            taps = list(dict.fromkeys(lin.node.inputs[0] for lin in quantized))
+            stats = calibration.collect(model, taps, self.windows, hessian=True, progress=self.progress,
+                                        label="Calibrating (Hessians)")
+            hessians = {lin.name: stats[lin.node.inputs[0].name].hessian for lin in quantized}
         advance = self.progress.task("Quantizing weights (GPTQ)", len(linears)) if self.progress else (lambda: None)
         self.layers = []
         for linear in linears:
             bits = bits_for(self.scheme, linear)
             qw = None
             if bits is not None:
-                qw = quantize_gptq(linear.float_weight(), stats[linear.node.inputs[0].name].hessian, bits,
+                qw = quantize_gptq(linear.float_weight(), hessians[linear.name], bits,
                                    self.scheme.group_size, self.scheme.symmetric, damp=self.damp,
                                    act_order=self.act_order)
                 attach_quantized_weight(model.graph, linear, qw)

@@ -1,0 +1,77 @@
+"""FoldAWQScales: per-input-channel AWQ scales folded into the graph (float-equivalent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis, calibration, errors
+from qcompile.algorithms.awq import search_scales
+from qcompile.passes._canonical import bits_for
+from qcompile.schemes import WeightScheme
+
+R = analysis.Role
+
+
+class FoldAWQScales(ir.passes.InPlacePass):
+    """x·W = (x/s)·(diag(s)·W) for each group of linears sharing an input x, with s from `search_scales`.
+
+    Groups per block: input norm → q, k, v; post-attention norm → gate, up (1/s folded into the norm gain:
+    norm(x)·γ/s); up → down (1/s folded into up's output columns: the gated product is linear in up).
+    Preserves the logits up to float rounding. Needs float weights and calibration windows; afterwards
+    `self.hessians` maps each linear name to the Hessian of its (new) input, H' = H / (s sᵀ), so a
+    following quantizer needs no second calibration run.
+    """
+
+    def __init__(self, scheme: WeightScheme, windows: np.ndarray, progress=None):
+        super().__init__()
+        self.scheme = scheme
+        self.windows = windows
+        self.progress = progress
+        self.alphas: dict[str, float] = {}
+        self.hessians: dict[str, np.ndarray] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        for norm in [n for b in analysis.analyze(model).blocks for n in (b.input_norm, b.post_attention_norm)]:
+            if norm.kind != "rms" or norm.gain is None or norm.gain.const_value is None:
+                raise errors.UnsupportedModelError(
+                    f"AWQ folds scales into RMSNorm gains; norm at '{norm.node.name}' has none: use --algo gptq or rtn"
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        mm = analysis.analyze(model)
+        linears = [lin for lin in mm.linears() if bits_for(self.scheme, lin) is not None]
+        taps = list(dict.fromkeys(lin.node.inputs[0] for lin in linears))
+        stats = calibration.collect(model, taps, self.windows, progress=self.progress, label="Calibrating (AWQ)")
+        self.hessians = {lin.name: stats[lin.node.inputs[0].name].hessian for lin in linears}
+        quantized = {lin.name for lin in linears}
+        advance = self.progress.task("Searching AWQ scales", len(mm.blocks)) if self.progress else (lambda: None)
+        for block in mm.blocks:
+            lin = block.linears
+            for members, fold_inverse in (
+                ([lin[R.Q], lin[R.K], lin[R.V]], lambda s, norm=block.input_norm: _scale_gain(norm, 1 / s)),
+                ([lin[R.GATE], lin[R.UP]], lambda s, norm=block.post_attention_norm: _scale_gain(norm, 1 / s)),
+                ([lin[R.DOWN]], lambda s, up=lin[R.UP]: _set_weight(up, up.float_weight() / s[None, :])),
+            ):
+                if not all(m.name in quantized for m in members):
+                    continue
+                x = stats[members[0].node.inputs[0].name]
+                s, self.alphas[members[0].name] = search_scales(
+                    [m.float_weight() for m in members], x.hessian, x.absmean, self.scheme.bits,
+                    self.scheme.group_size, self.scheme.symmetric)
+                fold_inverse(s)
+                for m in members:
+                    _set_weight(m, m.float_weight() * s[:, None])
+                    self.hessians[m.name] = self.hessians[m.name] / np.outer(s, s)
+            advance()
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _set_weight(linear: analysis.Linear, w: np.ndarray) -> None:
+    value = linear.weight_input
+    value.const_value = ir.tensor(w.astype(np.float32), name=value.name)
+
+
+def _scale_gain(norm: analysis.Norm, factor: np.ndarray) -> None:
+    gain = norm.gain
+    gain.const_value = ir.tensor((gain.const_value.numpy() * factor).astype(np.float32), name=gain.name)

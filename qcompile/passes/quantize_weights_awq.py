@@ -1,0 +1,49 @@
+"""QuantizeWeightsAWQ: AWQ scales folded into the graph, then clip-searched RTN (or GPTQ) weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis
+from qcompile.algorithms.awq import search_clip
+from qcompile.passes._canonical import attach_quantized_weight, bits_for, layer_record
+from qcompile.passes.fold_awq_scales import FoldAWQScales
+from qcompile.passes.quantize_weights_gptq import QuantizeWeightsGPTQ
+from qcompile.schemes import WeightScheme
+
+
+class QuantizeWeightsAWQ(ir.passes.InPlacePass):
+    """FoldAWQScales (exact), then each weight quantized with the Hessians of its scaled input:
+    per-(group, channel) clip search + RTN, or GPTQ when `gptq` ("awq+gptq"). One calibration run."""
+
+    def __init__(self, scheme: WeightScheme, windows: np.ndarray, gptq: bool = False, progress=None):
+        super().__init__()
+        self.scheme = scheme
+        self.windows = windows
+        self.gptq = gptq
+        self.progress = progress
+        self.layers: list[dict] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        fold = FoldAWQScales(self.scheme, self.windows, self.progress)
+        fold(model)
+        if self.gptq:
+            quantize = QuantizeWeightsGPTQ(self.scheme, None, self.scheme.act_order, self.scheme.damp,
+                                           self.progress, hessians=fold.hessians)
+            quantize(model)
+            self.layers = [{**e, "algorithm": "awq+gptq"} if "bits" in e else e for e in quantize.layers]
+            return ir.passes.PassResult(model, modified=True)
+        linears = analysis.analyze(model).linears()
+        advance = self.progress.task("Quantizing weights (AWQ clip)", len(linears)) if self.progress else (lambda: None)
+        self.layers = []
+        for linear in linears:
+            bits = bits_for(self.scheme, linear)
+            qw = None
+            if bits is not None:
+                qw = search_clip(linear.float_weight(), fold.hessians[linear.name], bits, self.scheme.group_size,
+                                 self.scheme.symmetric)
+                attach_quantized_weight(model.graph, linear, qw)
+            self.layers.append(layer_record(linear, qw, "awq"))
+            advance()
+        return ir.passes.PassResult(model, modified=True)
