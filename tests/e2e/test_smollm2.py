@@ -8,6 +8,7 @@ import pytest
 import qcompile
 from qcompile import evaluation, runtime, sources
 from qcompile.cli import main
+from tests.conftest import run_logits
 
 pytestmark = pytest.mark.e2e
 WINDOWS = 4  # small for CI; the benchmark runs the full 128-window protocol
@@ -105,4 +106,30 @@ def test_gptq_beats_rtn(smollm2_export, int4_artifact, tmp_path):
     assert art.manifest["recipe"]["calibration"]["samples"] == 8
     assert {e["algorithm"] for e in art.manifest["layers"]} == {"gptq"}
     # same windows, same float model: GPTQ must recover a clear part of RTN's loss even on 8 samples
+    assert art.metrics["ppl_increase_pct"] < 0.8 * int4_artifact.metrics["ppl_increase_pct"]
+
+
+def test_awq_scale_folding_is_float_equivalent(smollm2_export, tmp_path):
+    import onnx_ir as ir
+
+    from qcompile.calibration import calibration_windows
+    from qcompile.passes import FoldAWQScales
+    from qcompile.schemes import WeightScheme
+
+    tokenizer = runtime.load_tokenizer(smollm2_export)
+    model = ir.load(smollm2_export / "model.onnx")
+    fold = FoldAWQScales(WeightScheme(), calibration_windows(tokenizer, samples=4))
+    fold(model)
+    assert max(fold.alphas.values()) > 0
+    ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data")
+    ids = evaluation.windows(tokenizer, 1)[:, :128]
+    ref = run_logits(smollm2_export / "model.onnx", ids)
+    got = run_logits(tmp_path / "model.onnx", ids)
+    assert np.abs(got - ref).max() <= 1e-3
+
+
+def test_awq_beats_rtn(smollm2_export, int4_artifact, tmp_path):
+    art = qcompile.compile(smollm2_export / "model.onnx", "ort-int4", tmp_path / "awq", algo="awq",
+                           calib_samples=8, eval_windows=WINDOWS)
+    assert {e["algorithm"] for e in art.manifest["layers"]} == {"awq"}
     assert art.metrics["ppl_increase_pct"] < 0.8 * int4_artifact.metrics["ppl_increase_pct"]
