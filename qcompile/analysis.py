@@ -94,6 +94,7 @@ class Block:
     linears: dict[Role, Linear]
     attention_residual: ir.Node
     mlp_residual: ir.Node
+    attention_probs: ir.Value | None = None  # softmax(q·kᵀ) [b, heads, q, k] of a decomposed attention
 
 
 @dataclasses.dataclass
@@ -239,6 +240,24 @@ def _forward_first(value: ir.Value, stop, limit: int = 400) -> tuple[ir.Node, in
     return None
 
 
+def _softmax_before(context: ir.Node, limit: int = 8) -> ir.Value | None:
+    """The Softmax output feeding an attention context MatMul's probabilities (through Where/IsNaN/Cast)."""
+    if context.op_type != "MatMul":
+        return None
+    value = context.inputs[0]
+    for _ in range(limit):
+        producer = value.producer()
+        if producer is None:
+            return None
+        if producer.op_type == "Softmax":
+            return value
+        data = [v for v in producer.inputs if v is not None and not _is_const(v) and v.dtype != ir.DataType.BOOL]
+        if not data:
+            return None
+        value = data[-1]  # Where(cond, fill, x) carries the probabilities last; Cast/Dropout first and only
+    return None
+
+
 class _Analyzer:
     def __init__(self, model: ir.Model):
         self.graph = model.graph
@@ -294,10 +313,11 @@ class _Analyzer:
             raise self.fail(f"found {len(attention)} attention norms but {len(mlp)} MLP norms (gate/up)")
         blocks = []
         for i, (an, mn) in enumerate(zip(attention, mlp)):
-            linears = {**self.attention_roles(i, groups[an], norms[an]), **self.mlp_roles(i, groups[mn], norms[mn])}
+            attention, probs = self.attention_roles(i, groups[an], norms[an])
+            linears = {**attention, **self.mlp_roles(i, groups[mn], norms[mn])}
             blocks.append(Block(
                 i, norms[an], norms[mn], linears,
-                self.residual_add(linears[Role.O]), self.residual_add(linears[Role.DOWN]),
+                self.residual_add(linears[Role.O]), self.residual_add(linears[Role.DOWN]), probs,
             ))
         k, n = self.linear_nodes[head_node]
         tied = head_node.op_type == "MatMul" and _weight_initializer(head_node) is embedding.inputs[0]
@@ -308,7 +328,7 @@ class _Analyzer:
         k, n = self.linear_nodes[node]
         return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, norm)
 
-    def attention_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> dict[Role, Linear]:
+    def attention_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> tuple[dict[Role, Linear], ir.Value | None]:
         reached = {}
         for node in nodes:
             hit = _forward_first(node.outputs[0], self.is_dynamic_matmul)
@@ -330,7 +350,7 @@ class _Analyzer:
             raise self.fail(f"block {i}: no output projection after attention")
         out = {role: self.linear(i, role, node, norm) for role, node in roles.items()}
         out[Role.O] = self.linear(i, Role.O, o_hit[0], None)
-        return out
+        return out, _softmax_before(context)
 
     def mlp_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> dict[Role, Linear]:
         def only_mul(node):

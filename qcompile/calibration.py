@@ -3,6 +3,11 @@
 For every tapped tensor x (flattened to [tokens, K]) it accumulates, window by window, the per-channel
 max |x| and mean |x| and, if asked, the Hessian H = Σ xᵀx in float64 — never holding the activations of
 more than one window. Linears that read the same tensor (q/k/v, gate/up) share one tap.
+
+Attention-weighted Hessians (for v): the attention output at query i is Σ_t p_it·v_t, so an error e_t in
+token t's value reaches the output with weight Σ_i p_it² (summed over heads). Sink tokens that every query
+attends to dominate; an unweighted H counts them once in 512 and GPTQ would dump error on them.
+`H_att = Σ_t w_t·x_tᵀx_t` with w_t = Σ_{h,i} p_hit² / heads.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ class TapStats:
     def absmean(self) -> np.ndarray:
         return self.abssum / max(self.tokens, 1)
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, token_weights: np.ndarray | None = None) -> None:
         x = x.reshape(-1, x.shape[-1])
         np.maximum(self.absmax, np.abs(x).max(axis=0), out=self.absmax)
         self.abssum += np.abs(x).sum(axis=0, dtype=np.float64)
         if self.hessian is not None:
-            self.hessian += (x.T @ x).astype(np.float64)  # one window in float32, the sum in float64
+            weighted = x if token_weights is None else x * token_weights.reshape(-1, 1)
+            self.hessian += (weighted.T @ x).astype(np.float64)  # one window in float32, the sum in float64
         self.tokens += x.shape[0]
 
 
@@ -74,15 +80,24 @@ def calibration_windows(tokenizer, file: str | pathlib.Path | None = None, sampl
     return ids[: samples * seqlen].reshape(samples, seqlen)
 
 
+def attention_key(tap: str) -> str:
+    """The stats key of `tap`'s attention-weighted statistics."""
+    return f"{tap}|attention"
+
+
 def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian: bool = True,
-            progress=None, label: str = "Calibrating") -> dict[str, TapStats]:
+            progress=None, label: str = "Calibrating", attention: dict[str, ir.Value] | None = None
+            ) -> dict[str, TapStats]:
     """Statistics of `taps` (values of `model`) over `windows`; keyed by value name.
 
-    The model is saved once to a temporary folder with the taps as extra outputs; ORT then computes only
-    what the taps need (a tap-only run skips lm_head).
+    `attention` maps a tap name to attention probabilities [b, heads, q, k] over the same tokens: those
+    taps also get attention-weighted statistics under `attention_key(name)`. The model is saved once to a
+    temporary folder with the taps as extra outputs; ORT then computes only what they need.
     """
-    names = [t.name for t in taps]
-    added = [t for t in taps if t not in model.graph.outputs]
+    attention = attention or {}
+    wanted = list(dict.fromkeys([*taps, *attention.values()]))
+    names = [t.name for t in wanted]
+    added = [t for t in wanted if t not in model.graph.outputs]
     with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
         model.graph.outputs.extend(added)
         try:
@@ -94,13 +109,40 @@ def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian:
         stats: dict[str, TapStats] = {}
         advance = progress.task(label, len(windows)) if progress else (lambda: None)
         for window in windows:
-            outputs = decoder.session.run(names, decoder.feeds(window[None], decoder.empty_cache(), 0))
-            for name, x in zip(names, outputs):
-                if name not in stats:
-                    k = x.shape[-1]
-                    stats[name] = TapStats(np.zeros(k, np.float32), np.zeros(k, np.float64),
-                                           np.zeros((k, k), np.float64) if hessian else None)
-                stats[name].add(x)
+            out = dict(zip(names, decoder.session.run(names, decoder.feeds(window[None], decoder.empty_cache(), 0))))
+            for tap in taps:
+                x = out[tap.name]
+                keys = [(tap.name, None)]
+                if tap.name in attention:
+                    probs = out[attention[tap.name].name]  # [1, heads, q, k]
+                    keys.append((attention_key(tap.name), (probs**2).sum(axis=(1, 2)) / probs.shape[1]))
+                for key, weights in keys:
+                    if key not in stats:
+                        k = x.shape[-1]
+                        stats[key] = TapStats(np.zeros(k, np.float32), np.zeros(k, np.float64),
+                                              np.zeros((k, k), np.float64) if hessian else None)
+                    stats[key].add(x, weights)
             advance()
         del decoder
     return stats
+
+
+def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progress=None,
+                      label: str = "Calibrating") -> tuple[dict[str, TapStats], dict[str, np.ndarray]]:
+    """One calibration run for `linears` (analysis.Linear): (stats by input tap, Hessian by linear name).
+
+    A v projection's Hessian is attention-weighted when its block's attention probabilities are known.
+    """
+    from qcompile.analysis import Role, analyze
+
+    probs = {b.index: b.attention_probs for b in analyze(model).blocks if b.attention_probs is not None}
+    attention = {lin.node.inputs[0].name: probs[lin.block] for lin in linears
+                 if lin.role == Role.V and lin.block in probs}
+    taps = list(dict.fromkeys(lin.node.inputs[0] for lin in linears))
+    stats = collect(model, taps, windows, progress=progress, label=label, attention=attention)
+    hessians = {}
+    for lin in linears:
+        tap = lin.node.inputs[0].name
+        weighted = lin.role == Role.V and tap in attention
+        hessians[lin.name] = stats[attention_key(tap) if weighted else tap].hessian
+    return stats, hessians

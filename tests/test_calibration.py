@@ -54,3 +54,31 @@ def test_calibration_text_errors(tmp_path):
     assert calibration.calibration_windows(_Tokenizer(), tmp_path / "ok.jsonl", 2, 16).shape == (2, 16)
     with pytest.raises(errors.SourceNotFoundError):
         calibration.calibration_windows(_Tokenizer(), tmp_path / "missing.txt", 1, 8)
+
+
+def test_attention_weighted_hessian(tiny_export, tmp_path):
+    """H_att = Σ_t w_t x_tᵀx_t with w_t = Σ_{h,i} p_hit² / heads, from the block's softmax probabilities."""
+    from qcompile.runtime import Decoder
+
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    block = analysis.analyze(model).blocks[0]
+    assert block.attention_probs is not None and block.attention_probs.producer().op_type == "Softmax"
+    tap = block.linears[analysis.Role.V].node.inputs[0]
+    windows = np.random.default_rng(0).integers(0, 256, size=(2, 16))
+    stats = calibration.collect(model, [tap], windows, attention={tap.name: block.attention_probs})
+    _, hessians = calibration.linear_statistics(model, list(block.linears.values()), windows)
+    # the reference: read x and p straight from ORT and weight by hand
+    model.graph.outputs.extend([tap, block.attention_probs])
+    ir.save(model, tmp_path / "m.onnx", external_data="m.onnx.data")
+    decoder = Decoder(tmp_path / "m.onnx")
+    expected = 0.0
+    for w in windows:
+        x, p = decoder.session.run([tap.name, block.attention_probs.name], decoder.feeds(w[None], decoder.empty_cache(), 0))
+        weights = (p[0] ** 2).sum(axis=(0, 1)) / p.shape[1]
+        x = x[0].astype(np.float64)
+        expected = expected + (x * weights[:, None]).T @ x
+    weighted = stats[calibration.attention_key(tap.name)].hessian
+    np.testing.assert_allclose(weighted, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(hessians["blocks.0.v"], weighted)
+    np.testing.assert_array_equal(hessians["blocks.0.q"], stats[tap.name].hessian)

@@ -24,16 +24,17 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("kn,kn->", h.astype(np.float32) @ d, d, dtype=np.float64))
 
 
-def search_scales(weights: list[np.ndarray], h: np.ndarray, absmean: np.ndarray, bits: int, group_size: int,
-                  symmetric: bool, grid: int = 20) -> tuple[np.ndarray, float]:
-    """(s [K], α): the scale minimising the summed output error of `weights` (all [K, N_i], same input)."""
+def search_scales(weights: list[np.ndarray], hessians: list[np.ndarray], absmean: np.ndarray, bits: int,
+                  group_size: int, symmetric: bool, grid: int = 20) -> tuple[np.ndarray, float]:
+    """(s [K], α): the scale minimising the summed output error of `weights` (all [K, N_i], one input x;
+    each error measured with its own Hessian, e.g. attention-weighted for v)."""
     base = np.maximum(absmean.astype(np.float64), 1e-8)
     best = (np.inf, np.ones_like(base), 0.0)
     for alpha in np.arange(grid) / grid:
         s = base**alpha
         s /= np.sqrt(s.max() * s.min())
         err = 0.0
-        for w in weights:
+        for w, h in zip(weights, hessians):
             scaled = quantize_rtn((w * s[:, None]).astype(np.float32), bits, group_size, symmetric).dequantize()
             err += output_error(w, scaled / s[:, None], h)
         if err < best[0]:

@@ -41,9 +41,8 @@ class FoldAWQScales(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         mm = analysis.analyze(model)
         linears = [lin for lin in mm.linears() if bits_for(self.scheme, lin) is not None]
-        taps = list(dict.fromkeys(lin.node.inputs[0] for lin in linears))
-        stats = calibration.collect(model, taps, self.windows, progress=self.progress, label="Calibrating (AWQ)")
-        self.hessians = {lin.name: stats[lin.node.inputs[0].name].hessian for lin in linears}
+        stats, self.hessians = calibration.linear_statistics(model, linears, self.windows, self.progress,
+                                                             "Calibrating (AWQ)")
         quantized = {lin.name for lin in linears}
         advance = self.progress.task("Searching AWQ scales", len(mm.blocks)) if self.progress else (lambda: None)
         for block in mm.blocks:
@@ -57,8 +56,8 @@ class FoldAWQScales(ir.passes.InPlacePass):
                     continue
                 x = stats[members[0].node.inputs[0].name]
                 s, self.alphas[members[0].name] = search_scales(
-                    [m.float_weight() for m in members], x.hessian, x.absmean, self.scheme.bits,
-                    self.scheme.group_size, self.scheme.symmetric)
+                    [m.float_weight() for m in members], [self.hessians[m.name] for m in members], x.absmean,
+                    self.scheme.bits, self.scheme.group_size, self.scheme.symmetric)
                 fold_inverse(s)
                 for m in members:
                     _set_weight(m, m.float_weight() * s[:, None])

@@ -15,7 +15,7 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     """W ≈ Ŵ = (q - z) · s chosen to minimise ||X·W - X·Ŵ||² on calibration inputs X (see `algorithms.gptq`).
 
     Mode "parallel": every Hessian H = XᵀX is measured on the float model in one calibration run
-    (linears sharing an input share one tap), unless `hessians` (linear name → H) are given, as
+    (linears sharing an input share one tap; v's is attention-weighted, see `calibration`), unless `hessians` (linear name → H) are given, as
     FoldAWQScales provides. Requires a float model that `analysis.analyze` recognises.
     Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `self.layers` records what was done.
     """
@@ -39,10 +39,8 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
         quantized = [lin for lin in linears if bits_for(self.scheme, lin) is not None]
         hessians = self.hessians
         if hessians is None:
-            taps = list(dict.fromkeys(lin.node.inputs[0] for lin in quantized))
-            stats = calibration.collect(model, taps, self.windows, hessian=True, progress=self.progress,
-                                        label="Calibrating (Hessians)")
-            hessians = {lin.name: stats[lin.node.inputs[0].name].hessian for lin in quantized}
+            _, hessians = calibration.linear_statistics(model, quantized, self.windows, self.progress,
+                                                        "Calibrating (Hessians)")
         advance = self.progress.task("Quantizing weights (GPTQ)", len(linears)) if self.progress else (lambda: None)
         self.layers = []
         for linear in linears:

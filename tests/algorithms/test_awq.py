@@ -23,7 +23,7 @@ def test_scale_search_protects_salient_channels():
     x, h, absmean = _inputs()
     rng = np.random.default_rng(2)
     weights = [rng.normal(size=(256, 64)).astype(np.float32) for _ in range(2)]
-    s, alpha = search_scales(weights, h, absmean, 4, 128, True)
+    s, alpha = search_scales(weights, [h, h], absmean, 4, 128, True)
     assert alpha > 0 and s.shape == (256,)
     rtn = sum(output_error(w, quantize_rtn(w, 4, 128, True).dequantize(), h) for w in weights)
     awq = sum(output_error(w, quantize_rtn(w * s[:, None], 4, 128, True).dequantize() / s[:, None], h) for w in weights)
