@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 
 import qcompile
 from qcompile import artifact, evaluation, runtime
