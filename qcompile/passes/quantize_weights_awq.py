@@ -14,8 +14,9 @@ from qcompile.schemes import WeightScheme
 
 
 class QuantizeWeightsAWQ(ir.passes.InPlacePass):
-    """FoldAWQScales (exact), then each weight quantized with the Hessians of its scaled input:
-    per-(group, channel) clip search + RTN, or GPTQ when `gptq` ("awq+gptq"). One calibration run."""
+    """W ≈ diag(1/s)·Q(diag(s)·W): FoldAWQScales (exact: 1/s goes into the producer of x), then each scaled
+    weight quantized with the Hessian of its scaled input H' = H / (s sᵀ): per-(group, channel) clip search
+    + RTN, or GPTQ when `gptq` ("awq+gptq"). One calibration run; needs a float model."""
 
     def __init__(self, scheme: WeightScheme, windows: np.ndarray, gptq: bool = False, progress=None):
         super().__init__()
