@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, sources, targets
 from qcompile.passes import QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN
-from qcompile.runtime import load_tokenizer
+from qcompile.runtime import Decoder, load_tokenizer
 from qcompile.schemes import Algorithm, WeightScheme, parse_algorithm
 
 DEFAULT_OUT_ROOT = pathlib.Path("qcompile-out")
@@ -69,16 +69,20 @@ class _Evaluated:
 
 
 def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cache: pathlib.Path | None = None) -> _Evaluated:
-    """Perplexity + latency + size of one model; cached beside an export when `cache` is a folder."""
-    if cache is not None and (cache / f"metrics-{windows}.json").is_file():
-        return _Evaluated(json.loads((cache / f"metrics-{windows}.json").read_text()),
-                          np.load(cache / f"predictions-{windows}.npy"))
-    ppl, lat = evaluation.evaluate_model(model_path, windows, progress=progress, label=label)
-    metrics = {**ppl.to_dict(), **lat, "size_bytes": artifact.model_bytes(model_path)}
-    if cache is not None:
-        (cache / f"metrics-{windows}.json").write_text(json.dumps(metrics, indent=2))
-        np.save(cache / f"predictions-{windows}.npy", ppl.predictions)
-    return _Evaluated(metrics, ppl.predictions)
+    """Perplexity, latency and size of one model. With `cache` (an export folder) the perplexity is
+    reused across compiles; latency is always measured now, so the float/quantized timings share a run."""
+    cached = cache / f"perplexity-{windows}.json" if cache is not None else None
+    if cached is not None and cached.is_file():
+        ppl = json.loads(cached.read_text())
+        predictions = np.load(cache / f"predictions-{windows}.npy")
+        lat = evaluation.latency(Decoder(model_path))
+    else:
+        result, lat = evaluation.evaluate_model(model_path, windows, progress=progress, label=label)
+        ppl, predictions = result.to_dict(), result.predictions
+        if cached is not None:
+            cached.write_text(json.dumps(ppl, indent=2))
+            np.save(cache / f"predictions-{windows}.npy", predictions)
+    return _Evaluated({**ppl, **lat, "size_bytes": artifact.model_bytes(model_path)}, predictions)
 
 
 def _weight_pass(scheme: WeightScheme, model_dir: pathlib.Path, calib, samples: int, seqlen: int, progress):
