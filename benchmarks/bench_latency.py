@@ -23,14 +23,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     decoders = [runtime.Decoder(m) for m in args.models]
-    best = [None] * len(decoders)
+    prefill = [float("inf")] * len(decoders)
+    decode = [float("inf")] * len(decoders)
     for _ in range(args.rounds):
         for i, decoder in enumerate(decoders):
             r = evaluation.latency(decoder, rounds=1)
-            if best[i] is None or r["decode_ms_per_token"] < best[i]["decode_ms_per_token"]:
-                best[i] = {**r, "prefill_ms": min(r["prefill_ms"], (best[i] or r)["prefill_ms"])}
-    rows = [{"model": m, **b, "decode_speedup": round(best[0]["decode_ms_per_token"] / b["decode_ms_per_token"], 2)}
-            for m, b in zip(args.models, best)]
+            prefill[i] = min(prefill[i], r["prefill_ms"])
+            decode[i] = min(decode[i], r["decode_ms_per_token"])
+    rows = [{"model": m, "prefill_ms": p, "decode_ms_per_token": d, "decode_speedup": round(decode[0] / d, 2)}
+            for m, p, d in zip(args.models, prefill, decode)]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latency.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows}, indent=2))
     lines = ["| model | prefill 512 ms | decode ms/token | decode speedup |", "|---|---:|---:|---:|"]
