@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.algorithms.rtn import QuantizedWeight
+from qcompile import analysis
 from qcompile.analysis import Linear, Role
 from qcompile.schemes import WeightScheme
 
@@ -85,3 +86,21 @@ def layer_record(linear: Linear, qw: QuantizedWeight | None, algorithm: str) -> 
     if qw is None:
         return {**entry, "format": linear.format()}
     return {**entry, "bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric, "algorithm": algorithm}
+
+
+def quantize_linears(model, scheme: WeightScheme, quantize_one, algorithm: str, progress=None,
+                     label: str = "Quantizing weights") -> list[dict]:
+    """Quantize every linear `scheme` covers with `quantize_one(linear, bits) -> QuantizedWeight`, put it in
+    the canonical form, and return the per-layer manifest records (float layers included)."""
+    linears = analysis.analyze(model).linears()
+    advance = progress.task(label, len(linears)) if progress else (lambda: None)
+    layers = []
+    for linear in linears:
+        bits = bits_for(scheme, linear)
+        qw = None
+        if bits is not None:
+            qw = quantize_one(linear, bits)
+            attach_quantized_weight(model.graph, linear, qw)
+        layers.append(layer_record(linear, qw, algorithm))
+        advance()
+    return layers

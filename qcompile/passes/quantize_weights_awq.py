@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import analysis
 from qcompile.algorithms.awq import search_clip
-from qcompile.passes._canonical import attach_quantized_weight, bits_for, layer_record
+from qcompile.passes._canonical import quantize_linears
 from qcompile.passes.fold_awq_scales import FoldAWQScales
 from qcompile.passes.quantize_weights_gptq import QuantizeWeightsGPTQ
 from qcompile.schemes import WeightScheme
@@ -35,16 +34,9 @@ class QuantizeWeightsAWQ(ir.passes.InPlacePass):
             quantize(model)
             self.layers = [{**e, "algorithm": "awq+gptq"} if "bits" in e else e for e in quantize.layers]
             return ir.passes.PassResult(model, modified=True)
-        linears = analysis.analyze(model).linears()
-        advance = self.progress.task("Quantizing weights (AWQ clip)", len(linears)) if self.progress else (lambda: None)
-        self.layers = []
-        for linear in linears:
-            bits = bits_for(self.scheme, linear)
-            qw = None
-            if bits is not None:
-                qw = search_clip(linear.float_weight(), fold.hessians[linear.name], bits, self.scheme.group_size,
-                                 self.scheme.symmetric)
-                attach_quantized_weight(model.graph, linear, qw)
-            self.layers.append(layer_record(linear, qw, "awq"))
-            advance()
+        s = self.scheme
+        self.layers = quantize_linears(
+            model, s, lambda linear, bits: search_clip(linear.float_weight(), fold.hessians[linear.name], bits,
+                                                       s.group_size, s.symmetric),
+            "awq", self.progress, "Quantizing weights (AWQ clip)")
         return ir.passes.PassResult(model, modified=True)

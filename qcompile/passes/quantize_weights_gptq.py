@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from qcompile import analysis, calibration
 from qcompile.algorithms.gptq import quantize_gptq
-from qcompile.passes._canonical import attach_quantized_weight, bits_for, layer_record
+from qcompile.passes._canonical import bits_for, quantize_linears
 from qcompile.schemes import WeightScheme
 
 
@@ -41,16 +41,10 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
         if hessians is None:
             _, hessians = calibration.linear_statistics(model, quantized, self.windows, self.progress,
                                                         "Calibrating (Hessians)")
-        advance = self.progress.task("Quantizing weights (GPTQ)", len(linears)) if self.progress else (lambda: None)
-        self.layers = []
-        for linear in linears:
-            bits = bits_for(self.scheme, linear)
-            qw = None
-            if bits is not None:
-                qw = quantize_gptq(linear.float_weight(), hessians[linear.name], bits,
-                                   self.scheme.group_size, self.scheme.symmetric, damp=self.damp,
-                                   act_order=self.act_order)
-                attach_quantized_weight(model.graph, linear, qw)
-            self.layers.append(layer_record(linear, qw, "gptq"))
-            advance()
+        s = self.scheme
+        self.layers = quantize_linears(
+            model, s, lambda linear, bits: quantize_gptq(linear.float_weight(), hessians[linear.name], bits,
+                                                         s.group_size, s.symmetric, damp=self.damp,
+                                                         act_order=self.act_order),
+            "gptq", self.progress, "Quantizing weights (GPTQ)")
         return ir.passes.PassResult(model, modified=bool(quantized))

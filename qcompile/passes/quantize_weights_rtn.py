@@ -6,7 +6,7 @@ import onnx_ir as ir
 
 from qcompile import analysis
 from qcompile.algorithms.rtn import quantize_rtn
-from qcompile.passes._canonical import attach_quantized_weight, bits_for, layer_record
+from qcompile.passes._canonical import quantize_linears
 from qcompile.schemes import WeightScheme
 
 
@@ -29,15 +29,8 @@ class QuantizeWeightsRTN(ir.passes.InPlacePass):
         analysis.analyze(model)  # raises UnsupportedModelError naming what is missing
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        linears = analysis.analyze(model).linears()
-        self.layers = []
-        advance = self.progress.task("Quantizing weights (RTN)", len(linears)) if self.progress else (lambda: None)
-        for linear in linears:
-            bits = bits_for(self.scheme, linear)
-            qw = None
-            if bits is not None:
-                qw = quantize_rtn(linear.float_weight(), bits, self.scheme.group_size, self.scheme.symmetric)
-                attach_quantized_weight(model.graph, linear, qw)
-            self.layers.append(layer_record(linear, qw, "rtn"))
-            advance()
+        s = self.scheme
+        self.layers = quantize_linears(
+            model, s, lambda linear, bits: quantize_rtn(linear.float_weight(), bits, s.group_size, s.symmetric),
+            "rtn", self.progress, "Quantizing weights (RTN)")
         return ir.passes.PassResult(model, modified=any("bits" in e for e in self.layers))
