@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import errors, evaluation
+from qcompile.analysis import Role, analyze
 from qcompile.runtime import Decoder
 
 DEFAULT_SAMPLES = 128
@@ -133,8 +134,6 @@ def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progr
 
     A v projection's Hessian is attention-weighted when its block's attention probabilities are known.
     """
-    from qcompile.analysis import Role, analyze
-
     probs = {b.index: b.attention_probs for b in analyze(model).blocks if b.attention_probs is not None}
     attention = {lin.node.inputs[0].name: probs[lin.block] for lin in linears
                  if lin.role == Role.V and lin.block in probs}
