@@ -202,7 +202,8 @@ def _rms_input(normed: ir.Value) -> ir.Value | None:
 
 
 def match_norm(value: ir.Value) -> Norm | None:
-    """The norm producing `value`, or None."""
+    """The norm producing `value` (through a TensorRT whole-block Pad), or None."""
+    value = _skip_back(value, ops=("Pad",))
     out = value
     node = _skip_back(value).producer()
     if node is None:

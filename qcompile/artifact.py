@@ -16,6 +16,8 @@ from qcompile.sources import file_sha256
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 PACKAGES = ("qcompile", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "torch", "transformers", "gguf")
 
 
@@ -84,6 +86,7 @@ def atomic_folder(out: pathlib.Path):
     check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         yield tmp
         if out.exists():
@@ -100,3 +103,18 @@ def atomic_folder(out: pathlib.Path):
 def write_manifest(folder: pathlib.Path, manifest: dict) -> None:
     manifest["files"] = file_hashes(folder)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def write_manifest_atomic(folder: pathlib.Path, manifest: dict) -> None:
+    """Rewrite an existing artifact's manifest (after adding a file to it) in one rename."""
+    manifest["files"] = file_hashes(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(manifest, indent=2))
+    publish(pathlib.Path(tmp), folder / MANIFEST)
+
+
+def publish(tmp: pathlib.Path, dst: pathlib.Path) -> None:
+    """Move a finished temporary file into place in one rename, with ordinary permissions."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, dst)

@@ -60,6 +60,7 @@ def model(
     accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="ORT MatMulNBits accuracy_level: 0 (fp32 compute) or 4 (int8 activations) [default: 4]."),
     eval_windows: int = typer.Option(32, "--eval-windows", help="WikiText-2 test windows of 512 tokens to evaluate."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity and latency measurement."),
+    engine: bool = typer.Option(False, "--engine", help="trt-* targets: also build a TensorRT engine (see `qcompile build`)."),
 ):
     """Compile a model for a target: export, quantize, lower, evaluate, write the artifact."""
     from qcompile import pipeline
@@ -69,7 +70,8 @@ def model(
         art = pipeline.compile(
             source, target, out, algo=algo, bits=bits, group_size=group_size, symmetric=symmetric, lm_head_bits=head,
             accuracy_level=accuracy_level, act_order=act_order, calib=calib, calib_samples=calib_samples,
-            calib_seqlen=calib_seqlen, eval_windows=None if no_eval else eval_windows, progress=progress,
+            calib_seqlen=calib_seqlen, eval_windows=None if no_eval else eval_windows, engine=engine,
+            progress=progress,
         )
     _print_summary(art)
 
@@ -93,6 +95,15 @@ def _print_summary(art) -> None:
     table.add_row("compile time", "", f"{m['compile_seconds']:.0f} s", "")
     console.print(table)
     console.print(f"Artifact written to [bold]{art.path}[/bold]")
+    if "package" in art.manifest:
+        console.print(f"Edge package: {art.path} and {art.path.with_name(art.manifest['package']['zip'])}")
+    if "engine" in art.manifest:
+        _print_engine(art.manifest["engine"])
+
+
+def _print_engine(record: dict) -> None:
+    console.print(f"TensorRT engine ({record['builder']} {record['version']}): {record['file']}, "
+                  f"{_mb(record['bytes'])}, built in {record['build_seconds']:.0f} s; deserialized: {record['deserialized']}")
 
 
 @app.command()
@@ -195,6 +206,91 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
     console.print(f"nodes: {sum(ops.values())}; quantized ops: {quant or 'none'}")
 
 
+@app.command()
+def check(
+    path: pathlib.Path = typer.Argument(..., help="A trt-* artifact folder or .onnx file."),
+    target: str = typer.Option("trt-int4", "--target", "-t", help="The TensorRT target whose rules to check."),
+):
+    """Check an ONNX model against TensorRT's explicit-quantization rules (exit 1 on any violation)."""
+    from qcompile import pipeline, runtime, targets as registry
+    from qcompile.targets.trt import check_tensorrt
+
+    if registry.get(target).runtime != "tensorrt":
+        raise errors.InputError(f"`qcompile check` checks TensorRT rules: {target} is not a trt-* target")
+    model_path = runtime.model_file(path)
+    manifest = model_path.parent / "manifest.json"
+    quantized = set()
+    if manifest.is_file():
+        layers = json.loads(manifest.read_text()).get("layers", [])
+        quantized = {f"{entry['name']}.weight_q" for entry in layers if "bits" in entry}
+    violations = check_tensorrt(pipeline.load_onnx(model_path), quantized)
+    by_rule = collections.defaultdict(list)
+    for v in violations:
+        by_rule[v.rule].append(v.node)
+    for rule, where in by_rule.items():
+        more = f", … ({len(where)} in all)" if len(where) > 3 else ""
+        console.print(f"[red]✗[/red] {rule}: {', '.join(where[:3])}{more}")
+    if violations:
+        raise errors.QcompileError(f"{len(violations)} TensorRT rule violation(s) in {model_path}")
+    console.print(f"[green]✓[/green] {model_path} conforms to {target}'s TensorRT rules")
+
+
+@app.command()
+def build(
+    path: pathlib.Path = typer.Argument(..., help="A trt-* artifact folder."),
+    max_prompt: int = typer.Option(512, "--max-prompt", help="Most tokens in one prompt (profile 0)."),
+    max_length: int = typer.Option(2048, "--max-length", help="Most tokens in the KV cache (profile 1)."),
+):
+    """Build a TensorRT engine (model.engine) inside a trt-* artifact: tensorrt, or TensorRT-RTX without a GPU."""
+    from qcompile import engine as engine_mod
+
+    if not 1 <= max_prompt <= max_length:
+        raise errors.InputError(f"--max-prompt {max_prompt} must be between 1 and --max-length {max_length}")
+    with _progress() as progress:
+        record = engine_mod.build(path, engine_mod.Profiles(max_prompt, max_length, min(128, max_prompt), min(512, max_length)),
+                                  progress)
+    _print_engine(record)
+
+
+@app.command()
+def package(
+    path: pathlib.Path = typer.Argument(..., help="An ONNX Runtime artifact folder (ort-int4, edge-int4)."),
+    out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Package folder [default: <artifact>-edge]; a zip is written beside it."),
+    edge: bool = typer.Option(True, "--edge", help="Package for devices with onnxruntime-genai (the only kind today)."),
+):
+    """Write an edge package: model, tokenizer, genai_config.json, golden vectors, manifest; plus a zip."""
+    from qcompile import package as package_mod
+
+    folder = package_mod.package(path, out)
+    console.print(f"Edge package written to [bold]{folder}[/bold] and {folder.with_name(folder.name + '.zip')}")
+
+
+@app.command()
+def verify(
+    path: pathlib.Path = typer.Argument(..., help="An artifact folder."),
+    against: Optional[pathlib.Path] = typer.Option(None, "--against", help="Another artifact of the same recipe (any target)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Prove an artifact holds the integers and scales its compile recorded (and those of --against)."""
+    from qcompile import fidelity
+
+    report = fidelity.verify(path, against)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        console.print(f"{report['layers']} quantized linears decoded from {report['artifact']}")
+        if "logits" in report:
+            lg = report["logits"]
+            console.print(f"against {report['against']}: max |Δlogits| {lg['max_abs_logit_diff']:.2e}, "
+                          f"argmax agreement {100 * lg['argmax_agreement']:.1f} % over {lg['tokens']} tokens")
+        for problem in report["problems"]:
+            console.print(f"[red]✗[/red] {problem}")
+    if not report["passed"]:
+        raise errors.VerificationError(f"verification failed: {report['problems'][0]}")
+    if not as_json:
+        console.print("[green]✓[/green] integers and scales are bit-identical")
+
+
 @app.command("targets")
 def list_targets():
     """List the available targets."""
@@ -213,7 +309,7 @@ def list_targets():
 
 # typer may vendor click: take its usage-error base class from typer's own BadParameter
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-_COMMANDS = {"model", "export", "eval", "run", "inspect", "targets"}
+_COMMANDS = {"model", "export", "eval", "run", "inspect", "targets", "check", "build", "package", "verify"}
 _TOP_LEVEL = {"--help", "-h", "--install-completion", "--show-completion"}
 
 

@@ -40,3 +40,7 @@ class MissingDependencyError(InputError):
 
 class OutputExistsError(InputError):
     """The output path exists and is not a qcompile artifact that may be replaced."""
+
+
+class VerificationError(QcompileError):
+    """An artifact's weights or outputs do not match what they must (a tampered or broken file)."""

@@ -13,10 +13,12 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, sources, targets
+from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, fidelity, sources, targets
 from qcompile.passes import QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN
+from qcompile import engine as engine_mod, package
 from qcompile.runtime import Decoder, load_tokenizer
 from qcompile.schemes import Algorithm, WeightScheme, parse_algorithm
+from qcompile.targets.trt import check_tensorrt
 
 DEFAULT_OUT_ROOT = pathlib.Path("qcompile-out")
 
@@ -125,6 +127,7 @@ def compile(
     calib_samples: int = calibration.DEFAULT_SAMPLES,
     calib_seqlen: int = calibration.DEFAULT_SEQLEN,
     eval_windows: int | None = 32,
+    engine: bool = False,
     progress=None,
 ) -> artifact.Artifact:
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
@@ -132,7 +135,7 @@ def compile(
     `eval_windows=None` skips evaluation. Options left as None take the target's defaults (`lm_head_bits`
     None means float, so its "use the default" value is the string "default"). Calibration (GPTQ, AWQ)
     reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
-    when everything succeeded.
+    when everything succeeded. `engine=True` (trt-* targets) also builds a TensorRT engine into it.
     """
     started = time.perf_counter()
     tgt = targets.get(target)
@@ -146,6 +149,10 @@ def compile(
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise errors.InputError(f"accuracy level {accuracy_level} is not one of 0, 1, 2, 3, 4")
         tgt = dataclasses.replace(tgt, accuracy_level=accuracy_level)
+    if tgt.symmetric_only and not scheme.symmetric:
+        raise errors.InputError(f"{tgt.name} needs symmetric weights ({tgt.runtime} rejects zero points): drop --asymmetric")
+    if engine and tgt.runtime != "tensorrt":
+        raise errors.InputError(f"--engine builds TensorRT engines: {tgt.name} is an {tgt.runtime} target (use trt-int4)")
     if eval_windows is not None and not 1 <= eval_windows <= 500:
         raise errors.InputError(f"--eval-windows {eval_windows} is out of range: use 1..500 or --no-eval")
 
@@ -164,13 +171,20 @@ def compile(
         raise errors.InputError(
             f"no tokenizer.json beside '{float_path}' to evaluate with: copy it there or pass --no-eval"
         )
+    if tgt.edge and not (float_path.parent / "config.json").is_file():
+        raise errors.InputError(f"no config.json beside '{float_path}': an edge package needs the model's HF config")
     quantize, calib_record = _weight_pass(scheme, float_path.parent, calib, calib_samples, calib_seqlen, progress)
-    ir.passes.PassManager([quantize, *tgt.lowering_passes()])(model)
+    quantize(model)
+    canonical = fidelity.decode_model(model)
+    digests = {name: d.digest() for name, d in canonical.items()}
+    ir.passes.PassManager(tgt.lowering_passes())(model)
+    checks = _check_lowered(model, tgt, digests, {d.tensor for d in canonical.values()})
 
     with artifact.atomic_folder(out) as tmp:
         ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
         del model
         artifact.copy_tokenizer(float_path.parent, tmp)
+        package_record = package.write_edge_files(tmp, out.name) if tgt.edge else None
         metrics = {}
         if eval_windows is not None:
             base = _evaluate(float_path, eval_windows, progress, "(float)", float_cache)
@@ -185,11 +199,32 @@ def compile(
             "recipe": {"weights": scheme.to_dict(), "activations": None, "calibration": calib_record,
                        "passes": [type(quantize).__name__, *(type(p).__name__ for p in tgt.lowering_passes())]},
             "layers": quantize.layers,
+            "fidelity": {"weights": digests, **checks},
             "versions": artifact.package_versions(),
             "metrics": metrics,
         }
+        if package_record:
+            manifest["package"] = package_record
         artifact.write_manifest(tmp, manifest)
+    if tgt.edge:
+        package.zip_folder(out, out.with_name(f"{out.name}.zip"))
+    if engine:
+        engine_mod.build(out, progress=progress)
     return artifact.Artifact.load(out)
+
+
+def _check_lowered(model: ir.Model, tgt, digests: dict[str, str], quantized: set[str]) -> dict:
+    """Prove the lowering kept every integer and scale (and, for TensorRT, every parser rule)."""
+    problems = fidelity.compare_digests(digests, fidelity.decode_model(model))
+    if problems:
+        raise errors.QcompileError(f"lowering to {tgt.name} changed quantized weights: {'; '.join(problems[:3])}")
+    checks = {"lowered_weights": "bit-identical to the canonical model"}
+    if tgt.runtime == "tensorrt":
+        violations = check_tensorrt(model, quantized)
+        if violations:
+            raise errors.QcompileError(f"{tgt.name} output breaks TensorRT rules: {'; '.join(map(str, violations[:3]))}")
+        checks["tensorrt_check"] = "passed"
+    return checks
 
 
 def evaluate(path: str | pathlib.Path, windows: int = evaluation.DEFAULT_WINDOWS, latency: bool = True, progress=None) -> dict:

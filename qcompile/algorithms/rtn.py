@@ -3,9 +3,11 @@
 Blocks run along K (axis 0 of a [K, N] weight): block g covers rows g*B .. g*B+B-1, the last block may be
 short. Dequantization is w ≈ (q - zero_point) * scale.
 
-- symmetric: scale = m / -2^(b-1) with m the block's value of largest magnitude (signed), q in
-  [-2^(b-1), 2^(b-1)-1], no zero point. m maps exactly to -2^(b-1), so all 2^b levels are used; this is
-  the convention of ONNX Runtime's MatMulNBits quantizer (and llama.cpp's Q4_0). Scales can be negative.
+- symmetric: q in [-2^(b-1), 2^(b-1)-1], no zero point, and a strictly positive scale: the smallest that
+  fits the block's largest value at 2^(b-1)-1 and its most negative value at -2^(b-1). Positive because
+  TensorRT rejects negative scales, and one set of integers must serve every target. (ONNX Runtime's
+  quantizer instead divides the value of largest magnitude by -2^(b-1), which makes half the scales
+  negative: the same grid when that value is negative, one step finer when it is positive.)
 - asymmetric: the range [min(w,0), max(w,0)] spread over 2^b - 1 steps, unsigned q, zero point in range.
 """
 
@@ -54,9 +56,10 @@ def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: np.ndarra
     `clip` (broadcast to [..., N]) shrinks the range: values beyond clip·range saturate.
     """
     if symmetric:
-        idx = np.abs(blocks).argmax(axis=-2)
-        extreme = np.take_along_axis(blocks, np.expand_dims(idx, -2), axis=-2)[..., 0, :] * clip
-        scale = (extreme / -(2 ** (bits - 1))).astype(np.float32)
+        half = 2 ** (bits - 1)
+        hi = np.maximum(blocks.max(axis=-2), 0.0) * clip / (half - 1)
+        lo = np.minimum(blocks.min(axis=-2), 0.0) * clip / -half
+        scale = np.maximum(hi, lo).astype(np.float32)
         scale[scale == 0] = 1.0  # an all-zero block: any scale gives q = 0
         return scale, None
     top = 2**bits - 1

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from qcompile import errors
 from qcompile.schemes import WeightScheme
 from qcompile.targets.ort import LowerToMatMulNBits
+from qcompile.targets.trt import PadPartialBlocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Target:
     scheme: WeightScheme
     lowering: Callable[["Target"], list[ir.passes.PassBase]]
     accuracy_level: int = 4  # ORT MatMulNBits: 0 = fp32 compute; 4 = int8 activations per block
-    symmetric_only: bool = False
+    symmetric_only: bool = False  # TensorRT rejects zero points
+    edge: bool = False  # also write an edge package (onnxruntime-genai config, golden vectors, zip)
 
     def lowering_passes(self) -> list[ir.passes.PassBase]:
         return self.lowering(self)
@@ -31,6 +33,10 @@ class Target:
 
 def _ort_nbits(target: Target) -> list[ir.passes.PassBase]:
     return [LowerToMatMulNBits(target.accuracy_level)]
+
+
+def _trt_weight_only(target: Target) -> list[ir.passes.PassBase]:
+    return [PadPartialBlocks()]
 
 
 _REGISTRY = {
@@ -42,6 +48,22 @@ _REGISTRY = {
             "onnxruntime",
             WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8),
             _ort_nbits,
+        ),
+        Target(
+            "trt-int4",
+            "4-bit weight-only (RTN, group 128, symmetric; lm_head 8-bit) as INT4 DequantizeLinear → MatMul for TensorRT",
+            "tensorrt",
+            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8),
+            _trt_weight_only,
+            symmetric_only=True,
+        ),
+        Target(
+            "edge-int4",
+            "ort-int4 packaged for devices: onnxruntime-genai folder and zip with tokenizer, config and golden vectors",
+            "onnxruntime",
+            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8),
+            _ort_nbits,
+            edge=True,
         ),
     ]
 }

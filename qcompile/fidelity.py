@@ -1,0 +1,147 @@
+"""Fidelity: every target stores the same quantized integers and scales, and we can prove it.
+
+`decode` reads a linear's weight back from whichever form a target stored it in (canonical or TensorRT
+DequantizeLinear, ORT MatMulNBits) into the canonical arrays: signed q [K, N] (or unsigned q with a zero
+point), float32 scales [G, N]. `digests` hashes them per linear; the compiler records the digests of the
+canonical model before lowering, and `verify` checks an artifact against them (and against another
+artifact: same integers, then both run through ONNX Runtime on the same prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis, errors
+from qcompile.analysis import Linear
+from qcompile.targets.ort import _INT_TYPES
+
+PROMPT = "The history of the city began in the early nineteenth century, when a group of settlers"
+MIN_ARGMAX_AGREEMENT = 0.95  # different kernels of the same weights: ties and int8-activation blocks may flip a few
+
+
+@dataclasses.dataclass
+class Decoded:
+    q: np.ndarray  # [K, N] int16: signed values, or unsigned codes when zero_point is set
+    scale: np.ndarray  # [G, N] float32
+    zero_point: np.ndarray | None  # [G, N] int16
+    bits: int
+    block_size: int
+    tensor: str  # the initializer that holds the integers (named in error messages)
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{self.bits}/{self.block_size}/{list(self.q.shape)}".encode())
+        for a in (self.q, self.scale, self.zero_point):
+            if a is not None:
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+def _array(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
+
+
+def decode(linear: Linear) -> Decoded | None:
+    """The integers and scales of `linear` in canonical layout; None for a float weight."""
+    node = linear.node
+    if node.op_type == "MatMulNBits":
+        return _decode_nbits(node)
+    dq = linear.weight_input.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = _array(dq.inputs[0]).astype(np.int16)
+    pad = node.inputs[0].producer()
+    if pad is not None and pad.op_type == "Pad":  # TensorRT's whole-block padding: padded rows must be 0
+        extra = int(_array(pad.inputs[1])[-1])
+        if np.any(q[q.shape[0] - extra:]):
+            raise errors.InputError(f"{linear.name}: padded rows of {dq.inputs[0].name} are not zero")
+        q = q[: q.shape[0] - extra]
+    zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    bits = _INT_TYPES[dq.inputs[0].dtype][0]
+    return Decoded(q, _array(dq.inputs[1]).astype(np.float32), None if zp is None else _array(zp).astype(np.int16),
+                   bits, dq.attributes.get_int("block_size", 0), dq.inputs[0].name)
+
+
+def _decode_nbits(node: ir.Node) -> Decoded:
+    a = node.attributes
+    k, n, bits, block = (a[name].as_int() for name in ("K", "N", "bits", "block_size"))
+    b = _array(node.inputs[1])
+    groups = b.shape[1]
+    codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, groups * block) if bits == 4 else b.reshape(n, -1)
+    codes = codes[:, :k].T.astype(np.int16)  # [K, N]
+    scale = _array(node.inputs[2]).reshape(n, groups).T.astype(np.float32)
+    zp_value = node.inputs[3] if len(node.inputs) > 3 else None
+    if zp_value is None:
+        return Decoded(codes - 2 ** (bits - 1), scale, None, bits, block, node.inputs[1].name)
+    zp = _array(zp_value)
+    if bits == 4:
+        zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
+    return Decoded(codes, scale, zp[:, :groups].T.astype(np.int16), bits, block, node.inputs[1].name)
+
+
+def decode_model(model: ir.Model) -> dict[str, Decoded]:
+    """name → Decoded for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head')."""
+    out = {}
+    for linear in analysis.analyze(model).linears():
+        decoded = decode(linear)
+        if decoded is not None:
+            out[linear.name] = decoded
+    return out
+
+
+def digests(model: ir.Model) -> dict[str, str]:
+    return {name: d.digest() for name, d in decode_model(model).items()}
+
+
+def compare_digests(expected: dict[str, str], found: dict[str, Decoded]) -> list[str]:
+    """Problems, one line each, naming the linear and the tensor; empty when bit-identical."""
+    problems = [f"{name}: missing (expected quantized weights)" for name in sorted(set(expected) - set(found))]
+    problems += [f"{name}: quantized here but not in the reference ({found[name].tensor})"
+                 for name in sorted(set(found) - set(expected))]
+    problems += [f"{name}: integers or scales differ from the reference in tensor {found[name].tensor}"
+                 for name in sorted(set(expected) & set(found)) if found[name].digest() != expected[name]]
+    return problems
+
+
+def compare_logits(a: pathlib.Path, b: pathlib.Path, prompt: str = PROMPT) -> dict:
+    """Run both models on `prompt` with ONNX Runtime: max |Δlogits| and argmax agreement per position."""
+    from qcompile.runtime import Decoder, load_tokenizer
+
+    ids = np.array([load_tokenizer(a.parent).encode(prompt).ids])
+    logits = []
+    for path in (a, b):
+        decoder = Decoder(path)
+        logits.append(decoder.forward(ids, decoder.empty_cache(), 0)[0][0])
+    return {"tokens": int(ids.shape[1]),
+            "max_abs_logit_diff": float(np.abs(logits[0] - logits[1]).max()),
+            "argmax_agreement": float((logits[0].argmax(-1) == logits[1].argmax(-1)).mean())}
+
+
+def verify(path: str | pathlib.Path, against: str | pathlib.Path | None = None) -> dict:
+    """Check an artifact's weights against the digests its compile recorded and, with `against`, against
+    another artifact's weights and logits. Returns the report; `report['passed']` is the verdict."""
+    from qcompile.artifact import Artifact
+    from qcompile.pipeline import load_onnx
+
+    art = Artifact.load(path)
+    expected = art.manifest.get("fidelity", {}).get("weights")
+    if expected is None:
+        raise errors.InputError(f"'{art.path}' records no weight digests (compiled by an older qcompile): recompile it")
+    found = decode_model(load_onnx(art.model_path))
+    problems = compare_digests(expected, found)
+    report = {"artifact": str(art.path), "layers": len(found), "problems": problems}
+    if against is not None:
+        other = Artifact.load(against)
+        theirs = decode_model(load_onnx(other.model_path))
+        problems += [f"against {other.path}: {p}" for p in compare_digests({n: d.digest() for n, d in theirs.items()}, found)]
+        report["against"] = str(other.path)
+        report["logits"] = compare_logits(art.model_path, other.model_path)
+        if report["logits"]["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:
+            problems.append(f"argmax agreement {report['logits']['argmax_agreement']:.3f} < {MIN_ARGMAX_AGREEMENT} "
+                            "on the same integers: a lowering changed the computation")
+    report["passed"] = not problems
+    return report

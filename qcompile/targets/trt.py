@@ -1,0 +1,159 @@
+"""TensorRT targets: the canonical form is already TensorRT's weight-only form, with two rules more.
+
+TensorRT (and TensorRT-RTX) parse explicit quantization only when (checked by parsing, see
+RUNTIME-FACTS.md): zero points are absent or zero on signed types, scales are constant and strictly
+positive, a blocked DequantizeLinear's quantized axis divides into whole blocks, per-channel weight
+scales run along the output axis, and no custom op lacks a plugin. ONNX allows a short last block;
+TensorRT does not, so `PadPartialBlocks` zero-pads such weights (and the activations they read) to whole
+blocks. `check_tensorrt` states all the rules as a checker, run at the end of every trt-* compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+_WEIGHT_TYPES = {ir.DataType.INT4, ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN}
+_ONNX_DOMAINS = ("", "ai.onnx")
+MIN_OPSET = 21
+
+
+class PadPartialBlocks(ir.passes.InPlacePass):
+    """For every blocked weight DequantizeLinear with K % block != 0: zero-pad q to whole blocks (scales
+    unchanged) and feed the MatMul its activation zero-padded to match (one Pad per activation and width).
+
+    Preserves: the padded rows dequantize to 0 and meet zero activations, so x·W is unchanged; the
+    integers and scales of the real rows are bit-identical to the canonical ones.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        pads: dict[tuple[ir.Value, int], ir.Value] = {}
+        modified = False
+        for node in list(graph):
+            dq = node.inputs[1].producer() if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.attributes.get_int("axis", 1) != 0:
+                continue
+            block = dq.attributes.get_int("block_size", 0)
+            q = dq.inputs[0]
+            if not block or q.const_value is None or q.const_value.shape[0] % block == 0:
+                continue
+            k, n = q.const_value.shape
+            extra = -k % block
+            array = q.const_value.numpy()
+            q.const_value = ir.Tensor(np.concatenate([array, np.zeros((extra, n), array.dtype)]), name=q.name)
+            q.shape = ir.Shape([k + extra, n])
+            dq.outputs[0].shape = ir.Shape([k + extra, n])
+            key = (node.inputs[0], extra)
+            if key not in pads:
+                pads[key] = self._pad(graph, node, extra)
+            node.replace_input_with(0, pads[key])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _pad(graph: ir.Graph, consumer: ir.Node, extra: int) -> ir.Value:
+        x = consumer.inputs[0]
+        name = f"{x.name}_pad{extra}"
+        amounts = ir.Value(name=f"{name}_amounts", const_value=ir.tensor(np.array([0, 0, 0, 0, 0, extra], np.int64),
+                                                                          name=f"{name}_amounts"))
+        graph.register_initializer(amounts)
+        pad = ir.node("Pad", [x, amounts], name=name)  # activations are [batch, seq, K]
+        pad.outputs[0].name = name
+        pad.outputs[0].dtype = x.dtype
+        producer = x.producer()
+        if producer is not None:
+            graph.insert_after(producer, pad)
+        else:
+            graph.insert_before(consumer, pad)
+        return pad.outputs[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    node: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.rule}"
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def check_tensorrt(model: ir.Model, quantized: set[str] = frozenset()) -> list[Violation]:
+    """Every way `model` breaks TensorRT's explicit-quantization rules (empty when it conforms).
+
+    `quantized` names the weights (initializer names feeding a DequantizeLinear) the recipe quantized; a
+    MatMul reading a large float initializer instead of one is reported as a folded DequantizeLinear.
+    """
+    found: list[Violation] = []
+    graph = model.graph
+    opset = model.opset_imports.get("", 0)
+    if opset < MIN_OPSET:
+        found.append(Violation("model", f"default opset {opset} < {MIN_OPSET}: blocked INT4 DequantizeLinear needs opset 21"))
+    functions = {(f.domain, f.name) for f in model.functions.values()}
+    seen_q = set()
+    for node in graph:
+        where = node.name or node.op_type
+        if node.domain not in _ONNX_DOMAINS and (node.domain, node.op_type) not in functions:
+            found.append(Violation(where, f"custom op {node.domain}.{node.op_type} has no TensorRT plugin: "
+                                          "use a trt-* target's standard-op form"))
+        if node.op_type not in ("DequantizeLinear", "QuantizeLinear") or node.domain not in _ONNX_DOMAINS:
+            continue
+        found += [Violation(where, rule) for rule in _qdq_rules(node)]
+        if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
+            seen_q.add(node.inputs[0].name)
+    for name in sorted(quantized - seen_q):
+        found.append(Violation(name, "quantized weight is missing or was constant-folded to float: "
+                                     "never fold a weight DequantizeLinear (onnxsim, ORT offline optimisation)"))
+    return found
+
+
+def _qdq_rules(node: ir.Node) -> list[str]:
+    rules = []
+    data, scale = node.inputs[0], node.inputs[1]
+    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    axis = node.attributes.get_int("axis", 1)
+    block = node.attributes.get_int("block_size", 0)
+    s = _const(scale)
+    if s is None:
+        return ["scale is not a constant initializer"]
+    if scale.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        rules.append(f"scale type {scale.dtype.name} is not FLOAT or FLOAT16")
+    if not np.all(s > 0):
+        rules.append(f"{int((s <= 0).sum())} scale(s) are not strictly positive")
+    z = _const(zp)
+    if zp is not None and (z is None or np.any(z != 0)):
+        rules.append("non-zero zero point: TensorRT quantization is symmetric (use --symmetric)")
+    qtype = (data if node.op_type == "DequantizeLinear" else node.outputs[0]).dtype
+    if zp is not None:
+        qtype = zp.dtype
+    if qtype is not None and qtype not in _WEIGHT_TYPES:
+        rules.append(f"quantized type {qtype.name} is not INT4, INT8 or FLOAT8E4M3FN (unsigned types are rejected)")
+    q = _const(data) if node.op_type == "DequantizeLinear" else None
+    if q is None:  # an activation: per-tensor only
+        if s.size != 1:
+            rules.append(f"activation scale has {s.size} values: activations are quantized per tensor")
+        return rules
+    if q.ndim != 2:
+        return rules + [f"weight has rank {q.ndim}, expected a 2-D [K, N] weight"]
+    k, n = q.shape
+    if block:
+        if axis != 0:
+            rules.append(f"blocked along axis {axis}: weights [K, N] are blocked along K (axis 0)")
+        elif k % block:
+            rules.append(f"K={k} is not a whole number of blocks of {block} (run PadPartialBlocks)")
+        if s.shape != (-(-q.shape[axis] // block), n if axis == 0 else k):
+            rules.append(f"blocked scale shape {list(s.shape)} does not match weight {[k, n]} / block {block}")
+        if qtype == ir.DataType.INT4 and n % 2:
+            rules.append(f"INT4 weight's last dimension {n} is odd")
+    elif s.size != 1:
+        if s.ndim != 1 or axis != 1 or s.shape[0] != n:
+            rules.append(f"per-channel scale must be 1-D along the output axis (axis=1, {n} values)")
+    return rules
