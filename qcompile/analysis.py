@@ -277,8 +277,12 @@ class _Analyzer:
     def embedding(self) -> ir.Node:
         graph_inputs = set(self.graph.inputs)
         for node in self.graph:
-            if (node.op_type in ("Gather", "GatherBlockQuantized") and node.inputs[1] in graph_inputs
-                    and _is_const(node.inputs[0])):
+            if node.op_type not in ("Gather", "GatherBlockQuantized") or node.inputs[1] not in graph_inputs:
+                continue
+            table = node.inputs[0]
+            if (p := table.producer()) is not None and p.op_type == "DequantizeLinear":  # a quantized table
+                table = p.inputs[0]
+            if _is_const(table):
                 return node
         raise self.fail("no token-embedding Gather reading a graph input was found")
 

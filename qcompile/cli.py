@@ -26,7 +26,7 @@ app = typer.Typer(
 console = Console(width=shutil.get_terminal_size((160, 40)).columns)
 
 
-class LmHead(str, enum.Enum):
+class Width(str, enum.Enum):
     default = "default"
     float = "float"
     int8 = "int8"
@@ -56,7 +56,9 @@ def model(
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits for the block linears: 4 or 8 [default: the target's, 4]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Block size along K: 32, 64 or 128 [default: the target's, 128]."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric (signed, no zero point) or asymmetric weights [default: the target's, symmetric]."),
-    lm_head: LmHead = typer.Option(LmHead.default, "--lm-head", help="lm_head precision [default: the target's, int8]."),
+    positive_scales: Optional[bool] = typer.Option(None, "--positive-scales/--signed-scales", help="Symmetric scales kept positive (TensorRT; use on ort-/edge- targets for the same integers as trt-) or ORT's signed full-range scales (more accurate) [default: the target's]."),
+    lm_head: Width = typer.Option(Width.default, "--lm-head", help="lm_head precision [default: the target's, int8]."),
+    embeddings: Width = typer.Option(Width.default, "--embeddings", help="Token-embedding table precision, ONNX Runtime targets (GatherBlockQuantized) [default: the target's, float]."),
     accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="ORT MatMulNBits accuracy_level: 0 (fp32 compute) or 4 (int8 activations) [default: 4]."),
     eval_windows: int = typer.Option(32, "--eval-windows", help="WikiText-2 test windows of 512 tokens to evaluate."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity and latency measurement."),
@@ -65,11 +67,12 @@ def model(
     """Compile a model for a target: export, quantize, lower, evaluate, write the artifact."""
     from qcompile import pipeline
 
-    head = {"default": "default", "float": None, "int8": 8, "int4": 4}[lm_head.value]
+    widths = {"default": "default", "float": None, "int8": 8, "int4": 4}
     with _progress() as progress:
         art = pipeline.compile(
-            source, target, out, algo=algo, bits=bits, group_size=group_size, symmetric=symmetric, lm_head_bits=head,
-            accuracy_level=accuracy_level, act_order=act_order, calib=calib, calib_samples=calib_samples,
+            source, target, out, algo=algo, bits=bits, group_size=group_size, symmetric=symmetric, lm_head_bits=widths[lm_head.value],
+            embedding_bits=widths[embeddings.value],
+            accuracy_level=accuracy_level, act_order=act_order, positive_scales=positive_scales, calib=calib, calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, eval_windows=None if no_eval else eval_windows, engine=engine,
             progress=progress,
         )
@@ -302,7 +305,7 @@ def list_targets():
     for name in registry.names():
         t = registry.get(name)
         s = t.scheme
-        weights = f"{s.algorithm.value} {s.bits}-bit g{s.group_size} {'sym' if s.symmetric else 'asym'}"
+        weights = f"{s.algorithm.value} {s.bits}-bit g{s.group_size} {('sym' + (' (scales > 0)' if s.positive_scales else '')) if s.symmetric else 'asym'}"
         table.add_row(name, t.runtime, weights, t.description)
     console.print(table)
 

@@ -83,13 +83,33 @@ def _decode_nbits(node: ir.Node) -> Decoded:
     return Decoded(codes, scale, zp[:, :groups].T.astype(np.int16), bits, block, node.inputs[1].name)
 
 
+def decode_embedding(gather: ir.Node) -> Decoded | None:
+    """A quantized embedding table's integers [V, H] and scales [V, G] (canonical or GatherBlockQuantized)."""
+    if gather.op_type == "GatherBlockQuantized":
+        a = gather.attributes
+        bits, block = a["bits"].as_int(), a["block_size"].as_int()
+        data = _array(gather.inputs[0])
+        q = data.astype(np.int16) - (128 if data.dtype == np.uint8 else 0)
+        return Decoded(q, _array(gather.inputs[2]).astype(np.float32), None, bits, block, gather.inputs[0].name)
+    dq = gather.inputs[0].producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    return Decoded(_array(dq.inputs[0]).astype(np.int16), _array(dq.inputs[1]).astype(np.float32), None,
+                   _INT_TYPES[dq.inputs[0].dtype][0], dq.attributes.get_int("block_size", 0), dq.inputs[0].name)
+
+
 def decode_model(model: ir.Model) -> dict[str, Decoded]:
-    """name → Decoded for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head')."""
+    """name → Decoded for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head') and the
+    embedding table ('embedding') when it is quantized."""
+    mm = analysis.analyze(model)
     out = {}
-    for linear in analysis.analyze(model).linears():
+    for linear in mm.linears():
         decoded = decode(linear)
         if decoded is not None:
             out[linear.name] = decoded
+    embedding = decode_embedding(mm.embedding)
+    if embedding is not None:
+        out["embedding"] = embedding
     return out
 
 
@@ -108,10 +128,12 @@ def compare_digests(expected: dict[str, str], found: dict[str, Decoded]) -> list
 
 
 def compare_logits(a: pathlib.Path, b: pathlib.Path, prompt: str = PROMPT) -> dict:
-    """Run both models on `prompt` with ONNX Runtime: max |Δlogits| and argmax agreement per position."""
+    """Run both models on `prompt` with ONNX Runtime: max |Δlogits| and argmax agreement per position.
+    Without a tokenizer beside `a`, fixed token ids 1..16 stand in for the prompt."""
     from qcompile.runtime import Decoder, load_tokenizer
 
-    ids = np.array([load_tokenizer(a.parent).encode(prompt).ids])
+    has_tokenizer = (a.parent / "tokenizer.json").is_file()
+    ids = np.array([load_tokenizer(a.parent).encode(prompt).ids if has_tokenizer else list(range(1, 17))])
     logits = []
     for path in (a, b):
         decoder = Decoder(path)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, fidelity, sources, targets
-from qcompile.passes import QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN
+from qcompile.passes import QuantizeEmbedding, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN
 from qcompile import engine as engine_mod, package
 from qcompile.runtime import Decoder, load_tokenizer
 from qcompile.schemes import Algorithm, WeightScheme, parse_algorithm
@@ -121,8 +121,10 @@ def compile(
     group_size: int | None = None,
     symmetric: bool | None = None,
     lm_head_bits: int | None | str = "default",
+    embedding_bits: int | None | str = "default",
     accuracy_level: int | None = None,
     act_order: bool | None = None,
+    positive_scales: bool | None = None,
     calib: str | pathlib.Path | None = None,
     calib_samples: int = calibration.DEFAULT_SAMPLES,
     calib_seqlen: int = calibration.DEFAULT_SEQLEN,
@@ -140,17 +142,21 @@ def compile(
     started = time.perf_counter()
     tgt = targets.get(target)
     options = {"algorithm": parse_algorithm(algo) if algo else None, "bits": bits, "group_size": group_size,
-               "symmetric": symmetric, "act_order": act_order}
+               "symmetric": symmetric, "act_order": act_order, "positive_scales": positive_scales}
     changes = {k: v for k, v in options.items() if v is not None}
-    if lm_head_bits != "default":
-        changes["lm_head_bits"] = lm_head_bits
+    for name, value in (("lm_head_bits", lm_head_bits), ("embedding_bits", embedding_bits)):
+        if value != "default":
+            changes[name] = value
     scheme = dataclasses.replace(tgt.scheme, **changes)
     if accuracy_level is not None:
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise errors.InputError(f"accuracy level {accuracy_level} is not one of 0, 1, 2, 3, 4")
         tgt = dataclasses.replace(tgt, accuracy_level=accuracy_level)
-    if tgt.symmetric_only and not scheme.symmetric:
-        raise errors.InputError(f"{tgt.name} needs symmetric weights ({tgt.runtime} rejects zero points): drop --asymmetric")
+    if tgt.symmetric_only and not (scheme.symmetric and scheme.positive_scales):
+        raise errors.InputError(f"{tgt.name} needs symmetric weights with positive scales ({tgt.runtime} rejects zero "
+                                "points and negative scales): drop --asymmetric / --signed-scales")
+    if scheme.embedding_bits is not None and tgt.runtime != "onnxruntime":
+        raise errors.InputError(f"quantized embeddings run on ONNX Runtime (GatherBlockQuantized): drop --embeddings for {tgt.name}")
     if engine and tgt.runtime != "tensorrt":
         raise errors.InputError(f"--engine builds TensorRT engines: {tgt.name} is an {tgt.runtime} target (use trt-int4)")
     if eval_windows is not None and not 1 <= eval_windows <= 500:
@@ -175,6 +181,10 @@ def compile(
         raise errors.InputError(f"no config.json beside '{float_path}': an edge package needs the model's HF config")
     quantize, calib_record = _weight_pass(scheme, float_path.parent, calib, calib_samples, calib_seqlen, progress)
     quantize(model)
+    embed = None
+    if scheme.embedding_bits is not None:
+        embed = QuantizeEmbedding(scheme.embedding_bits, scheme.group_size, scheme.positive_scales)
+        embed(model)
     canonical = fidelity.decode_model(model)
     digests = {name: d.digest() for name, d in canonical.items()}
     ir.passes.PassManager(tgt.lowering_passes())(model)
@@ -197,8 +207,9 @@ def compile(
             "source": src.describe(),
             "target": {"name": tgt.name, "runtime": tgt.runtime, "accuracy_level": tgt.accuracy_level},
             "recipe": {"weights": scheme.to_dict(), "activations": None, "calibration": calib_record,
-                       "passes": [type(quantize).__name__, *(type(p).__name__ for p in tgt.lowering_passes())]},
-            "layers": quantize.layers,
+                       "passes": [type(quantize).__name__, *(["QuantizeEmbedding"] if embed else []),
+                                  *(type(p).__name__ for p in tgt.lowering_passes())]},
+            "layers": quantize.layers + ([embed.record] if embed else []),
             "fidelity": {"weights": digests, **checks},
             "versions": artifact.package_versions(),
             "metrics": metrics,

@@ -22,6 +22,9 @@ class WeightScheme:
     bits/group_size/symmetric apply to every block linear; `lm_head_bits` is the lm_head's width
     (None keeps it float); `skip` names layers (ModelMap names, e.g. "blocks.0.down") left float.
     `act_order` and `damp` are GPTQ's (visit channels by decreasing Hessian diagonal; Hessian damping).
+    `positive_scales`: symmetric scales stay > 0, as TensorRT requires; otherwise ONNX Runtime's
+    full-range convention (see `algorithms.rtn`), which is more accurate.
+    `embedding_bits`: the token-embedding table's width (None keeps it float; ONNX Runtime targets only).
     """
 
     bits: int = 4
@@ -32,11 +35,15 @@ class WeightScheme:
     skip: tuple[str, ...] = ()
     act_order: bool = False
     damp: float = 0.01
+    positive_scales: bool = False
+    embedding_bits: int | None = None
     version: int = 1
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise errors.InputError(f"bits={self.bits} is not supported: use 4 or 8")
+        if self.embedding_bits not in (None, 4, 8):
+            raise errors.InputError(f"embedding bits={self.embedding_bits} is not supported: use 4, 8 or float")
         if self.lm_head_bits not in (None, 4, 8):
             raise errors.InputError(f"lm_head bits={self.lm_head_bits} is not supported: use 4, 8 or float")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):

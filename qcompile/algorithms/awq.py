@@ -25,7 +25,7 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
 
 
 def search_scales(weights: list[np.ndarray], hessians: list[np.ndarray], absmean: np.ndarray, bits: int,
-                  group_size: int, symmetric: bool, grid: int = 20) -> tuple[np.ndarray, float]:
+                  group_size: int, symmetric: bool, grid: int = 20, positive: bool = False) -> tuple[np.ndarray, float]:
     """(s [K], α): the scale minimising the summed output error of `weights` (all [K, N_i], one input x;
     each error measured with its own Hessian, e.g. attention-weighted for v)."""
     base = np.maximum(absmean.astype(np.float64), 1e-8)
@@ -35,7 +35,8 @@ def search_scales(weights: list[np.ndarray], hessians: list[np.ndarray], absmean
         s /= np.sqrt(s.max() * s.min())
         err = 0.0
         for w, h in zip(weights, hessians):
-            scaled = quantize_rtn((w * s[:, None]).astype(np.float32), bits, group_size, symmetric).dequantize()
+            scaled = quantize_rtn((w * s[:, None]).astype(np.float32), bits, group_size, symmetric,
+                                  positive=positive).dequantize()
             err += output_error(w, scaled / s[:, None], h)
         if err < best[0]:
             best = (err, s, float(alpha))
@@ -43,7 +44,7 @@ def search_scales(weights: list[np.ndarray], hessians: list[np.ndarray], absmean
 
 
 def search_clip(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, symmetric: bool,
-                ratios: np.ndarray = np.linspace(1.0, 0.5, 11)) -> QuantizedWeight:
+                ratios: np.ndarray = np.linspace(1.0, 0.5, 11), positive: bool = False) -> QuantizedWeight:
     """RTN with a per-(group, output channel) clip ratio minimising Δw_gᵀ H_gg Δw_g (block-diagonal H)."""
     k, n = w.shape
     blocks = _blocks(np.asarray(w, np.float32), group_size)  # [G, B, N] (last block zero-padded)
@@ -55,8 +56,8 @@ def search_clip(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, symmet
     best_err = np.full((groups, n), np.inf)
     best_ratio = np.ones((groups, n), np.float32)
     for ratio in ratios:
-        d = blocks - _blocks(quantize_rtn(w, bits, group_size, symmetric, ratio).dequantize(), group_size)
+        d = blocks - _blocks(quantize_rtn(w, bits, group_size, symmetric, ratio, positive).dequantize(), group_size)
         err = np.einsum("gbn,gbc,gcn->gn", d, h_blocks, d, optimize=True)
         better = err < best_err
         best_err[better], best_ratio[better] = err[better], ratio
-    return quantize_rtn(w, bits, group_size, symmetric, best_ratio)
+    return quantize_rtn(w, bits, group_size, symmetric, best_ratio, positive)

@@ -32,9 +32,9 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarra
 
 def quantize_gptq(
     w: np.ndarray, h: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-    block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+    block_size: int = 128, damp: float = 0.01, act_order: bool = False, positive: bool = False,
 ) -> QuantizedWeight:
-    """GPTQ-quantize a [K, N] weight given the [K, K] input Hessian H = Σ xᵀx."""
+    """GPTQ-quantize a [K, N] weight given the [K, K] input Hessian H = Σ xᵀx (`positive`: see rtn)."""
     k, n = w.shape
     block_size = max(block_size // group_size, 1) * group_size  # whole groups per block: lazy == eager
     work = np.array(w, dtype=np.float64)
@@ -45,7 +45,7 @@ def quantize_gptq(
     scale = np.empty((groups, n), np.float32)
     zero = None if symmetric else np.empty((groups, n), np.uint8)
     if act_order:  # static groups from the original weights
-        scale[:], z = block_params(_blocks(work.astype(np.float32), group_size), bits, symmetric)
+        scale[:], z = block_params(_blocks(work.astype(np.float32), group_size), bits, symmetric, positive=positive)
         if zero is not None:
             zero[:] = z
     work = work[order]
@@ -58,7 +58,7 @@ def quantize_gptq(
             row = order[start + i]
             g = row // group_size
             if not act_order and row % group_size == 0:  # a group starts: its scale from the updated rows
-                scale[g], z = block_params(block[i: i + group_size].astype(np.float32), bits, symmetric)
+                scale[g], z = block_params(block[i: i + group_size].astype(np.float32), bits, symmetric, positive=positive)
                 if zero is not None:
                     zero[g] = z
             zg = None if zero is None else zero[g]

@@ -3,11 +3,13 @@
 Blocks run along K (axis 0 of a [K, N] weight): block g covers rows g*B .. g*B+B-1, the last block may be
 short. Dequantization is w ≈ (q - zero_point) * scale.
 
-- symmetric: q in [-2^(b-1), 2^(b-1)-1], no zero point, and a strictly positive scale: the smallest that
-  fits the block's largest value at 2^(b-1)-1 and its most negative value at -2^(b-1). Positive because
-  TensorRT rejects negative scales, and one set of integers must serve every target. (ONNX Runtime's
-  quantizer instead divides the value of largest magnitude by -2^(b-1), which makes half the scales
-  negative: the same grid when that value is negative, one step finer when it is positive.)
+- symmetric: q in [-2^(b-1), 2^(b-1)-1], no zero point. By default scale = m / -2^(b-1) with m the
+  block's value of largest magnitude (signed): m maps exactly to -2^(b-1), so all 2^b levels are used
+  and the step is m/2^(b-1); scales are negative wherever m is positive. This is the convention of ONNX
+  Runtime's MatMulNBits quantizer (and llama.cpp's Q4_0).
+  `positive=True` (TensorRT rejects non-positive scales): the smallest positive scale that fits the
+  block's largest value at 2^(b-1)-1 and its most negative at -2^(b-1). Where m is positive the step is
+  m/(2^(b-1)-1), coarser: on SmolLM2 RTN g128 this costs ~10 % perplexity (measured, benchmarks/).
 - asymmetric: the range [min(w,0), max(w,0)] spread over 2^b - 1 steps, unsigned q, zero point in range.
 """
 
@@ -49,17 +51,24 @@ def _blocks(w: np.ndarray, group_size: int) -> np.ndarray:
     return padded.reshape(groups, group_size, n)
 
 
-def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: np.ndarray | float = 1.0
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: np.ndarray | float = 1.0,
+                 positive: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Scale (and zero point) of each block: `blocks` is [..., B, N], reduced over B → [..., N].
 
-    `clip` (broadcast to [..., N]) shrinks the range: values beyond clip·range saturate.
+    `clip` (broadcast to [..., N]) shrinks the range: values beyond clip·range saturate. `positive`:
+    symmetric scales stay > 0 (see the module docstring).
     """
-    if symmetric:
+    if symmetric and positive:
         half = 2 ** (bits - 1)
         hi = np.maximum(blocks.max(axis=-2), 0.0) * clip / (half - 1)
         lo = np.minimum(blocks.min(axis=-2), 0.0) * clip / -half
         scale = np.maximum(hi, lo).astype(np.float32)
+        scale[scale == 0] = 1.0  # an all-zero block: any scale gives q = 0
+        return scale, None
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=-2)
+        extreme = np.take_along_axis(blocks, np.expand_dims(idx, -2), axis=-2)[..., 0, :] * clip
+        scale = (extreme / -(2 ** (bits - 1))).astype(np.float32)
         scale[scale == 0] = 1.0  # an all-zero block: any scale gives q = 0
         return scale, None
     top = 2**bits - 1
@@ -84,12 +93,12 @@ def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray |
 
 
 def quantize_rtn(w: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                 clip: np.ndarray | float = 1.0) -> QuantizedWeight:
+                 clip: np.ndarray | float = 1.0, positive: bool = False) -> QuantizedWeight:
     """Quantize a [K, N] float weight blockwise along K by round-to-nearest (`clip`: [G, N] or scalar)."""
     if w.ndim != 2:
         raise ValueError(f"expected a [K, N] weight, got shape {w.shape}")
     k = w.shape[0]
     blocks = _blocks(np.asarray(w, dtype=np.float32), group_size)
-    scale, zero_point = block_params(blocks, bits, symmetric, clip)
+    scale, zero_point = block_params(blocks, bits, symmetric, clip, positive)
     q = quantize_values(blocks, scale[:, None, :], None if zero_point is None else zero_point[:, None, :], bits)
     return QuantizedWeight(q.reshape(-1, w.shape[1])[:k], scale, zero_point, bits, group_size)

@@ -57,7 +57,8 @@ class FoldAWQScales(ir.passes.InPlacePass):
                 x = stats[members[0].node.inputs[0].name]
                 s, self.alphas[members[0].name] = search_scales(
                     [m.float_weight() for m in members], [self.hessians[m.name] for m in members], x.absmean,
-                    self.scheme.bits, self.scheme.group_size, self.scheme.symmetric)
+                    self.scheme.bits, self.scheme.group_size, self.scheme.symmetric,
+                    positive=self.scheme.positive_scales)
                 fold_inverse(s)
                 for m in members:
                     _set_weight(m, m.float_weight() * s[:, None])

@@ -37,6 +37,6 @@ class QuantizeWeightsAWQ(ir.passes.InPlacePass):
         s = self.scheme
         self.layers = quantize_linears(
             model, s, lambda linear, bits: search_clip(linear.float_weight(), fold.hessians[linear.name], bits,
-                                                       s.group_size, s.symmetric),
+                                                       s.group_size, s.symmetric, positive=s.positive_scales),
             "awq", self.progress, "Quantizing weights (AWQ clip)")
         return ir.passes.PassResult(model, modified=True)

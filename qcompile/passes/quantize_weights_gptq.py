@@ -45,6 +45,6 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
         self.layers = quantize_linears(
             model, s, lambda linear, bits: quantize_gptq(linear.float_weight(), hessians[linear.name], bits,
                                                          s.group_size, s.symmetric, damp=self.damp,
-                                                         act_order=self.act_order),
+                                                         act_order=self.act_order, positive=s.positive_scales),
             "gptq", self.progress, "Quantizing weights (GPTQ)")
         return ir.passes.PassResult(model, modified=bool(quantized))

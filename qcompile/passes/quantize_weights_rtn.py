@@ -31,6 +31,7 @@ class QuantizeWeightsRTN(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         s = self.scheme
         self.layers = quantize_linears(
-            model, s, lambda linear, bits: quantize_rtn(linear.float_weight(), bits, s.group_size, s.symmetric),
+            model, s, lambda linear, bits: quantize_rtn(linear.float_weight(), bits, s.group_size, s.symmetric,
+                                                           positive=s.positive_scales),
             "rtn", self.progress, "Quantizing weights (RTN)")
         return ir.passes.PassResult(model, modified=any("bits" in e for e in self.layers))

@@ -108,8 +108,46 @@ class _DequantizeMatMulToNBits(RewriteRuleClassBase):
         )
 
 
+class _DequantizeGatherToBlockQuantized(RewriteRuleClassBase):
+    """Gather(DequantizeLinear(q [V, H], scale [V, G], axis=1, block_size), ids) → GatherBlockQuantized.
+
+    INT4 tables stay INT4 (no zero point); INT8 tables become uint8 codes q + 128, ORT's default zero point.
+    """
+
+    def __init__(self):
+        super().__init__(name="DequantizeGatherToBlockQuantized")
+
+    def pattern(self, op, q, scale, ids):
+        return op.Gather(op.DequantizeLinear(q, scale, _outputs=["table"]), ids, _allow_other_attributes=True)
+
+    def check(self, context, q, scale, ids, table, **_):
+        result = MatchResult()
+        dq = table.producer()
+        if q.const_value is None or scale.const_value is None or q.dtype not in (ir.DataType.INT4, ir.DataType.INT8):
+            return result.fail("not a constant signed 4/8-bit table", q)
+        if dq.attributes.get_int("axis", 1) != 1 or len(q.shape or ()) != 2:
+            return result.fail("not a [V, H] table blocked along H", dq)
+        block = dq.attributes.get_int("block_size", 0)
+        if block < 16 or block & (block - 1):
+            return result.fail(f"block size {block} is not a power of two >= 16", dq)
+        return result
+
+    def rewrite(self, op, q, scale, ids, table, **_):
+        dq = table.producer()
+        bits = 4 if q.dtype == ir.DataType.INT4 else 8
+        data = q
+        if bits == 8:
+            codes = (q.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)
+            data = op.initializer(ir.tensor(codes, name=f"{q.name.removesuffix('_q')}_gbq_data"))
+        return op.GatherBlockQuantized(
+            data, ids, scale, _domain="com.microsoft",
+            gather_axis=0, quantize_axis=1, block_size=dq.attributes.get_int("block_size", 0), bits=bits,
+        )
+
+
 class LowerToMatMulNBits(ir.passes.InPlacePass):
-    """Rewrite every canonical quantized linear into com.microsoft.MatMulNBits.
+    """Rewrite every canonical quantized linear into com.microsoft.MatMulNBits (and a quantized embedding
+    table into com.microsoft.GatherBlockQuantized).
 
     Preserves every dequantized weight bit for bit (same integers, same float32 scales); the output
     changes only by the kernel's accumulation order, and by int8 activations when accuracy_level=4.
@@ -120,7 +158,8 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         self.accuracy_level = accuracy_level
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = RewritePass([_DequantizeMatMulToNBits.rule(self.accuracy_level)])(model)
+        result = RewritePass([_DequantizeMatMulToNBits.rule(self.accuracy_level),
+                              _DequantizeGatherToBlockQuantized.rule()])(model)
         if result.modified:
             model.opset_imports.setdefault("com.microsoft", 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)

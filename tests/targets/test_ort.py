@@ -89,3 +89,26 @@ def test_registry_lists_ort_int4_with_its_defaults():
     target = get("ort-int4")
     assert target.scheme.bits == 4 and target.scheme.group_size == 128 and target.scheme.symmetric
     assert [type(p).__name__ for p in target.lowering_passes()] == ["LowerToMatMulNBits"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_embedding_lowers_to_gather_block_quantized(tiny_export, tmp_path, bits):
+    from qcompile import fidelity
+    from qcompile.passes import QuantizeEmbedding
+
+    _, path = tiny_export("mistral")  # untied: the float table goes away
+    model = ir.load(path)
+    table = analysis.analyze(model).embedding.inputs[0].const_value.numpy()
+    QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=8))(model)
+    QuantizeEmbedding(bits, 32)(model)  # hidden 64: two blocks per row
+    canonical = fidelity.decode_model(model)["embedding"]
+    # each row is the RTN of that row, blocks along H
+    np.testing.assert_array_equal(canonical.q, quantize_rtn(table.T, bits, 32, True).q.T)
+    ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
+    LowerToMatMulNBits(accuracy_level=0)(model)
+    assert [n.op_type for n in model.graph].count("GatherBlockQuantized") == 1
+    assert fidelity.decode_model(model)["embedding"].digest() == canonical.digest()
+    ir.save(model, tmp_path / "lowered.onnx", external_data="lowered.onnx.data")
+    ids = np.random.default_rng(2).integers(0, 256, size=(2, 12))
+    ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
+    np.testing.assert_allclose(run_logits(tmp_path / "lowered.onnx", ids), ref, atol=1e-4, rtol=0)

@@ -1,0 +1,54 @@
+"""QuantizeEmbedding: the token-embedding table in the canonical blocked form, read through Gather.
+
+    q [V, H] INT4/INT8 ─┐
+    scale [V, ceil(H/B)] ┴─ DequantizeLinear(axis=1, block_size=B) ─ Gather(·, input_ids)
+
+Each row (one token's vector) is quantized in blocks of B along H, by the same RTN as the linears (a
+row is a [H] "column" of Eᵀ). ONNX Runtime targets lower it to com.microsoft.GatherBlockQuantized.
+A tied lm_head that stays float keeps reading the float table, so only quantize the embedding of a
+model whose lm_head is quantized if the goal is size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis
+from qcompile.algorithms.rtn import quantize_rtn
+from qcompile.passes._canonical import _STORAGE, _initializer, _remove_if_unused
+
+
+class QuantizeEmbedding(ir.passes.InPlacePass):
+    """Replace the embedding Gather's float table by DequantizeLinear of its RTN quantization.
+
+    Approximates: every looked-up row becomes its blockwise dequantized value. `self.record` describes
+    what was done, for the manifest.
+    """
+
+    def __init__(self, bits: int, group_size: int, positive_scales: bool = False):
+        super().__init__()
+        self.bits, self.group_size, self.positive_scales = bits, group_size, positive_scales
+        self.record: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        gather = analysis.analyze(model).embedding
+        table = gather.inputs[0]
+        if table.const_value is None:
+            return ir.passes.PassResult(model, False)  # already quantized
+        e = table.const_value.numpy().astype(np.float32)
+        qw = quantize_rtn(e.T, self.bits, self.group_size, True, positive=self.positive_scales)  # blocks along H
+        np_type, _ = _STORAGE[(self.bits, True)]
+        dq = ir.node("DequantizeLinear", [
+            _initializer(model.graph, "embedding.weight_q", np.ascontiguousarray(qw.q.T).astype(np_type)),
+            _initializer(model.graph, "embedding.weight_scale", np.ascontiguousarray(qw.scale.T)),
+        ], attributes={"axis": 1, "block_size": self.group_size}, name="embedding.weight_dq")
+        dq.outputs[0].name = "embedding.weight"
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape(e.shape)
+        model.graph.insert_before(gather, dq)
+        gather.replace_input_with(0, dq.outputs[0])
+        _remove_if_unused(model.graph, table)
+        self.record = {"name": "embedding", "shape": list(e.shape), "bits": self.bits, "group_size": self.group_size,
+                       "symmetric": True, "algorithm": "rtn"}
+        return ir.passes.PassResult(model, True)

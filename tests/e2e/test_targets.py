@@ -1,0 +1,90 @@
+"""One recipe, every target, on SmolLM2-135M: TensorRT-RTX engine, onnxruntime-genai edge package, verify."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import qcompile
+from qcompile import evaluation, fidelity, generation, runtime
+from qcompile.cli import main
+
+pytestmark = pytest.mark.e2e
+WINDOWS = 4
+
+
+@pytest.fixture(scope="module")
+def artifacts(smollm2_export, tmp_path_factory):
+    """trt-int4 (with its engine, built through the CLI), ort-int4 and edge-int4 of the same recipe
+    (TensorRT's positive scales)."""
+    root = tmp_path_factory.mktemp("targets")
+    assert main(["model", "smollm2-135m", "--target", "trt-int4", "--engine", "--no-eval", "--out", str(root / "trt")]) == 0
+    return {
+        "trt": qcompile.load(root / "trt"),
+        "ort": qcompile.compile(smollm2_export / "model.onnx", "ort-int4", root / "ort", eval_windows=None,
+                                positive_scales=True),
+        "edge": qcompile.compile(smollm2_export / "model.onnx", "edge-int4", root / "edge", eval_windows=None,
+                                 positive_scales=True),
+    }
+
+
+def test_cli_builds_a_tensorrt_rtx_engine_for_trt_int4(artifacts):
+    pytest.importorskip("tensorrt_rtx", reason="CI installs qcompile[tensorrt-rtx]")
+    art = artifacts["trt"]
+    record = art.manifest["engine"]
+    assert record["builder"] in ("tensorrt", "tensorrt_rtx")
+    assert (art.path / "model.engine").stat().st_size == record["bytes"] > 50e6  # the int4 weights are in it
+    assert record["deserialized"] is True or record["deserialized"].startswith("not checked")
+    assert art.manifest["fidelity"]["tensorrt_check"] == "passed"
+    assert main(["check", str(art.path)]) == 0
+    assert main(["check", str(artifacts["ort"].path)]) == 1  # MatMulNBits is no TensorRT op
+
+
+def test_trt_int4_perplexity_in_ort_equals_ort_int4(artifacts):
+    ppl = {}
+    for name in ("trt", "ort"):
+        decoder = runtime.Decoder(artifacts[name].path)
+        ppl[name] = evaluation.perplexity(decoder, runtime.load_tokenizer(artifacts[name].path), WINDOWS).ppl
+    assert abs(ppl["trt"] / ppl["ort"] - 1) <= 0.005, ppl
+
+
+def test_verify_same_integers_in_every_target(artifacts, capsys):
+    for a, b in (("trt", "ort"), ("edge", "trt"), ("ort", "edge")):
+        report = fidelity.verify(artifacts[a].path, against=artifacts[b].path)
+        assert report["passed"], report["problems"]
+        assert report["layers"] == 211
+    assert main(["verify", str(artifacts["trt"].path), "--against", str(artifacts["edge"].path)]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+
+
+def test_onnxruntime_genai_generates_qcompile_runs_greedy_tokens(artifacts, capsys):
+    og = pytest.importorskip("onnxruntime_genai", reason="CI installs qcompile[edge]")
+    folder = artifacts["edge"].path
+    golden = json.loads((folder / "golden.json").read_text())
+    ids = golden["prompt_ids"]
+
+    decoder = runtime.Decoder(folder)
+    ours = list(generation.generate(decoder, ids, len(golden["greedy_ids"]), stop_ids=runtime.eos_token_ids(folder)))
+    assert ours == golden["greedy_ids"]
+    first, _ = decoder.forward(np.array([ids]), decoder.empty_cache(), 0)
+    np.testing.assert_allclose(np.load(folder / "golden_logits.npy"), first[0, -1], atol=1e-5)
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + len(ours), do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    assert theirs == ours
+
+    # `qcompile run` prints the same continuation
+    assert main(["run", str(folder), "--prompt", golden["prompt"], "-n", str(len(ours))]) == 0
+    assert capsys.readouterr().out.strip() == (golden["prompt"] + golden["greedy_text"]).strip()
+
+    with zipfile.ZipFile(folder.with_name(folder.name + ".zip")) as z:
+        names = {n.split("/", 1)[1] for n in z.namelist()}
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json", "golden.json", "manifest.json"} <= names

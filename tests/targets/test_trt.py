@@ -1,0 +1,159 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qcompile
+from qcompile import errors, fidelity
+from qcompile.passes import QuantizeWeightsRTN
+from qcompile.schemes import WeightScheme
+from qcompile.targets.trt import PadPartialBlocks, check_tensorrt
+from tests.conftest import run_logits
+from tests.conftest import single_matmul_model
+
+FP32 = {"session.qdq_matmulnbits_accuracy_level": 0}  # ORT's own DQ→MatMul fusion, pinned to fp32 compute
+
+
+def _quantized_tiny(tiny_export, **scheme):
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    QuantizeWeightsRTN(WeightScheme(positive_scales=True, **scheme))(model)
+    return model
+
+
+def _one_linear(k, n, bits, symmetric, block, positive=True):
+    """x [M, K] @ DequantizeLinear(RTN weight): one canonical linear named 'lin'."""
+    from qcompile.algorithms.rtn import quantize_rtn
+    from qcompile.analysis import Linear, Role
+    from qcompile.passes._canonical import attach_quantized_weight
+
+    model = single_matmul_model(k, n)
+    w = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
+    node = next(iter(model.graph))
+    attach_quantized_weight(model.graph, Linear("lin", Role.Q, 0, node, k, n),
+                            quantize_rtn(w, bits, block, symmetric, positive=positive))
+    return model, None
+
+
+def test_padding_to_whole_blocks_keeps_logits_and_integers(tiny_export, tmp_path):
+    # hidden 64 and intermediate 128 with blocks of 128: every K=64 linear has a short (partial) block
+    model = _quantized_tiny(tiny_export, group_size=128, lm_head_bits=8)
+    before = fidelity.digests(model)
+    assert check_tensorrt(model) and all("whole number of blocks" in v.rule for v in check_tensorrt(model))
+    ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
+    assert PadPartialBlocks()(model).modified
+    assert check_tensorrt(model, {f"{name}.weight_q" for name in before}) == []
+    assert fidelity.digests(model) == before  # the real rows' integers and scales are untouched
+    pads = [n for n in model.graph if n.op_type == "Pad"]
+    # per block: one for q/k/v (one shared input), one for o, one for gate/up (down has K=128); plus lm_head
+    assert len(pads) == 2 * 3 + 1
+    ir.save(model, tmp_path / "padded.onnx", external_data="padded.onnx.data")
+    ids = np.random.default_rng(0).integers(0, 256, size=(2, 9))
+    np.testing.assert_allclose(run_logits(tmp_path / "padded.onnx", ids, **FP32),
+                               run_logits(tmp_path / "canonical.onnx", ids, **FP32), atol=1e-5, rtol=0)
+
+
+def _violations(model, quantized=frozenset()):
+    return [v.rule for v in check_tensorrt(model, set(quantized))]
+
+
+def test_checker_accepts_the_trt_form_and_names_each_broken_rule():
+    model, _ = _one_linear(128, 8, 4, True, 64)
+    assert _violations(model, {"lin.weight_q"}) == []
+
+    asym, _ = _one_linear(128, 8, 4, False, 64)
+    rules = _violations(asym)
+    assert any("non-zero zero point" in r for r in rules) and any("UINT4" in r for r in rules)
+
+    signed, _ = _one_linear(128, 8, 4, True, 64, positive=False)  # ONNX Runtime's convention
+    assert any("not strictly positive" in r for r in _violations(signed))
+
+    partial, _ = _one_linear(96, 8, 4, True, 64)
+    assert any("whole number of blocks" in r for r in _violations(partial))
+
+    old, _ = _one_linear(128, 8, 4, True, 64)
+    old.opset_imports[""] = 20
+    assert any("opset 20" in r for r in _violations(old))
+
+    # a quantized weight that is no longer there (folded back to float)
+    assert any("constant-folded" in r for r in _violations(model, {"lin.weight_q", "other.weight_q"}))
+
+
+def test_checker_flags_custom_ops_without_plugin():
+    from qcompile.targets.ort import LowerToMatMulNBits
+
+    model, _ = _one_linear(128, 8, 4, True, 64)
+    LowerToMatMulNBits()(model)
+    rules = _violations(model, {"lin.weight_q"})
+    assert any("com.microsoft.MatMulNBits has no TensorRT plugin" in r for r in rules)
+
+
+@pytest.mark.parametrize("bits,symmetric,block", [(4, True, 32), (4, False, 64), (8, True, 16), (8, False, 32)])
+def test_matmul_nbits_decodes_to_the_canonical_integers(bits, symmetric, block):
+    from qcompile.analysis import Linear, Role
+    from qcompile.targets.ort import LowerToMatMulNBits
+
+    model, _ = _one_linear(200, 12, bits, symmetric, block, positive=False)
+    node = next(n for n in model.graph if n.op_type == "MatMul")
+    canonical = fidelity.decode(Linear("lin", Role.Q, 0, node, 200, 12))
+    LowerToMatMulNBits()(model)
+    node = next(iter(model.graph))
+    lowered = fidelity.decode(Linear("lin", Role.Q, 0, node, 200, 12))
+    assert lowered.digest() == canonical.digest()
+    np.testing.assert_array_equal(lowered.q, canonical.q)
+
+
+def test_trt_target_refuses_asymmetric_weights(tiny_export, tmp_path):
+    _, path = tiny_export("llama")
+    for option in (dict(symmetric=False), dict(positive_scales=False)):
+        with pytest.raises(errors.InputError, match="symmetric weights with positive scales"):
+            qcompile.compile(path, "trt-int4", tmp_path / "out", eval_windows=None, **option)
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, tmp_path):
+    _, path = tiny_export("llama")
+    trt = qcompile.compile(path, "trt-int4", tmp_path / "trt", eval_windows=None)
+    ort = qcompile.compile(path, "ort-int4", tmp_path / "ort", eval_windows=None, positive_scales=True)
+    assert trt.manifest["fidelity"]["tensorrt_check"] == "passed"
+    report = fidelity.verify(trt.path, against=ort.path)
+    assert report["passed"], report["problems"]
+    assert report["layers"] == 2 * 7 + 1 and report["logits"]["argmax_agreement"] >= 0.95
+
+    # ort-int4's default recipe (signed scales) is a different set of integers, and verify says so
+    signed = qcompile.compile(path, "ort-int4", tmp_path / "signed", eval_windows=None)
+    report = fidelity.verify(trt.path, against=signed.path)
+    assert not report["passed"] and "integers or scales differ" in report["problems"][0]
+
+    # flip one stored 4-bit value of blocks.1.up in the ORT artifact's external data
+    model = ir.load(ort.model_path)
+    decoded = fidelity.decode_model(model)
+    tensor = decoded["blocks.1.up"].tensor
+    value = model.graph.initializers[tensor]
+    array = value.const_value.numpy().copy()
+    array.flat[5] ^= 0x01
+    value.const_value = ir.tensor(array, name=tensor)
+    ir.save(model, ort.model_path, external_data="model.onnx.data")
+    report = fidelity.verify(ort.path)
+    assert not report["passed"]
+    assert any("blocks.1.up" in p and tensor in p for p in report["problems"]), report["problems"]
+    assert len(report["problems"]) == 1
+
+
+def test_engine_builds_into_the_artifact(tiny_export, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="CI installs qcompile[tensorrt-rtx]")
+    from qcompile import engine
+    from qcompile.artifact import Artifact
+
+    _, path = tiny_export("llama")
+    art = qcompile.compile(path, "trt-int4", tmp_path / "trt", eval_windows=None)
+    record = engine.build(art.path, engine.Profiles(max_prompt=64, max_length=128, opt_prompt=16, opt_length=32))
+    file = art.path / engine.ENGINE_FILE
+    assert file.stat().st_size == record["bytes"] > 0
+    manifest = Artifact.load(art.path).manifest
+    assert manifest["engine"] == record and manifest["files"][engine.ENGINE_FILE]["sha256"] == record["sha256"]
+    # deserialising needs a CUDA device: True where one is, else the reason it was not checked
+    assert record["deserialized"] is True or record["deserialized"].startswith("not checked")
+
+    ort = qcompile.compile(path, "ort-int4", tmp_path / "ort", eval_windows=None)
+    with pytest.raises(errors.InputError, match="not a TensorRT artifact"):
+        engine.build(ort.path)
