@@ -13,9 +13,9 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, fidelity, sources, targets
+from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, fidelity, package, sources, targets
+from qcompile import engine as engine_mod
 from qcompile.passes import QuantizeEmbedding, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN
-from qcompile import engine as engine_mod, package
 from qcompile.runtime import Decoder, load_tokenizer
 from qcompile.schemes import Algorithm, WeightScheme, parse_algorithm
 from qcompile.targets.trt import check_tensorrt

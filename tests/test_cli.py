@@ -40,6 +40,10 @@ def bad_files(tmp_path):
     (["model", "{d}/notllm", "--target", "trt-int9"], "unknown target 'trt-int9'"),
     (["model", "{d}/notllm", "--algo", "hqq"], "unknown algorithm"),
     (["model", "{d}/notllm", "--group-size", "48"], "power of two"),
+    (["model", "{d}/notllm", "--target", "trt-int4", "--asymmetric"], "symmetric weights with positive scales"),
+    (["model", "{d}/notllm", "--target", "trt-int4", "--signed-scales"], "symmetric weights with positive scales"),
+    (["model", "{d}/notllm", "--target", "trt-int4", "--embeddings", "int8"], "quantized embeddings run on ONNX Runtime"),
+    (["model", "{d}/notllm", "--target", "ort-int4", "--engine"], "--engine builds TensorRT engines"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(capsys, bad_files, args, match):
     args = [a.format(d=bad_files) for a in args] + ["-o", str(bad_files / "out")]
@@ -51,6 +55,11 @@ def test_bad_input_is_one_line_exit_2_nothing_written(capsys, bad_files, args, m
     (["inspect", "{d}/corrupt.onnx"], "cannot read ONNX model"),
     (["inspect", "{d}/notllm"], "not a supported"),
     (["run", "{d}/notllm", "--prompt", "hi"], "lacks decoder inputs"),
+    (["build", "{d}/notllm"], "is not a qcompile artifact"),
+    (["package", "{d}/notllm"], "is not a qcompile artifact"),
+    (["verify", "{d}/notllm"], "is not a qcompile artifact"),
+    (["check", "{d}/corrupt.onnx"], "cannot read ONNX model"),
+    (["check", "{d}/notllm", "--target", "ort-int4"], "not a trt-* target"),
 ])
 def test_other_commands_fail_cleanly(capsys, bad_files, args, match):
     _fails_cleanly(capsys, bad_files, [a.format(d=bad_files) for a in args], match)
@@ -109,3 +118,24 @@ def test_interrupted_compile_leaves_nothing(monkeypatch, capsys, tiny_export, tm
     monkeypatch.setattr(artifact, "write_manifest", interrupt)
     assert main(["model", str(path), "-o", str(tmp_path / "out"), "--no-eval"]) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_verify_and_package_report_problems(capsys, tiny_export, tmp_path):
+    _, path = tiny_export("llama")
+    ort = tmp_path / "ort"
+    assert main(["model", str(path), "--target", "ort-int4", "--no-eval", "-o", str(ort)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(ort)]) == 1  # MatMulNBits is not a TensorRT op
+    captured = capsys.readouterr()
+    assert "MatMulNBits has no TensorRT plugin" in captured.out and "TensorRT rule violation" in captured.err
+    assert main(["verify", str(ort)]) == 0
+    trt = tmp_path / "trt"
+    assert main(["model", str(path), "--target", "trt-int4", "--no-eval", "-o", str(trt)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(trt)]) == 0
+    assert main(["package", str(trt)]) == 2  # an edge package is for ONNX Runtime artifacts
+    assert "compile with --target edge-int4" in capsys.readouterr().err
+    # ort-int4's signed scales are not trt-int4's integers: verify fails and names the layer and tensor
+    assert main(["verify", str(trt), "--against", str(ort)]) == 1
+    err = capsys.readouterr().err
+    assert "verification failed" in err and "blocks.0." in err and "weight_q" in err
