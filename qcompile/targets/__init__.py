@@ -59,9 +59,9 @@ _REGISTRY = {
         ),
         Target(
             "edge-int4",
-            "ort-int4 packaged for devices: onnxruntime-genai folder and zip with tokenizer, config and golden vectors",
+            "ort-int4 with an int8 embedding table, packaged for devices: onnxruntime-genai folder and zip with tokenizer, config and golden vectors",
             "onnxruntime",
-            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8),
+            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8, embedding_bits=8),
             _ort_nbits,
             edge=True,
         ),

@@ -4,6 +4,7 @@ import json
 import zipfile
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 import qcompile
@@ -25,7 +26,9 @@ def artifacts(smollm2_export, tmp_path_factory):
         "ort": qcompile.compile(smollm2_export / "model.onnx", "ort-int4", root / "ort", eval_windows=None,
                                 positive_scales=True),
         "edge": qcompile.compile(smollm2_export / "model.onnx", "edge-int4", root / "edge", eval_windows=None,
-                                 positive_scales=True),
+                                 positive_scales=True, embedding_bits=None),
+        "edge-default": qcompile.compile(smollm2_export / "model.onnx", "edge-int4", root / "edge-default",
+                                         eval_windows=None),
     }
 
 
@@ -60,7 +63,8 @@ def test_verify_same_integers_in_every_target(artifacts, capsys):
 
 def test_onnxruntime_genai_generates_qcompile_runs_greedy_tokens(artifacts, capsys):
     og = pytest.importorskip("onnxruntime_genai", reason="CI installs qcompile[edge]")
-    folder = artifacts["edge"].path
+    folder = artifacts["edge-default"].path  # int8 embeddings: GatherBlockQuantized
+    assert "GatherBlockQuantized" in {n.op_type for n in ir.load(folder / "model.onnx").graph}
     golden = json.loads((folder / "golden.json").read_text())
     ids = golden["prompt_ids"]
 
