@@ -53,7 +53,8 @@ def main() -> None:
         ("qcompile ort-int4 (default: signed scales, lm_head int8)", "ort-int4", {}),
         ("qcompile ort-int4 --positive-scales (trt-int4's integers)", "ort-int4", dict(positive_scales=True)),
         ("qcompile trt-int4 (default: positive scales, lm_head int8)", "trt-int4", {}),
-        ("qcompile edge-int4 --positive-scales", "edge-int4", dict(positive_scales=True)),
+        ("qcompile edge-int4 --positive-scales --embeddings float", "edge-int4",
+         dict(positive_scales=True, embedding_bits=None)),
     ]):
         start = time.perf_counter()
         art = qcompile.compile(float_dir / "model.onnx", target, work / f"{i}-{target}",
