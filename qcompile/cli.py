@@ -214,27 +214,30 @@ def check(
     path: pathlib.Path = typer.Argument(..., help="A trt-* artifact folder or .onnx file."),
     target: str = typer.Option("trt-int4", "--target", "-t", help="The TensorRT target whose rules to check."),
 ):
-    """Check an ONNX model against TensorRT's explicit-quantization rules (exit 1 on any violation)."""
-    from qcompile import pipeline, runtime, targets as registry
+    """Check an ONNX model against TensorRT's explicit-quantization rules (exit 1 on any violation); in an
+    artifact, also that every weight its compile quantized is still quantized (not folded to float)."""
+    from qcompile import fidelity, pipeline, runtime, targets as registry
     from qcompile.targets.trt import check_tensorrt
 
     if registry.get(target).runtime != "tensorrt":
         raise errors.InputError(f"`qcompile check` checks TensorRT rules: {target} is not a trt-* target")
     model_path = runtime.model_file(path)
+    model = pipeline.load_onnx(model_path)
     manifest = model_path.parent / "manifest.json"
-    quantized = set()
-    if manifest.is_file():
-        layers = json.loads(manifest.read_text()).get("layers", [])
-        quantized = {f"{entry['name']}.weight_q" for entry in layers if "bits" in entry}
-    violations = check_tensorrt(pipeline.load_onnx(model_path), quantized)
+    expected = json.loads(manifest.read_text()).get("fidelity", {}).get("weights", {}) if manifest.is_file() else {}
     by_rule = collections.defaultdict(list)
-    for v in violations:
+    for v in check_tensorrt(model):
         by_rule[v.rule].append(v.node)
+    if expected:
+        for problem in fidelity.compare_digests(expected, fidelity.decode_model(model)):
+            layer, rule = problem.split(": ", 1)
+            by_rule[rule].append(layer)
+    violations = sum(len(where) for where in by_rule.values())
     for rule, where in by_rule.items():
         more = f", … ({len(where)} in all)" if len(where) > 3 else ""
         console.print(f"[red]✗[/red] {rule}: {', '.join(where[:3])}{more}")
     if violations:
-        raise errors.QcompileError(f"{len(violations)} TensorRT rule violation(s) in {model_path}")
+        raise errors.QcompileError(f"{violations} TensorRT rule violation(s) in {model_path}")
     console.print(f"[green]✓[/green] {model_path} conforms to {target}'s TensorRT rules")
 
 

@@ -119,7 +119,8 @@ def digests(model: ir.Model) -> dict[str, str]:
 
 def compare_digests(expected: dict[str, str], found: dict[str, Decoded]) -> list[str]:
     """Problems, one line each, naming the linear and the tensor; empty when bit-identical."""
-    problems = [f"{name}: missing (expected quantized weights)" for name in sorted(set(expected) - set(found))]
+    problems = [f"{name}: quantized weights missing (a weight DequantizeLinear folded back to float? never run "
+                "onnxsim or ORT offline optimisation on an artifact)" for name in sorted(set(expected) - set(found))]
     problems += [f"{name}: quantized here but not in the reference ({found[name].tensor})"
                  for name in sorted(set(found) - set(expected))]
     problems += [f"{name}: integers or scales differ from the reference in tensor {found[name].tensor}"

@@ -152,7 +152,7 @@ def compile(
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise errors.InputError(f"accuracy level {accuracy_level} is not one of 0, 1, 2, 3, 4")
         tgt = dataclasses.replace(tgt, accuracy_level=accuracy_level)
-    if tgt.symmetric_only and not (scheme.symmetric and scheme.positive_scales):
+    if tgt.runtime == "tensorrt" and not (scheme.symmetric and scheme.positive_scales):
         raise errors.InputError(f"{tgt.name} needs symmetric weights with positive scales ({tgt.runtime} rejects zero "
                                 "points and negative scales): drop --asymmetric / --signed-scales")
     if scheme.embedding_bits is not None and tgt.runtime != "onnxruntime":
@@ -188,7 +188,7 @@ def compile(
     canonical = fidelity.decode_model(model)
     digests = {name: d.digest() for name, d in canonical.items()}
     ir.passes.PassManager(tgt.lowering_passes())(model)
-    checks = _check_lowered(model, tgt, digests, {d.tensor for d in canonical.values()})
+    checks = _check_lowered(model, tgt, digests)
 
     with artifact.atomic_folder(out) as tmp:
         ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
@@ -224,14 +224,14 @@ def compile(
     return artifact.Artifact.load(out)
 
 
-def _check_lowered(model: ir.Model, tgt, digests: dict[str, str], quantized: set[str]) -> dict:
+def _check_lowered(model: ir.Model, tgt, digests: dict[str, str]) -> dict:
     """Prove the lowering kept every integer and scale (and, for TensorRT, every parser rule)."""
     problems = fidelity.compare_digests(digests, fidelity.decode_model(model))
     if problems:
         raise errors.QcompileError(f"lowering to {tgt.name} changed quantized weights: {'; '.join(problems[:3])}")
     checks = {"lowered_weights": "bit-identical to the canonical model"}
     if tgt.runtime == "tensorrt":
-        violations = check_tensorrt(model, quantized)
+        violations = check_tensorrt(model)
         if violations:
             raise errors.QcompileError(f"{tgt.name} output breaks TensorRT rules: {'; '.join(map(str, violations[:3]))}")
         checks["tensorrt_check"] = "passed"

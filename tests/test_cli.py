@@ -139,3 +139,20 @@ def test_check_verify_and_package_report_problems(capsys, tiny_export, tmp_path)
     assert main(["verify", str(trt), "--against", str(ort)]) == 1
     err = capsys.readouterr().err
     assert "verification failed" in err and "blocks.0." in err and "weight_q" in err
+
+    # fold blocks.1.up's weight DequantizeLinear back to a float initializer, as onnxsim would
+    from qcompile import analysis
+
+    model = ir.load(trt / "model.onnx")
+    up = next(lin for lin in analysis.analyze(model).linears() if lin.name == "blocks.1.up")
+    dq = up.weight_input.producer()
+    q, scale = (v.const_value.numpy().astype("float32") for v in dq.inputs[:2])
+    folded = ir.Value(name="folded_up", const_value=ir.tensor(q * scale.repeat(q.shape[0] // scale.shape[0], 0),
+                                                                name="folded_up"))
+    model.graph.register_initializer(folded)
+    up.node.replace_input_with(1, folded)
+    ir.save(model, trt / "model.onnx", external_data="model.onnx.data")
+    capsys.readouterr()
+    assert main(["check", str(trt)]) == 1
+    out = capsys.readouterr().out
+    assert "folded back to float" in out and "blocks.1.up" in out

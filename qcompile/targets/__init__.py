@@ -24,7 +24,6 @@ class Target:
     scheme: WeightScheme
     lowering: Callable[["Target"], list[ir.passes.PassBase]]
     accuracy_level: int = 4  # ORT MatMulNBits: 0 = fp32 compute; 4 = int8 activations per block
-    symmetric_only: bool = False  # TensorRT rejects zero points and non-positive scales
     edge: bool = False  # also write an edge package (onnxruntime-genai config, golden vectors, zip)
 
     def lowering_passes(self) -> list[ir.passes.PassBase]:
@@ -55,7 +54,6 @@ _REGISTRY = {
             "tensorrt",
             WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8, positive_scales=True),
             _trt_weight_only,
-            symmetric_only=True,
         ),
         Target(
             "edge-int4",
