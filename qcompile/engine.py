@@ -9,6 +9,7 @@ and 1 = decode (1 new token after 0..max_length-1 cached ones).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import os
 import pathlib
@@ -16,7 +17,6 @@ import tempfile
 import time
 
 from qcompile import artifact, errors
-from qcompile.sources import file_sha256
 
 ENGINE_FILE = "model.engine"
 
@@ -83,26 +83,26 @@ def build(path: str | pathlib.Path, profiles: Profiles = Profiles(), progress=No
     if blob is None:
         raise errors.QcompileError(f"{package} failed to build an engine for '{art.model_path}' (rerun with --debug)")
     seconds = round(time.perf_counter() - started, 1)
+    data = memoryview(blob)
     fd, tmp = tempfile.mkstemp(prefix=".model.engine.", dir=art.path)
     with os.fdopen(fd, "wb") as f:
-        f.write(memoryview(blob))
+        f.write(data)
     artifact.publish(pathlib.Path(tmp), art.path / ENGINE_FILE)
     advance()
     record = {"file": ENGINE_FILE, "builder": package, "version": trt.__version__, "build_seconds": seconds,
-              "bytes": (art.path / ENGINE_FILE).stat().st_size, "sha256": file_sha256(art.path / ENGINE_FILE),
+              "bytes": data.nbytes, "sha256": hashlib.sha256(data).hexdigest(),
               "profiles": {"prompt": {"max_new_tokens": profiles.max_prompt},
                            "decode": {"max_length": profiles.max_length}},
-              "deserialized": can_deserialize(art.path / ENGINE_FILE)}
+              "deserialized": can_deserialize(trt, bytes(data))}
     manifest = dict(art.manifest, engine=record)
     artifact.write_manifest_atomic(art.path, manifest)
     return record
 
 
-def can_deserialize(engine: pathlib.Path) -> bool | str:
-    """True if the engine deserialises here; a reason string where no CUDA device can be used."""
-    trt, _ = tensorrt_module()
+def can_deserialize(trt, engine: bytes) -> bool | str:
+    """True if the serialized `engine` deserialises here; a reason string where no usable CUDA device is."""
     runtime = trt.Runtime(trt.Logger(trt.Logger.INTERNAL_ERROR))
-    validity, _ = runtime.get_engine_validity(engine.read_bytes()[: runtime.engine_header_size])
+    validity, _ = runtime.get_engine_validity(engine[: runtime.engine_header_size])
     if validity != trt.EngineValidity.VALID:
         return f"not checked: {validity.name.lower()} on this machine (deserialising needs a supported GPU and CUDA driver)"
-    return runtime.deserialize_cuda_engine(engine.read_bytes()) is not None
+    return runtime.deserialize_cuda_engine(engine) is not None

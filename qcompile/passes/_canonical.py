@@ -33,22 +33,24 @@ _STORAGE = {
 def attach_quantized_weight(graph: ir.Graph, linear: Linear, qw: QuantizedWeight) -> None:
     """Make `linear` read its weight through DequantizeLinear of `qw`; drop the float weight if unused."""
     np_type, _ = _STORAGE[(qw.bits, qw.symmetric)]
-    old = linear.weight_input
-    inputs = [
-        _initializer(graph, f"{linear.name}.weight_q", qw.q.astype(np_type)),
-        _initializer(graph, f"{linear.name}.weight_scale", qw.scale),
-    ]
-    if qw.zero_point is not None:
-        inputs.append(_initializer(graph, f"{linear.name}.weight_zero_point", qw.zero_point.astype(np_type)))
-    dq = ir.node(
-        "DequantizeLinear", inputs, attributes={"axis": 0, "block_size": qw.group_size},
-        name=f"{linear.name}.weight_dq",
-    )
-    dq.outputs[0].name = f"{linear.name}.weight"
+    read_dequantized(graph, linear.node, 1, f"{linear.name}.weight", qw.q.astype(np_type), qw.scale,
+                     None if qw.zero_point is None else qw.zero_point.astype(np_type), axis=0, block_size=qw.group_size)
+
+
+def read_dequantized(graph: ir.Graph, consumer: ir.Node, index: int, name: str, q: np.ndarray, scale: np.ndarray,
+                     zero_point: np.ndarray | None, axis: int, block_size: int) -> None:
+    """Feed `consumer`'s input `index` from DequantizeLinear(q, scale[, zero_point]) (initializers `name`_q,
+    _scale, _zero_point; output `name`), and drop the tensor it read before if nothing else does."""
+    old = consumer.inputs[index]
+    inputs = [_initializer(graph, f"{name}_q", q), _initializer(graph, f"{name}_scale", scale)]
+    if zero_point is not None:
+        inputs.append(_initializer(graph, f"{name}_zero_point", zero_point))
+    dq = ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": block_size}, name=f"{name}_dq")
+    dq.outputs[0].name = name
     dq.outputs[0].dtype = ir.DataType.FLOAT
-    dq.outputs[0].shape = ir.Shape([linear.in_features, linear.out_features])
-    graph.insert_before(linear.node, dq)
-    linear.node.replace_input_with(1, dq.outputs[0])
+    dq.outputs[0].shape = ir.Shape(q.shape)
+    graph.insert_before(consumer, dq)
+    consumer.replace_input_with(index, dq.outputs[0])
     _remove_if_unused(graph, old)
 
 

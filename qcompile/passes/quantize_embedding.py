@@ -16,13 +16,14 @@ import onnx_ir as ir
 
 from qcompile import analysis
 from qcompile.algorithms.rtn import quantize_rtn
-from qcompile.passes._canonical import _STORAGE, _initializer, _remove_if_unused
+from qcompile.passes._canonical import _STORAGE, read_dequantized
 
 
 class QuantizeEmbedding(ir.passes.InPlacePass):
     """Replace the embedding Gather's float table by DequantizeLinear of its RTN quantization.
 
-    Approximates: every looked-up row becomes its blockwise dequantized value. `self.record` describes
+    Approximates: E[v, h] ≈ q[v, h] · s[v, h // B], so each looked-up row is its blockwise dequantized
+    value; nothing else in the graph changes. `self.record` describes
     what was done, for the manifest.
     """
 
@@ -33,22 +34,14 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         gather = analysis.analyze(model).embedding
-        table = gather.inputs[0]
-        if table.const_value is None:
+        table = gather.inputs[0].const_value
+        if table is None:
             return ir.passes.PassResult(model, False)  # already quantized
-        e = table.const_value.numpy().astype(np.float32)
+        e = table.numpy().astype(np.float32)
         qw = quantize_rtn(e.T, self.bits, self.group_size, True, positive=self.positive_scales)  # blocks along H
         np_type, _ = _STORAGE[(self.bits, True)]
-        dq = ir.node("DequantizeLinear", [
-            _initializer(model.graph, "embedding.weight_q", np.ascontiguousarray(qw.q.T).astype(np_type)),
-            _initializer(model.graph, "embedding.weight_scale", np.ascontiguousarray(qw.scale.T)),
-        ], attributes={"axis": 1, "block_size": self.group_size}, name="embedding.weight_dq")
-        dq.outputs[0].name = "embedding.weight"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        dq.outputs[0].shape = ir.Shape(e.shape)
-        model.graph.insert_before(gather, dq)
-        gather.replace_input_with(0, dq.outputs[0])
-        _remove_if_unused(model.graph, table)
+        read_dequantized(model.graph, gather, 0, "embedding.weight", np.ascontiguousarray(qw.q.T).astype(np_type),
+                         np.ascontiguousarray(qw.scale.T), None, axis=1, block_size=self.group_size)
         self.record = {"name": "embedding", "shape": list(e.shape), "bits": self.bits, "group_size": self.group_size,
                        "symmetric": True, "algorithm": "rtn"}
         return ir.passes.PassResult(model, True)
