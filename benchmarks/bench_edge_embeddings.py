@@ -18,24 +18,8 @@ import tempfile
 
 import qcompile
 from qcompile import artifact, evaluation, runtime
-
-RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def genai_tokens(folder: pathlib.Path, prompt_ids: list[int], count: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + count, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt_ids)
-    out = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
-
+from qcompile.package import genai_greedy
+from _results import meta, save
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,18 +39,14 @@ def main() -> None:
             "embeddings": label, "ppl": round(ppl.ppl, 3), "model_mb": round(artifact.model_bytes(art.model_path) / 1e6, 1),
             "package_mb": round(sum(p.stat().st_size for p in art.path.iterdir()) / 1e6, 1),
             "zip_mb": round(art.path.with_name(art.path.name + ".zip").stat().st_size / 1e6, 1),
-            "genai_matches_golden": genai_tokens(art.path, golden["prompt_ids"], len(golden["greedy_ids"])) == golden["greedy_ids"],
+            "genai_matches_golden": genai_greedy(art.path, golden["prompt_ids"], len(golden["greedy_ids"])) == golden["greedy_ids"],
         })
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "edge_embeddings.json").write_text(json.dumps({"windows": args.windows, "protocol": evaluation.PROTOCOL,
-                                                               "versions": artifact.package_versions(), "rows": rows}, indent=2))
     lines = [f"edge-int4 (RTN g128, lm_head int8) on {args.source}; perplexity on {args.windows} × 512-token WikiText-2 test windows.",
              "", "| embeddings | ppl | model MB | package MB | zip MB | onnxruntime-genai = golden |", "|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['embeddings']} | {r['ppl']:.2f} | {r['model_mb']:.0f} | {r['package_mb']:.0f} | {r['zip_mb']:.0f} | "
                      f"{'yes' if r['genai_matches_golden'] else 'NO'} |")
-    (RESULTS / "edge_embeddings.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save("edge_embeddings", {"meta": meta(windows=args.windows, source=args.source), "rows": rows}, lines)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -8,17 +8,13 @@ Writes benchmarks/results/export_parity.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 import numpy as np
 
 import qcompile
 from qcompile import evaluation, runtime, sources
 from qcompile.export import load_hf
-
-RESULTS = pathlib.Path(__file__).parent / "results"
-
+from _results import save
 
 def main() -> None:
     import torch
@@ -40,12 +36,9 @@ def main() -> None:
     torch_ppl = float(np.exp(nll / (args.windows * (evaluation.SEQ_LEN - 1))))
     result = {"windows": args.windows, "protocol": evaluation.PROTOCOL, "torch_ppl": round(torch_ppl, 4),
               "ort_fp32_ppl": round(ort_ppl, 4), "relative_difference_pct": round(100 * (ort_ppl / torch_ppl - 1), 4)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "export_parity.json").write_text(json.dumps(result, indent=2))
-    table = ("| windows | PyTorch ppl | ORT FP32 ppl | difference |\n|---:|---:|---:|---:|\n"
-             f"| {args.windows} | {torch_ppl:.4f} | {ort_ppl:.4f} | {result['relative_difference_pct']:+.4f} % |\n")
-    (RESULTS / "export_parity.md").write_text(table)
-    print(table)
+    save("export_parity", result, ["| windows | PyTorch ppl | ORT FP32 ppl | difference |", "|---:|---:|---:|---:|",
+                                   f"| {args.windows} | {torch_ppl:.4f} | {ort_ppl:.4f} | "
+                                   f"{result['relative_difference_pct']:+.4f} % |"])
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ timings share machine conditions. Writes benchmarks/results/int4_peers.{json,md}
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import shutil
 import tempfile
 import time
@@ -20,9 +18,7 @@ import time
 
 import qcompile
 from qcompile import artifact, evaluation, runtime
-
-RESULTS = pathlib.Path(__file__).parent / "results"
-
+from _results import meta, save
 
 def ort_matmul_nbits_quantizer(float_dir: pathlib.Path, out_dir: pathlib.Path, symmetric: bool, block: int) -> pathlib.Path:
     """The peer: onnxruntime.quantization MatMulNBitsQuantizer, default (RTN) algorithm."""
@@ -85,11 +81,6 @@ def main() -> None:
         row["decode_speedup"] = round(base["decode_ms_per_token"] / row["decode_ms_per_token"], 2)
         row["path"] = str(row["path"])
 
-    RESULTS.mkdir(exist_ok=True)
-    meta = {"windows": args.windows, "protocol": evaluation.PROTOCOL, "source": args.source,
-            "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-            "versions": artifact.package_versions()}
-    (RESULTS / "int4_peers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"Perplexity on WikiText-2 test, {args.windows} × 512-token windows; latency: 512-token prefill, "
         "median decode ms/token after it (ORT CPU).",
@@ -101,8 +92,7 @@ def main() -> None:
         lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_delta_pct']:+.2f} % | {100 * r['argmax_agreement']:.1f} % | "
                      f"{r['size_mb']:.0f} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | "
                      f"{r['decode_speedup']:.2f}× | {r['compile_s'] if r['compile_s'] is not None else '-'} |")
-    (RESULTS / "int4_peers.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save("int4_peers", {"meta": meta(windows=args.windows, source=args.source), "rows": rows}, lines)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,13 +9,9 @@ Writes benchmarks/results/latency.{json,md}; the first model is the baseline of 
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 from qcompile import evaluation, runtime
-
-RESULTS = pathlib.Path(__file__).parent / "results"
-
+from _results import save
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,13 +28,10 @@ def main() -> None:
             decode[i] = min(decode[i], r["decode_ms_per_token"])
     rows = [{"model": m, "prefill_ms": p, "decode_ms_per_token": d, "decode_speedup": round(decode[0] / d, 2)}
             for m, p, d in zip(args.models, prefill, decode)]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latency.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows}, indent=2))
     lines = ["| model | prefill 512 ms | decode ms/token | decode speedup |", "|---|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}× |"
               for r in rows]
-    (RESULTS / "latency.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save("latency", {"rounds": args.rounds, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Writes benchmarks/results/targets.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import shutil
 import tempfile
 import time
@@ -24,9 +22,7 @@ import qcompile
 from qcompile import artifact, engine, evaluation, fidelity, runtime
 
 from bench_int4_peers import ort_matmul_nbits_quantizer
-
-RESULTS = pathlib.Path(__file__).parent / "results"
-
+from _results import meta, save
 
 def folder_mb(folder: pathlib.Path) -> float:
     return round(sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6, 1)
@@ -92,11 +88,6 @@ def main() -> None:
     for row in rows:
         row["ppl_delta_pct"] = round(100 * (row["ppl"] / rows[0]["ppl"] - 1), 2)
 
-    RESULTS.mkdir(exist_ok=True)
-    meta = {"windows": args.windows, "protocol": evaluation.PROTOCOL, "source": args.source,
-            "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-            "versions": artifact.package_versions()}
-    (RESULTS / "targets.json").write_text(json.dumps({"meta": meta, "rows": rows, "verify": verify}, indent=2, default=str))
     lines = [
         f"Perplexity on WikiText-2 test, {args.windows} × 512-token windows, executed by ONNX Runtime CPU (the "
         "trt-int4 graph too).",
@@ -116,8 +107,7 @@ def main() -> None:
         lines.append(f"- verify {name}: {'passed' if report['passed'] else 'FAILED'}, {report['layers']} linears "
                      f"bit-identical; max |Δlogits| {lg['max_abs_logit_diff']:.2e}, argmax agreement "
                      f"{100 * lg['argmax_agreement']:.0f} % over {lg['tokens']} tokens")
-    (RESULTS / "targets.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save("targets", {"meta": meta(windows=args.windows, source=args.source), "rows": rows, "verify": verify}, lines)
     shutil.rmtree(work, ignore_errors=True)
 
 

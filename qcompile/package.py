@@ -104,6 +104,26 @@ def write_edge_files(folder: pathlib.Path, name: str) -> dict:
     return {**versions, "client": "onnxruntime-genai", "zip": f"{name}.zip"}
 
 
+def genai_greedy(folder: pathlib.Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt_ids` by onnxruntime-genai, the package's client (`pip install
+    'qcompile[edge]'`): what a device app loading the package would generate."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise errors.MissingDependencyError("running an edge package needs onnxruntime-genai: "
+                                            "pip install 'qcompile[edge]'") from None
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt_ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
 def zip_folder(folder: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     """Zip `folder`'s files (flat) to `out`, atomically."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 import qcompile
-from qcompile import evaluation, fidelity, generation, runtime
+from qcompile import evaluation, fidelity, generation, package, runtime
 from qcompile.cli import main
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +62,7 @@ def test_verify_same_integers_in_every_target(artifacts, capsys):
 
 
 def test_onnxruntime_genai_generates_qcompile_runs_greedy_tokens(artifacts, capsys):
-    og = pytest.importorskip("onnxruntime_genai", reason="CI installs qcompile[edge]")
+    pytest.importorskip("onnxruntime_genai", reason="CI installs qcompile[edge]")
     folder = artifacts["edge-default"].path  # int8 embeddings: GatherBlockQuantized
     assert "GatherBlockQuantized" in {n.op_type for n in ir.load(folder / "model.onnx").graph}
     golden = json.loads((folder / "golden.json").read_text())
@@ -74,16 +74,7 @@ def test_onnxruntime_genai_generates_qcompile_runs_greedy_tokens(artifacts, caps
     first, _ = decoder.forward(np.array([ids]), decoder.empty_cache(), 0)
     np.testing.assert_allclose(np.load(folder / "golden_logits.npy"), first[0, -1], atol=1e-5)
 
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + len(ours), do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
-    assert theirs == ours
+    assert package.genai_greedy(folder, ids, len(ours)) == ours
 
     # `qcompile run` prints the same continuation
     assert main(["run", str(folder), "--prompt", golden["prompt"], "-n", str(len(ours))]) == 0
