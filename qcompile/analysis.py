@@ -201,9 +201,12 @@ def _rms_input(normed: ir.Value) -> ir.Value | None:
     return None
 
 
+_BETWEEN_NORM_AND_LINEAR = ("Pad", "QuantizeLinear", "DequantizeLinear", "QuantizeDequantizePerToken")
+
+
 def match_norm(value: ir.Value) -> Norm | None:
-    """The norm producing `value` (through a TensorRT whole-block Pad), or None."""
-    value = _skip_back(value, ops=("Pad",))
+    """The norm producing `value` (through a TensorRT whole-block Pad and activation quantizers), or None."""
+    value = _skip_back(value, ops=_BETWEEN_NORM_AND_LINEAR)
     out = value
     node = _skip_back(value).producer()
     if node is None:

@@ -34,13 +34,30 @@ class TapStats:
     abssum: np.ndarray  # [K], Σ|x| (float64)
     hessian: np.ndarray | None  # [K, K], Σ xᵀx (float64)
     tokens: int = 0
+    rows: list[np.ndarray] = dataclasses.field(default_factory=list)  # sampled token rows [r, K] per window
+
+    @property
+    def samples(self) -> np.ndarray:
+        """The sampled rows as one [R, K] array (empty unless `collect` was asked for rows)."""
+        return np.concatenate(self.rows) if self.rows else np.zeros((0, self.absmax.shape[0]), np.float32)
+
+    def scale_channels(self, s: np.ndarray) -> None:
+        """The statistics of x / s (a per-channel scale folded into x's producer): exact, no new run."""
+        self.absmax /= s
+        self.abssum /= s
+        if self.hessian is not None:
+            self.hessian /= np.outer(s, s)
+        self.rows = [r / s for r in self.rows]
 
     @property
     def absmean(self) -> np.ndarray:
         return self.abssum / max(self.tokens, 1)
 
-    def add(self, x: np.ndarray, token_weights: np.ndarray | None = None) -> None:
+    def add(self, x: np.ndarray, token_weights: np.ndarray | None = None, rows: int = 0) -> None:
         x = x.reshape(-1, x.shape[-1])
+        if rows:
+            pick = np.random.default_rng(self.tokens).choice(x.shape[0], min(rows, x.shape[0]), replace=False)
+            self.rows.append(x[np.sort(pick)].copy())
         np.maximum(self.absmax, np.abs(x).max(axis=0), out=self.absmax)
         self.abssum += np.abs(x).sum(axis=0, dtype=np.float64)
         if self.hessian is not None:
@@ -87,9 +104,12 @@ def attention_key(tap: str) -> str:
 
 
 def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian: bool = True,
-            progress=None, label: str = "Calibrating", attention: dict[str, ir.Value] | None = None
-            ) -> dict[str, TapStats]:
+            progress=None, label: str = "Calibrating", attention: dict[str, ir.Value] | None = None,
+            rows_per_window: int = 0) -> dict[str, TapStats]:
     """Statistics of `taps` (values of `model`) over `windows`; keyed by value name.
+
+    `rows_per_window` > 0 also keeps that many randomly chosen token rows of each window (seeded), for
+    searches that need real activations (SmoothQuant's α), not only their statistics.
 
     `attention` maps a tap name to attention probabilities [b, heads, q, k] over the same tokens: those
     taps also get attention-weighted statistics under `attention_key(name)`. The model is saved once to a
@@ -122,7 +142,7 @@ def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian:
                         k = x.shape[-1]
                         stats[key] = TapStats(np.zeros(k, np.float32), np.zeros(k, np.float64),
                                               np.zeros((k, k), np.float64) if hessian else None)
-                    stats[key].add(x, weights)
+                    stats[key].add(x, weights, rows_per_window if weights is None else 0)
             advance()
         del decoder
     return stats

@@ -54,11 +54,15 @@ def model(
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration window."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits for the block linears: 4 or 8 [default: the target's, 4]."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="Block size along K: 32, 64 or 128 [default: the target's, 128]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Block size along K: 32, 64 or 128, or 0 for one scale per output channel [default: the target's]."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric (signed, no zero point) or asymmetric weights [default: the target's, symmetric]."),
     positive_scales: Optional[bool] = typer.Option(None, "--positive-scales/--signed-scales", help="Symmetric scales kept positive (TensorRT; use on ort-/edge- targets for the same integers as trt-) or ORT's signed full-range scales (more accurate) [default: the target's]."),
     lm_head: Width = typer.Option(Width.default, "--lm-head", help="lm_head precision [default: the target's, int8]."),
     embeddings: Width = typer.Option(Width.default, "--embeddings", help="Token-embedding table precision, ONNX Runtime targets (GatherBlockQuantized) [default: the target's, float]."),
+    activations: Optional[str] = typer.Option(None, "--activations", help="Activation quantization: none, int8-static, int8-dynamic or fp8-static [default: the target's]."),
+    smoothquant: Optional[bool] = typer.Option(None, "--smoothquant/--no-smoothquant", help="Fold SmoothQuant scales into the norms before quantizing [default: on for W8A8 targets]."),
+    alpha: Optional[str] = typer.Option(None, "--alpha", help="SmoothQuant migration strength 0..1, or auto (searched per layer) [default: the target's]."),
+    smooth_up_down: Optional[bool] = typer.Option(None, "--smooth-up-down/--no-smooth-up-down", help="SmoothQuant also on down_proj's input (scales folded into up_proj) [default: the target's]."),
     accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="ORT MatMulNBits accuracy_level: 0 (fp32 compute) or 4 (int8 activations) [default: 4]."),
     eval_windows: int = typer.Option(32, "--eval-windows", help="WikiText-2 test windows of 512 tokens to evaluate."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity and latency measurement."),
@@ -66,12 +70,14 @@ def model(
 ):
     """Compile a model for a target: export, quantize, lower, evaluate, write the artifact."""
     from qcompile import pipeline
+    from qcompile.schemes import parse_alpha
 
     widths = {"default": "default", "float": None, "int8": 8, "int4": 4}
     with _progress() as progress:
         art = pipeline.compile(
             source, target, out, algo=algo, bits=bits, group_size=group_size, symmetric=symmetric, lm_head_bits=widths[lm_head.value],
-            embedding_bits=widths[embeddings.value],
+            embedding_bits=widths[embeddings.value], activations=activations, smoothquant=smoothquant,
+            alpha="default" if alpha is None else parse_alpha(alpha), smooth_up_down=smooth_up_down,
             accuracy_level=accuracy_level, act_order=act_order, positive_scales=positive_scales, calib=calib, calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, eval_windows=None if no_eval else eval_windows, engine=engine,
             progress=progress,
@@ -308,7 +314,11 @@ def list_targets():
     for name in registry.names():
         t = registry.get(name)
         s = t.scheme
-        weights = f"{s.algorithm.value} {s.bits}-bit g{s.group_size} {('sym' + (' (scales > 0)' if s.positive_scales else '')) if s.symmetric else 'asym'}"
+        layout = f"g{s.group_size}" if s.group_size else "per-channel"
+        width = "fp8" if s.fp8 else f"{s.bits}-bit"
+        weights = f"{s.algorithm.value} {width} {layout} {('sym' + (' (scales > 0)' if s.positive_scales else '')) if s.symmetric else 'asym'}"
+        if t.activations.kind.value != "none":
+            weights += f"; activations {t.activations.kind.value}{' + SmoothQuant' if t.activations.smoothquant else ''}"
         table.add_row(name, t.runtime, weights, t.description)
     console.print(table)
 

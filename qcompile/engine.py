@@ -59,7 +59,7 @@ def build(path: str | pathlib.Path, profiles: Profiles = Profiles(), progress=No
     """Build `model.engine` inside the trt-* artifact at `path`; returns the manifest's engine record."""
     art = artifact.Artifact.load(path)
     if art.manifest.get("target", {}).get("runtime") != "tensorrt":
-        raise errors.InputError(f"'{art.path}' is not a TensorRT artifact: compile it with --target trt-int4")
+        raise errors.InputError(f"'{art.path}' is not a TensorRT artifact: compile it with --target trt-int4, trt-int8 or trt-fp8")
     trt, package = tensorrt_module()
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)

@@ -2,7 +2,8 @@
 
 `decode` reads a linear's weight back from whichever form a target stored it in (canonical or TensorRT
 DequantizeLinear, ORT MatMulNBits) into the canonical arrays: signed q [K, N] (or unsigned q with a zero
-point), float32 scales [G, N]. `digests` hashes them per linear; the compiler records the digests of the
+point; FP8 E4M3 bit patterns), float32 scales [G, N]. Scales repeated across all blocks of a column
+(a per-channel weight spelled in blocks, as MatMulNBits must) decode as one block: same numbers, one form. `digests` hashes them per linear; the compiler records the digests of the
 canonical model before lowering, and `verify` checks an artifact against them (and against another
 artifact: same integers, then both run through ONNX Runtime on the same prompt).
 """
@@ -32,9 +33,22 @@ class Decoded:
     bits: int
     block_size: int
     tensor: str  # the initializer that holds the integers (named in error messages)
+    fp8: bool = False  # q holds FLOAT8E4M3FN bit patterns
+
+    def one_block_if_uniform(self) -> "Decoded":
+        """A linear's weight whose every block of a column has the same scale (and zero point), or that has
+        no block size (per-channel), as one block spanning K."""
+        k = self.q.shape[0]
+        same = np.all(self.scale == self.scale[:1]) and (
+            self.zero_point is None or np.all(self.zero_point == self.zero_point[:1]))
+        if same or self.block_size == 0:
+            zp = None if self.zero_point is None else self.zero_point[:1]
+            return dataclasses.replace(self, scale=self.scale[:1], zero_point=zp, block_size=k)
+        return self
 
     def digest(self) -> str:
-        h = hashlib.sha256(f"{self.bits}/{self.block_size}/{list(self.q.shape)}".encode())
+        kind = "fp8/" if self.fp8 else ""
+        h = hashlib.sha256(f"{kind}{self.bits}/{self.block_size}/{list(self.q.shape)}".encode())
         for a in (self.q, self.scale, self.zero_point):
             if a is not None:
                 h.update(np.ascontiguousarray(a).tobytes())
@@ -49,11 +63,12 @@ def decode(linear: Linear) -> Decoded | None:
     """The integers and scales of `linear` in canonical layout; None for a float weight."""
     node = linear.node
     if node.op_type == "MatMulNBits":
-        return _decode_nbits(node)
+        return _decode_nbits(node).one_block_if_uniform()
     dq = linear.weight_input.producer()
     if dq is None or dq.op_type != "DequantizeLinear":
         return None
-    q = _array(dq.inputs[0]).astype(np.int16)
+    fp8 = dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
+    q = (_array(dq.inputs[0]).view(np.uint8) if fp8 else _array(dq.inputs[0])).astype(np.int16)
     pad = node.inputs[0].producer()
     if pad is not None and pad.op_type == "Pad":  # TensorRT's whole-block padding: padded rows must be 0
         extra = int(_array(pad.inputs[1])[-1])
@@ -61,9 +76,10 @@ def decode(linear: Linear) -> Decoded | None:
             raise errors.InputError(f"{linear.name}: padded rows of {dq.inputs[0].name} are not zero")
         q = q[: q.shape[0] - extra]
     zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    bits = _INT_TYPES[dq.inputs[0].dtype][0]
-    return Decoded(q, _array(dq.inputs[1]).astype(np.float32), None if zp is None else _array(zp).astype(np.int16),
-                   bits, dq.attributes.get_int("block_size", 0), dq.inputs[0].name)
+    bits = 8 if fp8 else _INT_TYPES[dq.inputs[0].dtype][0]
+    scale = _array(dq.inputs[1]).astype(np.float32).reshape(-1, q.shape[1])  # per-channel [N] → [1, N]
+    zp = None if zp is None else _array(zp).astype(np.int16).reshape(-1, q.shape[1])
+    return Decoded(q, scale, zp, bits, dq.attributes.get_int("block_size", 0), dq.inputs[0].name, fp8).one_block_if_uniform()
 
 
 def _decode_nbits(node: ir.Node) -> Decoded:

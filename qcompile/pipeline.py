@@ -15,9 +15,12 @@ import onnx_ir as ir
 
 from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, fidelity, package, sources, targets
 from qcompile import engine as engine_mod
-from qcompile.passes import QuantizeEmbedding, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN
+from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
+from qcompile.passes import (FoldSmoothQuantScales, QuantizeActivations, QuantizeEmbedding, QuantizeWeightsAWQ,
+                             QuantizeWeightsGPTQ, QuantizeWeightsRTN)
+from qcompile.passes._canonical import bits_for
 from qcompile.runtime import Decoder, load_tokenizer
-from qcompile.schemes import Algorithm, WeightScheme, parse_algorithm
+from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, WeightScheme, parse_algorithm
 from qcompile.targets.trt import check_tensorrt
 
 DEFAULT_OUT_ROOT = pathlib.Path("qcompile-out")
@@ -87,16 +90,34 @@ def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cach
     return _Evaluated({**ppl, **lat, "size_bytes": artifact.model_bytes(model_path)}, predictions)
 
 
-def _weight_pass(scheme: WeightScheme, model_dir: pathlib.Path, calib, samples: int, seqlen: int, progress):
-    """The weight-quantization pass for `scheme.algorithm`, and the calibration record for the manifest."""
+def _weight_pass(scheme: WeightScheme, windows: np.ndarray | None, progress):
+    """The weight-quantization pass for `scheme.algorithm`."""
     if scheme.algorithm == Algorithm.RTN:
-        return QuantizeWeightsRTN(scheme, progress), None
-    windows = calibration.calibration_windows(load_tokenizer(model_dir), calib, samples, seqlen)
-    record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": samples,
-              "seqlen": seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
+        return QuantizeWeightsRTN(scheme, progress)
     if scheme.algorithm == Algorithm.GPTQ:
-        return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress), record
-    return QuantizeWeightsAWQ(scheme, windows, gptq=scheme.algorithm == Algorithm.AWQ_GPTQ, progress=progress), record
+        return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress)
+    return QuantizeWeightsAWQ(scheme, windows, gptq=scheme.algorithm == Algorithm.AWQ_GPTQ, progress=progress)
+
+
+def _smooth(model: ir.Model, scheme: WeightScheme, act: ActivationScheme, windows: np.ndarray, progress):
+    """Calibrate the inputs of the quantized linears once, fold SmoothQuant's scales (if asked), and return
+    (the fold pass or None, the stats of the now-smoothed inputs for static activation scales)."""
+    linears = [lin for lin in analysis.analyze(model).linears() if bits_for(scheme, lin) is not None]
+    taps = list(dict.fromkeys(lin.node.inputs[0] for lin in linears))
+    rows = 8 if act.smoothquant and act.alpha is None else 0  # α search: 8 random tokens per window
+    stats = calibration.collect(model, taps, windows, hessian=False, progress=progress,
+                                label="Calibrating (activations)", rows_per_window=rows)
+    if not act.smoothquant:
+        return None, stats
+
+    def quantize_weight(w):
+        if scheme.fp8:
+            return quantize_fp8(w).dequantize()
+        return quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, positive=scheme.positive_scales).dequantize()
+
+    fold = FoldSmoothQuantScales(act, stats, quantize_weight, scheme.skip)
+    fold(model)
+    return fold, stats
 
 
 def _compare(base: _Evaluated, quant: _Evaluated) -> dict:
@@ -125,6 +146,10 @@ def compile(
     accuracy_level: int | None = None,
     act_order: bool | None = None,
     positive_scales: bool | None = None,
+    activations: str | None = None,
+    smoothquant: bool | None = None,
+    smooth_up_down: bool | None = None,
+    alpha: float | None | str = "default",
     calib: str | pathlib.Path | None = None,
     calib_samples: int = calibration.DEFAULT_SAMPLES,
     calib_seqlen: int = calibration.DEFAULT_SEQLEN,
@@ -135,7 +160,8 @@ def compile(
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
 
     `eval_windows=None` skips evaluation. Options left as None take the target's defaults (`lm_head_bits`
-    None means float, so its "use the default" value is the string "default"). Calibration (GPTQ, AWQ)
+    None means float and `alpha` None means a per-layer search, so their "use the default" value is the
+    string "default"). `activations`: none, int8-static, int8-dynamic or fp8-static. Calibration (GPTQ, AWQ)
     reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
     when everything succeeded. `engine=True` (trt-* targets) also builds a TensorRT engine into it.
     """
@@ -148,6 +174,12 @@ def compile(
         if value != "default":
             changes[name] = value
     scheme = dataclasses.replace(tgt.scheme, **changes)
+    act_changes = {k: v for k, v in (("smoothquant", smoothquant), ("smooth_up_down", smooth_up_down)) if v is not None}
+    if activations is not None:
+        act_changes["kind"] = _parse_activations(activations)
+    if alpha != "default":
+        act_changes["alpha"] = alpha
+    act = dataclasses.replace(tgt.activations, **act_changes)
     if accuracy_level is not None:
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise errors.InputError(f"accuracy level {accuracy_level} is not one of 0, 1, 2, 3, 4")
@@ -155,10 +187,15 @@ def compile(
     if tgt.runtime == "tensorrt" and not (scheme.symmetric and scheme.positive_scales):
         raise errors.InputError(f"{tgt.name} needs symmetric weights with positive scales ({tgt.runtime} rejects zero "
                                 "points and negative scales): drop --asymmetric / --signed-scales")
+    if tgt.runtime == "tensorrt" and act.kind == ActivationKind.INT8_DYNAMIC:
+        raise errors.InputError(f"{tgt.name}: TensorRT's explicit quantization is static per tensor: "
+                                "use --activations int8-static or fp8-static")
+    if scheme.fp8 and scheme.algorithm != Algorithm.RTN:
+        raise errors.InputError(f"FP8 weights are rounded to nearest: drop --algo {scheme.algorithm.value}")
     if scheme.embedding_bits is not None and tgt.runtime != "onnxruntime":
         raise errors.InputError(f"quantized embeddings run on ONNX Runtime (GatherBlockQuantized): drop --embeddings for {tgt.name}")
     if engine and tgt.runtime != "tensorrt":
-        raise errors.InputError(f"--engine builds TensorRT engines: {tgt.name} is an {tgt.runtime} target (use trt-int4)")
+        raise errors.InputError(f"--engine builds TensorRT engines: {tgt.name} is an {tgt.runtime} target (use trt-int4, trt-int8 or trt-fp8)")
     if eval_windows is not None and not 1 <= eval_windows <= 500:
         raise errors.InputError(f"--eval-windows {eval_windows} is out of range: use 1..500 or --no-eval")
 
@@ -179,8 +216,18 @@ def compile(
         )
     if tgt.edge and not (float_path.parent / "config.json").is_file():
         raise errors.InputError(f"no config.json beside '{float_path}': an edge package needs the model's HF config")
-    quantize, calib_record = _weight_pass(scheme, float_path.parent, calib, calib_samples, calib_seqlen, progress)
+    windows, calib_record = None, None
+    if scheme.algorithm != Algorithm.RTN or act.smoothquant or act.static:
+        windows = calibration.calibration_windows(load_tokenizer(float_path.parent), calib, calib_samples, calib_seqlen)
+        calib_record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": calib_samples,
+                        "seqlen": calib_seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
+    smooth, stats = _smooth(model, scheme, act, windows, progress) if act.smoothquant or act.static else (None, None)
+    quantize = _weight_pass(scheme, windows, progress)
     quantize(model)
+    quantize_acts = None
+    if act.kind != ActivationKind.NONE:
+        quantize_acts = QuantizeActivations(act.kind, stats)
+        quantize_acts(model)
     embed = None
     if scheme.embedding_bits is not None:
         embed = QuantizeEmbedding(scheme.embedding_bits, scheme.group_size, scheme.positive_scales)
@@ -206,9 +253,10 @@ def compile(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": src.describe(),
             "target": {"name": tgt.name, "runtime": tgt.runtime, "accuracy_level": tgt.accuracy_level},
-            "recipe": {"weights": scheme.to_dict(), "activations": None, "calibration": calib_record,
-                       "passes": [type(quantize).__name__, *(["QuantizeEmbedding"] if embed else []),
-                                  *(type(p).__name__ for p in tgt.lowering_passes())]},
+            "recipe": {"weights": scheme.to_dict(), "activations": _activation_record(act, smooth, quantize_acts),
+                       "calibration": calib_record,
+                       "passes": [type(p).__name__ for p in (smooth, quantize, quantize_acts, embed, *tgt.lowering_passes())
+                                  if p is not None]},
             "layers": quantize.layers + ([embed.record] if embed else []),
             "fidelity": {"weights": digests, **checks},
             "versions": artifact.package_versions(),
@@ -222,6 +270,23 @@ def compile(
     if engine:
         engine_mod.build(out, progress=progress)
     return artifact.Artifact.load(out)
+
+
+def _parse_activations(name: str) -> ActivationKind:
+    try:
+        return ActivationKind(name.lower())
+    except ValueError:
+        raise errors.InputError(f"unknown activation scheme '{name}': use one of {', '.join(k.value for k in ActivationKind)}") from None
+
+
+def _activation_record(act: ActivationScheme, smooth, quantize_acts) -> dict:
+    record = act.to_dict()
+    if smooth is not None:
+        record["alphas"] = smooth.alphas
+    if quantize_acts is not None and quantize_acts.scales:
+        scales = list(quantize_acts.scales.values())
+        record["static_scales"] = {"count": len(scales), "min": min(scales), "max": max(scales)}
+    return record
 
 
 def _check_lowered(model: ir.Model, tgt, digests: dict[str, str]) -> dict:

@@ -19,12 +19,13 @@ class Algorithm(str, enum.Enum):
 class WeightScheme:
     """How linear weights are quantized.
 
-    bits/group_size/symmetric apply to every block linear; `lm_head_bits` is the lm_head's width
+    bits/group_size/symmetric apply to every block linear (group_size 0: one scale per output channel); `lm_head_bits` is the lm_head's width
     (None keeps it float); `skip` names layers (ModelMap names, e.g. "blocks.0.down") left float.
     `act_order` and `damp` are GPTQ's (visit channels by decreasing Hessian diagonal; Hessian damping).
     `positive_scales`: symmetric scales stay > 0, as TensorRT requires; otherwise ONNX Runtime's
     full-range convention (see `algorithms.rtn`), which is more accurate.
     `embedding_bits`: the token-embedding table's width (None keeps it float; ONNX Runtime targets only).
+    `fp8`: 8-bit weights as FP8 E4M3 (per output channel) instead of INT8.
     """
 
     bits: int = 4
@@ -37,6 +38,7 @@ class WeightScheme:
     damp: float = 0.01
     positive_scales: bool = False
     embedding_bits: int | None = None
+    fp8: bool = False
     version: int = 1
 
     def __post_init__(self):
@@ -46,10 +48,14 @@ class WeightScheme:
             raise errors.InputError(f"embedding bits={self.embedding_bits} is not supported: use 4, 8 or float")
         if self.lm_head_bits not in (None, 4, 8):
             raise errors.InputError(f"lm_head bits={self.lm_head_bits} is not supported: use 4, 8 or float")
-        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+        if self.group_size != 0 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
             raise errors.InputError(
-                f"group size {self.group_size} is not supported: use a power of two >= 16 (32, 64 or 128)"
+                f"group size {self.group_size} is not supported: use a power of two >= 16 (32, 64 or 128), "
+                "or 0 for one scale per output channel"
             )
+        if self.fp8 and (self.bits != 8 or self.group_size != 0 or not self.symmetric):
+            raise errors.InputError("FP8 weights are 8-bit, symmetric, one scale per output channel: "
+                                    "use --bits 8 --group-size 0 --symmetric")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -63,3 +69,47 @@ def parse_algorithm(name: str) -> Algorithm:
         return Algorithm(name.lower())
     except ValueError:
         raise errors.InputError(f"unknown algorithm '{name}': use one of {', '.join(a.value for a in Algorithm)}") from None
+
+
+class ActivationKind(str, enum.Enum):
+    NONE = "none"
+    INT8_STATIC = "int8-static"  # per-tensor scale from calibration (TensorRT's INT8 form)
+    INT8_DYNAMIC = "int8-dynamic"  # per-token scale computed at run time
+    FP8_STATIC = "fp8-static"  # FP8 E4M3, per-tensor scale from calibration (TensorRT's FP8 form)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationScheme:
+    """How the inputs of quantized linears are quantized, and the SmoothQuant folding that prepares them.
+
+    `smoothquant`: fold per-channel scales s = max|x|^α / max|w|^(1-α) into the norms feeding q/k/v and
+    gate/up; `alpha` None searches α per layer group; `smooth_v_o` / `smooth_up_down` also smooth the
+    inputs of o (scales in v's output columns) and down (scales in up's output columns).
+    """
+
+    kind: ActivationKind = ActivationKind.NONE
+    smoothquant: bool = False
+    alpha: float | None = 0.5
+    smooth_v_o: bool = False
+    smooth_up_down: bool = False
+    version: int = 1
+
+    def __post_init__(self):
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise errors.InputError(f"SmoothQuant alpha {self.alpha} is out of range: use 0..1 or auto")
+
+    @property
+    def static(self) -> bool:
+        return self.kind in (ActivationKind.INT8_STATIC, ActivationKind.FP8_STATIC)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "kind": self.kind.value, "alpha": "auto" if self.alpha is None else self.alpha}
+
+
+def parse_alpha(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise errors.InputError(f"--alpha '{text}' is not a number in 0..1 or 'auto'") from None

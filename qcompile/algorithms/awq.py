@@ -47,6 +47,7 @@ def search_clip(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, symmet
                 ratios: np.ndarray = np.linspace(1.0, 0.5, 11), positive: bool = False) -> QuantizedWeight:
     """RTN with a per-(group, output channel) clip ratio minimising Δw_gᵀ H_gg Δw_g (block-diagonal H)."""
     k, n = w.shape
+    per_channel, group_size = group_size == 0, group_size or k
     blocks = _blocks(np.asarray(w, np.float32), group_size)  # [G, B, N] (last block zero-padded)
     groups = blocks.shape[0]
     h_blocks = np.zeros((groups, group_size, group_size), np.float32)
@@ -60,4 +61,4 @@ def search_clip(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, symmet
         err = np.einsum("gbn,gbc,gcn->gn", d, h_blocks, d, optimize=True)
         better = err < best_err
         best_err[better], best_ratio[better] = err[better], ratio
-    return quantize_rtn(w, bits, group_size, symmetric, best_ratio, positive)
+    return quantize_rtn(w, bits, 0 if per_channel else group_size, symmetric, best_ratio, positive)

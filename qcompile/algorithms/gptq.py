@@ -36,6 +36,7 @@ def quantize_gptq(
 ) -> QuantizedWeight:
     """GPTQ-quantize a [K, N] weight given the [K, K] input Hessian H = Σ xᵀx (`positive`: see rtn)."""
     k, n = w.shape
+    per_channel, group_size = group_size == 0, group_size or k
     block_size = max(block_size // group_size, 1) * group_size  # whole groups per block: lazy == eager
     work = np.array(w, dtype=np.float64)
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
@@ -68,4 +69,4 @@ def quantize_gptq(
             errors[i] = err
             codes[row] = q
         work[end:] -= upper[start:end, end:].T @ errors
-    return QuantizedWeight(codes, scale, zero, bits, group_size)
+    return QuantizedWeight(codes, scale, zero, bits, 0 if per_channel else group_size)

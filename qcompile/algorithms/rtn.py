@@ -11,22 +11,28 @@ short. Dequantization is w ≈ (q - zero_point) * scale.
   block's largest value at 2^(b-1)-1 and its most negative at -2^(b-1). Where m is positive the step is
   m/(2^(b-1)-1), coarser: on SmolLM2 (RTN g128, 128 windows) perplexity 39.35 vs 35.28 (benchmarks/results/targets.md).
 - asymmetric: the range [min(w,0), max(w,0)] spread over 2^b - 1 steps, unsigned q, zero point in range.
+- group_size 0 (or K): one block, i.e. one scale per output channel.
+- FP8 (`quantize_fp8`): per output channel, scale = max|w| / 448 so the largest weight lands on E4M3's
+  largest finite value; values round to nearest even on the E4M3 grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
+
+FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN
 
 
 @dataclasses.dataclass
 class QuantizedWeight:
-    q: np.ndarray  # [K, N] int8 (signed) or uint8 (asymmetric) holding b-bit values
+    q: np.ndarray  # [K, N] int8 (signed) or uint8 (asymmetric) holding b-bit values, or float8_e4m3fn
     scale: np.ndarray  # [G, N] float32
     zero_point: np.ndarray | None  # [G, N] uint8, None when symmetric
     bits: int
-    group_size: int
+    group_size: int  # 0: one block spanning K (per output channel)
 
     @property
     def symmetric(self) -> bool:
@@ -37,7 +43,7 @@ class QuantizedWeight:
         k = self.q.shape[0]
 
         def rows(a):
-            return None if a is None else np.repeat(a, self.group_size, axis=0)[:k]
+            return None if a is None else np.repeat(a, self.group_size or k, axis=0)[:k]
 
         return dequantize_values(self.q, rows(self.scale), rows(self.zero_point))
 
@@ -98,7 +104,19 @@ def quantize_rtn(w: np.ndarray, bits: int = 4, group_size: int = 128, symmetric:
     if w.ndim != 2:
         raise ValueError(f"expected a [K, N] weight, got shape {w.shape}")
     k = w.shape[0]
-    blocks = _blocks(np.asarray(w, dtype=np.float32), group_size)
+    blocks = _blocks(np.asarray(w, dtype=np.float32), group_size or k)
     scale, zero_point = block_params(blocks, bits, symmetric, clip, positive)
     q = quantize_values(blocks, scale[:, None, :], None if zero_point is None else zero_point[:, None, :], bits)
     return QuantizedWeight(q.reshape(-1, w.shape[1])[:k], scale, zero_point, bits, group_size)
+
+
+def quantize_fp8(w: np.ndarray) -> QuantizedWeight:
+    """A [K, N] weight as FP8 E4M3 codes with one positive scale per output channel."""
+    scale = (np.abs(w).max(axis=0, keepdims=True) / FP8_MAX).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return QuantizedWeight(fp8_values(w / scale), scale, None, 8, 0)
+
+
+def fp8_values(x: np.ndarray) -> np.ndarray:
+    """`x` on the E4M3 grid, saturating at ±448 as QuantizeLinear does."""
+    return np.clip(x, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)

@@ -6,6 +6,7 @@ A quantized linear is stored once, in standard ONNX (opset 21):
     scale [ceil(K/B), N] float32 ───┼─ DequantizeLinear(axis=0, block_size=B) ─ MatMul(x, ·)
     zero_point (asymmetric only) ───┘
 
+Per-channel weights (one block spanning K; W8A8 and FP8) are DequantizeLinear(axis=1) with scale [N].
 Standard ops rather than a custom op because this form already says everything a weight-only scheme
 needs: ONNX Runtime fuses it into MatMulNBits, TensorRT reads it as is, and any ONNX runtime (or
 onnx.reference) executes it, so the canonical model is the numerical reference for every target.
@@ -31,10 +32,18 @@ _STORAGE = {
 
 
 def attach_quantized_weight(graph: ir.Graph, linear: Linear, qw: QuantizedWeight) -> None:
-    """Make `linear` read its weight through DequantizeLinear of `qw`; drop the float weight if unused."""
-    np_type, _ = _STORAGE[(qw.bits, qw.symmetric)]
-    read_dequantized(graph, linear.node, 1, f"{linear.name}.weight", qw.q.astype(np_type), qw.scale,
-                     None if qw.zero_point is None else qw.zero_point.astype(np_type), axis=0, block_size=qw.group_size)
+    """Make `linear` read its weight through DequantizeLinear of `qw`; drop the float weight if unused.
+
+    Group size 0 (one block spanning K) is stored per channel (scale [N], axis=1, no block_size), as TensorRT's W8A8
+    form needs; FP8 codes are stored as FLOAT8E4M3FN.
+    """
+    name = f"{linear.name}.weight"
+    q = qw.q if qw.q.dtype == ml_dtypes.float8_e4m3fn else qw.q.astype(_STORAGE[(qw.bits, qw.symmetric)][0])
+    zp = None if qw.zero_point is None else qw.zero_point.astype(q.dtype)
+    if qw.group_size == 0:
+        read_dequantized(graph, linear.node, 1, name, q, qw.scale[0], None if zp is None else zp[0], axis=1, block_size=0)
+    else:
+        read_dequantized(graph, linear.node, 1, name, q, qw.scale, zp, axis=0, block_size=qw.group_size)
 
 
 def read_dequantized(graph: ir.Graph, consumer: ir.Node, index: int, name: str, q: np.ndarray, scale: np.ndarray,
@@ -45,7 +54,8 @@ def read_dequantized(graph: ir.Graph, consumer: ir.Node, index: int, name: str, 
     inputs = [_initializer(graph, f"{name}_q", q), _initializer(graph, f"{name}_scale", scale)]
     if zero_point is not None:
         inputs.append(_initializer(graph, f"{name}_zero_point", zero_point))
-    dq = ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": block_size}, name=f"{name}_dq")
+    attributes = {"axis": axis, **({"block_size": block_size} if block_size else {})}
+    dq = ir.node("DequantizeLinear", inputs, attributes=attributes, name=f"{name}_dq")
     dq.outputs[0].name = name
     dq.outputs[0].dtype = ir.DataType.FLOAT
     dq.outputs[0].shape = ir.Shape(q.shape)
@@ -87,7 +97,9 @@ def layer_record(linear: Linear, qw: QuantizedWeight | None, algorithm: str) -> 
     entry = {"name": linear.name, "role": linear.role.value, "shape": [linear.in_features, linear.out_features]}
     if qw is None:
         return {**entry, "format": linear.format()}
-    return {**entry, "bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric, "algorithm": algorithm}
+    fp8 = qw.q.dtype == ml_dtypes.float8_e4m3fn
+    return {**entry, "bits": qw.bits, "group_size": qw.group_size,
+            "symmetric": qw.symmetric, "algorithm": algorithm, **({"dtype": "fp8_e4m3"} if fp8 else {})}
 
 
 def quantize_linears(model, scheme: WeightScheme, quantize_one, algorithm: str, progress=None,

@@ -8,6 +8,7 @@ import onnx_ir as ir
 from qcompile import analysis, calibration, errors
 from qcompile.algorithms.awq import search_scales
 from qcompile.passes._canonical import bits_for
+from qcompile.passes._fold import scale_norm, set_weight
 from qcompile.schemes import WeightScheme
 
 R = analysis.Role
@@ -48,9 +49,9 @@ class FoldAWQScales(ir.passes.InPlacePass):
         for block in mm.blocks:
             lin = block.linears
             for members, fold_inverse in (
-                ([lin[R.Q], lin[R.K], lin[R.V]], lambda s, norm=block.input_norm: _scale_gain(norm, 1 / s)),
-                ([lin[R.GATE], lin[R.UP]], lambda s, norm=block.post_attention_norm: _scale_gain(norm, 1 / s)),
-                ([lin[R.DOWN]], lambda s, up=lin[R.UP]: _set_weight(up, up.float_weight() / s[None, :])),
+                ([lin[R.Q], lin[R.K], lin[R.V]], lambda s, norm=block.input_norm: scale_norm(norm, 1 / s)),
+                ([lin[R.GATE], lin[R.UP]], lambda s, norm=block.post_attention_norm: scale_norm(norm, 1 / s)),
+                ([lin[R.DOWN]], lambda s, up=lin[R.UP]: set_weight(up, up.float_weight() / s[None, :])),
             ):
                 if not all(m.name in quantized for m in members):
                     continue
@@ -61,17 +62,8 @@ class FoldAWQScales(ir.passes.InPlacePass):
                     positive=self.scheme.positive_scales)
                 fold_inverse(s)
                 for m in members:
-                    _set_weight(m, m.float_weight() * s[:, None])
+                    set_weight(m, m.float_weight() * s[:, None])
                     self.hessians[m.name] = self.hessians[m.name] / np.outer(s, s)
             advance()
         return ir.passes.PassResult(model, modified=True)
 
-
-def _set_weight(linear: analysis.Linear, w: np.ndarray) -> None:
-    value = linear.weight_input
-    value.const_value = ir.tensor(w.astype(np.float32), name=value.name)
-
-
-def _scale_gain(norm: analysis.Norm, factor: np.ndarray) -> None:
-    gain = norm.gain
-    gain.const_value = ir.tensor((gain.const_value.numpy() * factor).astype(np.float32), name=gain.name)

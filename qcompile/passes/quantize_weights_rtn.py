@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile import analysis
-from qcompile.algorithms.rtn import quantize_rtn
+from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
 from qcompile.passes._canonical import quantize_linears
 from qcompile.schemes import WeightScheme
 
@@ -14,7 +14,7 @@ class QuantizeWeightsRTN(ir.passes.InPlacePass):
     """W ≈ (q - z) · s blockwise along K, by round-to-nearest (see `algorithms.rtn`).
 
     Approximates, it does not preserve: y = x·W becomes y = x·DequantizeLinear(q, s, z). Block linears use
-    `scheme.bits`; lm_head uses `scheme.lm_head_bits` (None keeps it float); `scheme.skip` stays float.
+    `scheme.bits` (FP8 E4M3 per channel when `scheme.fp8`); lm_head uses `scheme.lm_head_bits` (None keeps it float); `scheme.skip` stays float.
     Requires a float model whose structure `analysis.analyze` recognises (checked in `requires`).
     `self.layers` records what was done to each linear, for the manifest.
     """
@@ -30,8 +30,12 @@ class QuantizeWeightsRTN(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         s = self.scheme
+
+        def quantize_one(linear, bits):
+            if s.fp8 and bits == 8:
+                return quantize_fp8(linear.float_weight())
+            return quantize_rtn(linear.float_weight(), bits, s.group_size, s.symmetric, positive=s.positive_scales)
+
         self.layers = quantize_linears(
-            model, s, lambda linear, bits: quantize_rtn(linear.float_weight(), bits, s.group_size, s.symmetric,
-                                                           positive=s.positive_scales),
-            "rtn", self.progress, "Quantizing weights (RTN)")
+            model, s, quantize_one, "rtn", self.progress, "Quantizing weights (RTN)")
         return ir.passes.PassResult(model, modified=any("bits" in e for e in self.layers))

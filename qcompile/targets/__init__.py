@@ -11,7 +11,7 @@ from typing import Callable
 import onnx_ir as ir
 
 from qcompile import errors
-from qcompile.schemes import WeightScheme
+from qcompile.schemes import ActivationKind, ActivationScheme, WeightScheme
 from qcompile.targets.ort import LowerToMatMulNBits
 from qcompile.targets.trt import PadPartialBlocks
 
@@ -25,6 +25,7 @@ class Target:
     lowering: Callable[["Target"], list[ir.passes.PassBase]]
     accuracy_level: int = 4  # ORT MatMulNBits: 0 = fp32 compute; 4 = int8 activations per block
     edge: bool = False  # also write an edge package (onnxruntime-genai config, golden vectors, zip)
+    activations: ActivationScheme = ActivationScheme()
 
     def lowering_passes(self) -> list[ir.passes.PassBase]:
         return self.lowering(self)
@@ -34,7 +35,7 @@ def _ort_nbits(target: Target) -> list[ir.passes.PassBase]:
     return [LowerToMatMulNBits(target.accuracy_level)]
 
 
-def _trt_weight_only(target: Target) -> list[ir.passes.PassBase]:
+def _trt(target: Target) -> list[ir.passes.PassBase]:
     return [PadPartialBlocks()]
 
 
@@ -53,7 +54,7 @@ _REGISTRY = {
             "4-bit weight-only (RTN, group 128, symmetric, positive scales; lm_head 8-bit) as INT4 DequantizeLinear → MatMul for TensorRT",
             "tensorrt",
             WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8, positive_scales=True),
-            _trt_weight_only,
+            _trt,
         ),
         Target(
             "edge-int4",
@@ -62,6 +63,30 @@ _REGISTRY = {
             WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8, embedding_bits=8),
             _ort_nbits,
             edge=True,
+        ),
+        Target(
+            "ort-w8a8",
+            "8-bit weights per channel and int8 per-token activations after SmoothQuant, as com.microsoft.MatMulNBits bits=8 accuracy_level 4 for ONNX Runtime CPU",
+            "onnxruntime",
+            WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8),
+            _ort_nbits,
+            activations=ActivationScheme(ActivationKind.INT8_DYNAMIC, smoothquant=True, alpha=0.5),
+        ),
+        Target(
+            "trt-int8",
+            "W8A8 for TensorRT: SmoothQuant, int8 weights per channel, static per-tensor int8 activation Q/DQ",
+            "tensorrt",
+            WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8, positive_scales=True),
+            _trt,
+            activations=ActivationScheme(ActivationKind.INT8_STATIC, smoothquant=True, alpha=0.5),
+        ),
+        Target(
+            "trt-fp8",
+            "FP8 E4M3 for TensorRT: SmoothQuant, FP8 weights per channel, static per-tensor FP8 activation Q/DQ",
+            "tensorrt",
+            WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8, positive_scales=True, fp8=True),
+            _trt,
+            activations=ActivationScheme(ActivationKind.FP8_STATIC, smoothquant=True, alpha=0.5),
         ),
     ]
 }

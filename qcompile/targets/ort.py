@@ -8,7 +8,13 @@ MatMulNBits (ORT contrib op) stores the same integers and scales in its own layo
     zero_points uint8 [N, ceil(ceil(K/bs)*bits/8)] packed the same way (asymmetric); absent for
            symmetric weights, whose unsigned codes are q + 2^(bits-1) (ORT's default zero point)
 
-and dequantizes (u - zp) * scale, which equals the canonical (q - zp) * scale bit for bit.
+and dequantizes (u - zp) * scale, which equals the canonical (q - zp) * scale bit for bit. A
+per-channel weight (DequantizeLinear axis=1, scale [N]) is stored in blocks of 128 with its scale repeated.
+
+W8A8: with accuracy_level 4, MatMulNBits quantizes its input to int8 itself, per token and block of K
+(symmetric, max|x| / 127 per block): at least as fine as the canonical per-token quantizer, which is
+therefore dropped in front of the linears it feeds. Measured against DynamicQuantizeMatMul and
+MatMulIntegerToFloat in benchmarks/bench_w8a8_spellings.py.
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase
 
+from qcompile import custom_ops
+
 _INT_TYPES = {
     ir.DataType.INT4: (4, True),
     ir.DataType.UINT4: (4, False),
     ir.DataType.INT8: (8, True),
     ir.DataType.UINT8: (8, False),
 }
+PER_CHANNEL_BLOCK = 128  # MatMulNBits block for per-channel weights (the scale repeats in every block)
 
 
 def pack_matmul_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int, block_size: int):
@@ -75,10 +84,13 @@ class _DequantizeMatMulToNBits(RewriteRuleClassBase):
             return result.fail("weight or scale is not a constant 2-D tensor", q)
         if q.dtype not in _INT_TYPES:
             return result.fail(f"weight type {q.dtype} has no MatMulNBits form", q)
-        if dq.attributes.get_int("axis", 1) != 0:
-            return result.fail("not blocked along K (axis 0)", dq)
         block = dq.attributes.get_int("block_size", 0)
-        if block < 16 or block & (block - 1):
+        if block == 0:
+            if dq.attributes.get_int("axis", 1) != 1 or scale.const_value.numpy().shape != (q.shape[1],):
+                return result.fail("per-channel scale is not [N] along the output axis", dq)
+        elif dq.attributes.get_int("axis", 1) != 0:
+            return result.fail("not blocked along K (axis 0)", dq)
+        elif block < 16 or block & (block - 1):
             return result.fail(f"block size {block} is not a power of two >= 16", dq)
         zp = dq.inputs[2] if len(dq.inputs) > 2 else None
         if zp is not None and zp.const_value is None:
@@ -94,10 +106,13 @@ class _DequantizeMatMulToNBits(RewriteRuleClassBase):
         block = dq.attributes.get_int("block_size", 0)
         zp = dq.inputs[2] if len(dq.inputs) > 2 and not signed else None
         k, n = q.shape
-        b, scales, zps = pack_matmul_nbits(
-            q.const_value.numpy(), scale.const_value.numpy(), zp.const_value.numpy() if zp is not None else None,
-            bits, block,
-        )
+        scales, zps = scale.const_value.numpy(), zp.const_value.numpy() if zp is not None else None
+        if block == 0:  # per channel: the same scale in every block
+            block = PER_CHANNEL_BLOCK
+            groups = -(-k // block)
+            scales = np.repeat(scales[None], groups, axis=0)
+            zps = None if zps is None else np.repeat(zps[None], groups, axis=0)
+        b, scales, zps = pack_matmul_nbits(q.const_value.numpy(), scales, zps, bits, block)
         base = q.name.removesuffix("_q")
         inputs = [op.initializer(ir.tensor(b, name=f"{base}_nbits_B")), op.initializer(ir.tensor(scales, name=f"{base}_nbits_scales"))]
         if zps is not None:
@@ -158,9 +173,35 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         self.accuracy_level = accuracy_level
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        dropped = self._drop_per_token_quantizers(model) if self.accuracy_level == 4 else False
         result = RewritePass([_DequantizeMatMulToNBits.rule(self.accuracy_level),
                               _DequantizeGatherToBlockQuantized.rule()])(model)
         if result.modified:
             model.opset_imports.setdefault("com.microsoft", 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, result.modified)
+        return ir.passes.PassResult(model, result.modified or dropped)
+
+    @staticmethod
+    def _drop_per_token_quantizers(model: ir.Model) -> bool:
+        """Remove int8 per-token quantizers that feed only integer-weight linears (MatMulNBits at
+        accuracy_level 4 quantizes those inputs itself)."""
+        graph = model.graph
+        dropped = False
+        for node in list(graph):
+            if (node.domain, node.op_type) != (custom_ops.DOMAIN, custom_ops.PER_TOKEN):
+                continue
+            if node.attributes.get_float("qmax", 127.0) != 127.0 or not all(
+                    _integer_linear(use.node) and use.idx == 0 for use in node.outputs[0].uses()):
+                continue
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+            graph.remove(node, safe=True)
+            dropped = True
+        if not any(n.domain == custom_ops.DOMAIN for n in graph):
+            model.functions.pop((custom_ops.DOMAIN, custom_ops.PER_TOKEN, ""), None)
+            model.opset_imports.pop(custom_ops.DOMAIN, None)
+        return dropped
+
+
+def _integer_linear(node: ir.Node) -> bool:
+    dq = node.inputs[1].producer() if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+    return dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0].dtype in _INT_TYPES

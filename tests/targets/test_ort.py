@@ -112,3 +112,47 @@ def test_quantized_embedding_lowers_to_gather_block_quantized(tiny_export, tmp_p
     ids = np.random.default_rng(2).integers(0, 256, size=(2, 12))
     ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
     np.testing.assert_allclose(run_logits(tmp_path / "lowered.onnx", ids), ref, atol=1e-4, rtol=0)
+
+
+def test_per_channel_int8_weights_lower_bit_identically(tmp_path):
+    from qcompile import fidelity
+
+    k, n = 200, 24
+    canonical, qw = _one_linear(k, n, 8, True, 0)  # group 0: one scale per output channel, DQ axis=1
+    dq = next(node for node in canonical.graph if node.op_type == "DequantizeLinear")
+    assert dq.attributes.get_int("axis") == 1 and "block_size" not in dq.attributes and qw.scale.shape == (1, n)
+    linear = lambda: analysis.Linear("lin", analysis.Role.Q, 0, list(canonical.graph)[-1], k, n)  # noqa: E731
+    before = fidelity.decode(linear())
+    eye = np.eye(k, dtype=np.float32)
+    ref = _run(canonical, eye, tmp_path, "canonical")
+    assert LowerToMatMulNBits(accuracy_level=0)(canonical).modified
+    assert [node.op_type for node in canonical.graph] == ["MatMulNBits"]
+    np.testing.assert_array_equal(_run(canonical, eye, tmp_path, "nbits"), ref)
+    assert fidelity.decode(linear()).digest() == before.digest()  # repeated block scales decode as one
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_w8a8_per_token_quantizers_become_matmul_nbits_int8_activations(tiny_export, tmp_path, accuracy_level):
+    from qcompile import fidelity
+    from qcompile.passes import QuantizeActivations
+    from qcompile.schemes import ActivationKind
+
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    QuantizeWeightsRTN(WeightScheme(bits=8, group_size=0, lm_head_bits=8))(model)
+    QuantizeActivations(ActivationKind.INT8_DYNAMIC)(model)
+    digests = fidelity.digests(model)
+    ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
+    LowerToMatMulNBits(accuracy_level)(model)
+    per_token = [node for node in model.graph if node.op_type == "QuantizeDequantizePerToken"]
+    assert sum(node.op_type == "MatMulNBits" for node in model.graph) == 2 * 7 + 1
+    # accuracy_level 4 quantizes the activations itself (per token and block); level 0 keeps our quantizer
+    assert len(per_token) == (0 if accuracy_level == 4 else 2 * 4 + 1)
+    assert (("qcompile", "QuantizeDequantizePerToken", "") in model.functions) == (accuracy_level == 0)
+    assert fidelity.digests(model) == digests
+    ir.save(model, tmp_path / "lowered.onnx", external_data="lowered.onnx.data")
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 12))
+    ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
+    got = run_logits(tmp_path / "lowered.onnx", ids)
+    snr_db = 10 * np.log10((ref**2).sum() / ((got - ref) ** 2).sum())
+    assert snr_db > (60 if accuracy_level == 0 else 30), snr_db

@@ -1,0 +1,80 @@
+"""FoldSmoothQuantScales: SmoothQuant's per-input-channel scales folded into the graph (float-equivalent)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis, errors
+from qcompile.algorithms.smoothquant import search_alpha, smoothing_scales
+from qcompile.calibration import TapStats
+from qcompile.passes._fold import scale_norm, set_weight
+from qcompile.schemes import ActivationScheme
+
+R = analysis.Role
+
+
+class FoldSmoothQuantScales(ir.passes.InPlacePass):
+    """x·W = (x/s)·(diag(s)·W) per group of linears sharing an input x (see `algorithms.smoothquant`).
+
+    Groups per block: input norm → q, k, v and post-attention norm → gate, up (1/s folded into the norm's
+    gain, and bias for LayerNorm); with `scheme.smooth_up_down`, up → down (1/s folded into up's output
+    columns: the gated product is linear in up). s comes from the calibration `stats` of the float model
+    (keyed by tap name); α is `scheme.alpha`, or searched per group when it is None (`quantize_weight`
+    then gives the weights' fake quantization, and the stats must hold sampled rows).
+
+    Preserves the logits up to float rounding. Afterwards `stats` describe the smoothed activations
+    (exactly: x/s per channel), so static activation scales need no second calibration run, and
+    `self.alphas` maps each group's first linear to its α.
+    """
+
+    def __init__(self, scheme: ActivationScheme, stats: dict[str, TapStats],
+                 quantize_weight: Callable[[np.ndarray], np.ndarray] | None = None, skip: tuple[str, ...] = ()):
+        super().__init__()
+        self.scheme = scheme
+        self.stats = stats
+        self.quantize_weight = quantize_weight
+        self.skip = skip
+        self.alphas: dict[str, float] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        for norm in [n for b in analysis.analyze(model).blocks for n in (b.input_norm, b.post_attention_norm)]:
+            if norm.gain is None or norm.gain.const_value is None:
+                raise errors.UnsupportedModelError(
+                    f"SmoothQuant folds scales into norm gains; the norm at '{norm.node.name}' has no constant gain: "
+                    "use --no-smoothquant"
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for block in analysis.analyze(model).blocks:
+            lin = block.linears
+            groups = [
+                ([lin[R.Q], lin[R.K], lin[R.V]], lambda f, norm=block.input_norm: scale_norm(norm, f)),
+                ([lin[R.GATE], lin[R.UP]], lambda f, norm=block.post_attention_norm: scale_norm(norm, f)),
+            ]
+            if self.scheme.smooth_up_down:
+                groups.append(([lin[R.DOWN]], lambda f, up=lin[R.UP]: set_weight(up, up.float_weight() * f[None, :])))
+            for members, scale_input in groups:
+                if any(m.name in self.skip for m in members):
+                    continue
+                s = self._scales(members)
+                scale_input(1 / s)
+                for m in members:
+                    set_weight(m, m.float_weight() * s[:, None])
+                self.stats[members[0].node.inputs[0].name].scale_channels(s)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _scales(self, members: list[analysis.Linear]) -> np.ndarray:
+        stats = self.stats[members[0].node.inputs[0].name]
+        weights = [m.float_weight() for m in members]
+        if self.scheme.alpha is None:
+            if not stats.rows or self.quantize_weight is None:
+                raise ValueError("searching alpha needs calibration rows and a weight quantizer")
+            alpha, s = search_alpha(stats.samples, stats.absmax, weights, self.scheme.kind, self.quantize_weight)
+        else:
+            alpha = self.scheme.alpha
+            s = smoothing_scales(stats.absmax, np.max([np.abs(w).max(axis=1) for w in weights], axis=0), alpha)
+        self.alphas[members[0].name] = alpha
+        return s

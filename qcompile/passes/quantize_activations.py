@@ -1,0 +1,74 @@
+"""QuantizeActivations: the activation quantizer on the input of every quantized linear.
+
+Static kinds (the TensorRT form), one per-tensor scale from calibration, zero point 0:
+
+    x ─ QuantizeLinear(scale, zp INT8|FLOAT8E4M3FN 0) ─ DequantizeLinear(scale, zp) ─ MatMul(·, DQ(W))
+
+Dynamic per-token int8: x ─ qcompile.QuantizeDequantizePerToken(qmax=127) ─ MatMul(·, DQ(W)).
+
+Linears that read the same tensor (q/k/v, gate/up) share one quantizer.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis, custom_ops
+from qcompile.algorithms.smoothquant import static_scale
+from qcompile.calibration import TapStats
+from qcompile.passes._canonical import _initializer
+from qcompile.schemes import ActivationKind
+
+_ZERO_POINTS = {ActivationKind.INT8_STATIC: np.int8, ActivationKind.FP8_STATIC: ml_dtypes.float8_e4m3fn}
+
+
+class QuantizeActivations(ir.passes.InPlacePass):
+    """Insert `kind`'s quantizer before every linear whose weight is quantized (a DequantizeLinear).
+
+    Approximates x by its quantized value. Static kinds need `stats` (calibration of the same tensors,
+    keyed by name, after any smoothing). `self.scales` maps each tapped tensor to its static scale.
+    """
+
+    def __init__(self, kind: ActivationKind, stats: dict[str, TapStats] | None = None):
+        super().__init__()
+        self.kind = kind
+        self.stats = stats
+        self.scales: dict[str, float] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        made: dict[ir.Value, ir.Value] = {}
+        for linear in analysis.analyze(model).linears():
+            dq = linear.weight_input.producer()
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            x = linear.node.inputs[0]
+            if x not in made:
+                made[x] = self._insert(model, graph, x, linear.node)
+            linear.node.replace_input_with(0, made[x])
+        if self.kind == ActivationKind.INT8_DYNAMIC and made:
+            custom_ops.register(model, custom_ops.PER_TOKEN)
+        return ir.passes.PassResult(model, modified=bool(made))
+
+    def _insert(self, model: ir.Model, graph: ir.Graph, x: ir.Value, consumer: ir.Node) -> ir.Value:
+        name = f"{x.name}_act"
+        if self.kind == ActivationKind.INT8_DYNAMIC:
+            nodes = [custom_ops.per_token_node(x, 127.0, name)]
+        else:
+            scale = static_scale(float(self.stats[x.name].absmax.max()), self.kind)
+            self.scales[x.name] = scale
+            s = _initializer(graph, f"{name}_scale", np.array(scale, np.float32))
+            zp = _initializer(graph, f"{name}_zero_point", np.zeros((), _ZERO_POINTS[self.kind]))
+            q = ir.node("QuantizeLinear", [x, s, zp], name=f"{name}_q")
+            q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = f"{name}_q", zp.dtype, x.shape
+            dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp], name=name)
+            dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = name, x.dtype, x.shape
+            nodes = [q, dq]
+        producer = x.producer()
+        if producer is not None:
+            graph.insert_after(producer, nodes)
+        else:
+            graph.insert_before(consumer, nodes)
+        return nodes[-1].outputs[0]
