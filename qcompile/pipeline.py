@@ -104,7 +104,7 @@ def _smooth(model: ir.Model, scheme: WeightScheme, act: ActivationScheme, window
     (the fold pass or None, the stats of the now-smoothed inputs for static activation scales)."""
     linears = [lin for lin in analysis.analyze(model).linears() if bits_for(scheme, lin) is not None]
     taps = list(dict.fromkeys(lin.node.inputs[0] for lin in linears))
-    rows = 8 if act.smoothquant and act.alpha is None else 0  # α search: 8 random tokens per window
+    rows = 8 if act.static or act.alpha is None else 0  # 8 random tokens per window for the searches
     stats = calibration.collect(model, taps, windows, hessian=False, progress=progress,
                                 label="Calibrating (activations)", rows_per_window=rows)
     if not act.smoothquant:
@@ -226,7 +226,7 @@ def compile(
     quantize(model)
     quantize_acts = None
     if act.kind != ActivationKind.NONE:
-        quantize_acts = QuantizeActivations(act.kind, stats)
+        quantize_acts = QuantizeActivations(act.kind, stats, lm_head=act.lm_head)
         quantize_acts(model)
     embed = None
     if scheme.embedding_bits is not None:

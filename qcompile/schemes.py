@@ -83,15 +83,17 @@ class ActivationScheme:
     """How the inputs of quantized linears are quantized, and the SmoothQuant folding that prepares them.
 
     `smoothquant`: fold per-channel scales s = max|x|^α / max|w|^(1-α) into the norms feeding q/k/v and
-    gate/up; `alpha` None searches α per layer group; `smooth_v_o` / `smooth_up_down` also smooth the
-    inputs of o (scales in v's output columns) and down (scales in up's output columns).
+    gate/up; `alpha` None searches α per layer group; `smooth_up_down` also smooths the
+    input of down (scales in up's output columns). `lm_head`: quantize lm_head's input too; by default
+    lm_head stays weight-only (measured on SmolLM2: its per-tensor activations cost more than any other
+    layer's, see benchmarks/results/w8a8.md).
     """
 
     kind: ActivationKind = ActivationKind.NONE
     smoothquant: bool = False
     alpha: float | None = 0.5
-    smooth_v_o: bool = False
     smooth_up_down: bool = False
+    lm_head: bool = False
     version: int = 1
 
     def __post_init__(self):

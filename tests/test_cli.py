@@ -44,6 +44,11 @@ def bad_files(tmp_path):
     (["model", "{d}/notllm", "--target", "trt-int4", "--signed-scales"], "symmetric weights with positive scales"),
     (["model", "{d}/notllm", "--target", "trt-int4", "--embeddings", "int8"], "quantized embeddings run on ONNX Runtime"),
     (["model", "{d}/notllm", "--target", "ort-int4", "--engine"], "--engine builds TensorRT engines"),
+    (["model", "{d}/notllm", "--target", "trt-int8", "--alpha", "strong"], "not a number in 0..1 or 'auto'"),
+    (["model", "{d}/notllm", "--target", "trt-int8", "--alpha", "1.5"], "alpha 1.5 is out of range"),
+    (["model", "{d}/notllm", "--activations", "int3"], "unknown activation scheme 'int3'"),
+    (["model", "{d}/notllm", "--target", "trt-int8", "--activations", "int8-dynamic"], "static per tensor"),
+    (["model", "{d}/notllm", "--target", "trt-fp8", "--algo", "gptq"], "FP8 weights are rounded to nearest"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(capsys, bad_files, args, match):
     args = [a.format(d=bad_files) for a in args] + ["-o", str(bad_files / "out")]

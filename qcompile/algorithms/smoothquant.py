@@ -40,6 +40,19 @@ def static_scale(absmax: float, kind: ActivationKind) -> float:
     return float(max(absmax, _MIN) / top)
 
 
+def search_static_scale(rows: np.ndarray, absmax: float, kind: ActivationKind,
+                        ratios: np.ndarray = np.linspace(1.0, 0.3, 15)) -> tuple[float, float]:
+    """(scale, ratio): the per-tensor scale ratio·max|x|/top minimising Σ (Q(x) - x)² over sampled `rows`
+    (values beyond the clipped range saturate; ratio 1 is plain max calibration)."""
+    best = (np.inf, static_scale(absmax, kind), 1.0)
+    for ratio in ratios:
+        scale = static_scale(absmax * ratio, kind)
+        err = float(((fake_quantize(rows, kind, scale) - rows) ** 2).sum(dtype=np.float64))
+        if err < best[0]:
+            best = (err, scale, float(ratio))
+    return best[1], best[2]
+
+
 def fake_quantize(x: np.ndarray, kind: ActivationKind, scale: float | None = None) -> np.ndarray:
     """x quantized and dequantized as the graph does (`scale` for static kinds), float32."""
     x = np.asarray(x, np.float32)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import analysis, custom_ops
-from qcompile.algorithms.smoothquant import static_scale
+from qcompile.algorithms.smoothquant import search_static_scale, static_scale
 from qcompile.calibration import TapStats
 from qcompile.passes._canonical import _initializer
 from qcompile.schemes import ActivationKind
@@ -25,16 +25,20 @@ _ZERO_POINTS = {ActivationKind.INT8_STATIC: np.int8, ActivationKind.FP8_STATIC: 
 
 
 class QuantizeActivations(ir.passes.InPlacePass):
-    """Insert `kind`'s quantizer before every linear whose weight is quantized (a DequantizeLinear).
+    """Insert `kind`'s quantizer before every linear whose weight is quantized (a DequantizeLinear; lm_head
+    only if `lm_head`).
 
     Approximates x by its quantized value. Static kinds need `stats` (calibration of the same tensors,
-    keyed by name, after any smoothing). `self.scales` maps each tapped tensor to its static scale.
+    keyed by name, after any smoothing): the scale is max|x| / top, or, when the stats hold sampled rows,
+    the clipped scale minimising the rows' squared quantization error. `self.scales` maps each tapped
+    tensor to its static scale.
     """
 
-    def __init__(self, kind: ActivationKind, stats: dict[str, TapStats] | None = None):
+    def __init__(self, kind: ActivationKind, stats: dict[str, TapStats] | None = None, lm_head: bool = True):
         super().__init__()
         self.kind = kind
         self.stats = stats
+        self.lm_head = lm_head
         self.scales: dict[str, float] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -42,7 +46,7 @@ class QuantizeActivations(ir.passes.InPlacePass):
         made: dict[ir.Value, ir.Value] = {}
         for linear in analysis.analyze(model).linears():
             dq = linear.weight_input.producer()
-            if dq is None or dq.op_type != "DequantizeLinear":
+            if dq is None or dq.op_type != "DequantizeLinear" or (linear.role == analysis.Role.LM_HEAD and not self.lm_head):
                 continue
             x = linear.node.inputs[0]
             if x not in made:
@@ -57,7 +61,9 @@ class QuantizeActivations(ir.passes.InPlacePass):
         if self.kind == ActivationKind.INT8_DYNAMIC:
             nodes = [custom_ops.per_token_node(x, 127.0, name)]
         else:
-            scale = static_scale(float(self.stats[x.name].absmax.max()), self.kind)
+            stats = self.stats[x.name]
+            absmax = float(stats.absmax.max())
+            scale = search_static_scale(stats.samples, absmax, self.kind)[0] if stats.rows else static_scale(absmax, self.kind)
             self.scales[x.name] = scale
             s = _initializer(graph, f"{name}_scale", np.array(scale, np.float32))
             zp = _initializer(graph, f"{name}_zero_point", np.zeros((), _ZERO_POINTS[self.kind]))

@@ -74,19 +74,19 @@ _REGISTRY = {
         ),
         Target(
             "trt-int8",
-            "W8A8 for TensorRT: SmoothQuant, int8 weights per channel, static per-tensor int8 activation Q/DQ",
+            "W8A8 for TensorRT: SmoothQuant, int8 weights per channel, static per-tensor int8 activation Q/DQ (lm_head weight-only)",
             "tensorrt",
             WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8, positive_scales=True),
             _trt,
-            activations=ActivationScheme(ActivationKind.INT8_STATIC, smoothquant=True, alpha=0.5),
+            activations=ActivationScheme(ActivationKind.INT8_STATIC, smoothquant=True, alpha=0.8, smooth_up_down=True),
         ),
         Target(
             "trt-fp8",
-            "FP8 E4M3 for TensorRT: SmoothQuant, FP8 weights per channel, static per-tensor FP8 activation Q/DQ",
+            "FP8 E4M3 for TensorRT: SmoothQuant, FP8 weights per channel, static per-tensor FP8 activation Q/DQ (lm_head weight-only)",
             "tensorrt",
             WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8, positive_scales=True, fp8=True),
             _trt,
-            activations=ActivationScheme(ActivationKind.FP8_STATIC, smoothquant=True, alpha=0.5),
+            activations=ActivationScheme(ActivationKind.FP8_STATIC, smoothquant=True, alpha=0.8, smooth_up_down=True),
         ),
     ]
 }
