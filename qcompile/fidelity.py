@@ -3,8 +3,9 @@
 `decode` reads a linear's weight back from whichever form a target stored it in (canonical or TensorRT
 DequantizeLinear, ORT MatMulNBits) into the canonical arrays: signed q [K, N] (or unsigned q with a zero
 point; FP8 E4M3 bit patterns), float32 scales [G, N]. Scales repeated across all blocks of a column
-(a per-channel weight spelled in blocks, as MatMulNBits must) decode as one block: same numbers, one form. `digests` hashes them per linear; the compiler records the digests of the
-canonical model before lowering, and `verify` checks an artifact against them (and against another
+(a per-channel weight spelled in blocks, as MatMulNBits must) decode as one block: same numbers, one
+form. `digests` hashes them per linear; the compiler records the digests of the canonical model before
+lowering, and `verify` checks an artifact against them (and against another
 artifact: same integers, then both run through ONNX Runtime on the same prompt).
 """
 

@@ -230,7 +230,8 @@ def compile(
         quantize_acts(model)
     embed = None
     if scheme.embedding_bits is not None:
-        embed = QuantizeEmbedding(scheme.embedding_bits, scheme.group_size, scheme.positive_scales)
+        # a per-channel recipe (group 0) still blocks the table along H: GatherBlockQuantized needs blocks
+        embed = QuantizeEmbedding(scheme.embedding_bits, scheme.group_size or 128, scheme.positive_scales)
         embed(model)
     canonical = fidelity.decode_model(model)
     digests = {name: d.digest() for name, d in canonical.items()}
