@@ -39,7 +39,8 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
         self.skip = skip
         self.alphas: dict[str, float] = {}
 
-    def requires(self, model: ir.Model) -> None:
+    def check(self, model: ir.Model) -> None:
+        """Raise a clear error (not a wrapped precondition failure) on a graph this pass cannot rewrite."""
         for norm in [n for b in analysis.analyze(model).blocks for n in (b.input_norm, b.post_attention_norm)]:
             if norm.gain is None or norm.gain.const_value is None:
                 raise errors.UnsupportedModelError(
@@ -48,6 +49,7 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
                 )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.check(model)
         for block in analysis.analyze(model).blocks:
             lin = block.linears
             groups = [

@@ -1,0 +1,65 @@
+"""FuseNormGains: each RMSNorm gain γ folded into the linears that read the norm (float-equivalent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis, errors
+from qcompile.passes._fold import set_tensor, set_weight, untie_lm_head
+
+
+def norm_readers(model_map: analysis.ModelMap) -> list[tuple[analysis.Norm, list[analysis.Linear]]]:
+    """Every norm with the linears reading it: input norm → q, k, v; post-attention norm → gate, up;
+    final norm → lm_head."""
+    R = analysis.Role
+    groups = []
+    for b in model_map.blocks:
+        groups.append((b.input_norm, [b.linears[R.Q], b.linears[R.K], b.linears[R.V]]))
+        groups.append((b.post_attention_norm, [b.linears[R.GATE], b.linears[R.UP]]))
+    groups.append((model_map.final_norm, [model_map.lm_head]))
+    return groups
+
+
+def check_rms_norms(model_map: analysis.ModelMap, what: str) -> None:
+    """Refuse graphs whose norms are not RMSNorms with a constant gain that only the linears read."""
+    for norm, readers in norm_readers(model_map):
+        if norm.kind != "rms":
+            raise errors.UnsupportedModelError(
+                f"{what} needs RMSNorm; '{norm.node.name}' is a LayerNorm (folding its mean subtraction is not "
+                "supported yet): use a target without rotations"
+            )
+        if norm.gain is None or norm.gain.const_value is None:
+            raise errors.UnsupportedModelError(f"{what}: the norm at '{norm.node.name}' has no constant gain to fold")
+        consumers = {use.node for use in norm.output.uses()}
+        if consumers != {lin.node for lin in readers}:
+            raise errors.UnsupportedModelError(
+                f"{what}: the output of norm '{norm.node.name}' feeds more than its linears "
+                f"({', '.join(sorted(n.op_type for n in consumers))}): start from a float model from `qcompile export`"
+            )
+
+
+class FuseNormGains(ir.passes.InPlacePass):
+    """norm(x)·γ·W = norm(x)·(diag(γ)·W): γ moves into q/k/v, gate/up and lm_head, and becomes 1.
+
+    A tied lm_head is untied first (it gets its own weight; the embedding table is unchanged). With every
+    γ = 1, RMSNorm commutes with an orthogonal Q (RMSNorm(x·Q) = RMSNorm(x)·Q), which the residual
+    rotation needs. The Mul by γ stays in the graph (as ones), so the model keeps its structure.
+    """
+
+    def check(self, model: ir.Model) -> None:
+        """Raise a clear error (not a wrapped precondition failure) on a graph this pass cannot rewrite."""
+        check_rms_norms(analysis.analyze(model), "FuseNormGains")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.check(model)
+        untie_lm_head(model)
+        groups = norm_readers(analysis.analyze(model))
+        # read every γ before writing any: two norms could share one initializer
+        gains = [norm.gain.const_value.numpy().astype(np.float64) for norm, _ in groups]
+        for (norm, readers), gain in zip(groups, gains):
+            for linear in readers:
+                set_weight(linear, gain[:, None] * linear.float_weight().astype(np.float64))
+        for norm, _ in groups:
+            set_tensor(norm.gain, np.ones(norm.gain.const_value.shape))
+        return ir.passes.PassResult(model, modified=True)

@@ -1,0 +1,103 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import reference
+
+from qcompile import analysis, custom_ops, errors
+from qcompile.algorithms.hadamard import kronecker_hadamard
+from qcompile.passes import FuseNormGains, InsertOnlineHadamard, RotateResidualStream, RotateValueOutput
+from tests.conftest import run_logits
+
+R = analysis.Role
+ROTATIONS = [FuseNormGains, RotateResidualStream, RotateValueOutput, InsertOnlineHadamard]
+
+
+def _weights(model):
+    return {lin.name: lin.float_weight().copy() for lin in analysis.analyze(model).linears()}
+
+
+def _logits_after(model, tmp_path, path, ids):
+    out = tmp_path / "model.onnx"
+    ir.save(model, out, external_data="model.onnx.data")
+    return run_logits(out, ids), run_logits(path, ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama: tied lm_head; qwen2: q/k/v biases
+@pytest.mark.parametrize("upto", [1, 2, 3, 4])
+def test_each_rotation_step_leaves_float_logits_unchanged(tiny_export, tmp_path, arch, upto):
+    _, path = tiny_export(arch)
+    model = ir.load(path)
+    before = _weights(model)
+    for cls in ROTATIONS[:upto]:
+        assert cls()(model).modified
+    after = _weights(model)
+    changed = {n for n in before if np.abs(after[n] - before[n]).max() > 1e-3}
+    expected = {
+        1: {"q", "k", "v", "gate", "up", "lm_head"},  # γ folded into readers
+        2: {"q", "k", "v", "o", "gate", "up", "down", "lm_head"},
+        3: {"q", "k", "v", "o", "gate", "up", "down", "lm_head"},
+        4: {"q", "k", "v", "o", "gate", "up", "down", "lm_head"},
+    }[upto]
+    assert {n.split(".")[-1] for n in changed} == expected
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 16))
+    got, want = _logits_after(model, tmp_path, path, ids)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_fuse_norm_gains_unties_lm_head_and_sets_gains_to_one(tiny_export):
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    table = analysis.analyze(model).embedding.inputs[0].const_value.numpy().copy()
+    FuseNormGains()(model)
+    model_map = analysis.analyze(model)
+    assert not model_map.tied_lm_head
+    norms = [n for b in model_map.blocks for n in (b.input_norm, b.post_attention_norm)] + [model_map.final_norm]
+    assert all(np.all(n.gain.const_value.numpy() == 1) for n in norms)
+    np.testing.assert_array_equal(model_map.embedding.inputs[0].const_value.numpy(), table)
+    assert not [n for n in model.graph if n.op_type == "Transpose" and n.inputs[0].name == model_map.embedding.inputs[0].name]
+
+
+def test_residual_rotation_needs_fused_gains(tiny_export):
+    _, path = tiny_export("llama")
+    with pytest.raises(errors.UnsupportedModelError, match="FuseNormGains first"):
+        RotateResidualStream()(ir.load(path))
+
+
+def test_residual_rotation_is_seeded(tiny_export):
+    _, path = tiny_export("llama")
+    weights = []
+    for seed in (0, 0, 1):
+        model = ir.load(path)
+        FuseNormGains()(model)
+        RotateResidualStream(seed)(model)
+        weights.append(_weights(model)["blocks.0.q"])
+    np.testing.assert_array_equal(weights[0], weights[1])
+    assert np.abs(weights[0] - weights[2]).max() > 1e-3
+
+
+def test_online_hadamard_op_matches_numpy_in_onnx_reference():
+    """The qcompile.Hadamard function body computes KroneckerHadamard.apply, in onnx.reference (no ORT)."""
+    h = kronecker_hadamard(96)  # 12 · 8: a Paley factor and a Sylvester factor
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3, 96]))
+    left = ir.Value(name="left", const_value=ir.tensor(h.a.T.astype(np.float32), name="left"))
+    right = ir.Value(name="right", const_value=ir.tensor(h.b.astype(np.float32), name="right"))
+    node = custom_ops.hadamard_node(x, left, right, "y")
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[left, right], opset_imports={"": 21}, name="h")
+    model = ir.Model(graph, ir_version=10)
+    custom_ops.register(model, custom_ops.HADAMARD)
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    data = np.random.default_rng(0).standard_normal((2, 3, 96)).astype(np.float32)
+    (got,) = reference.ReferenceEvaluator(proto).run(None, {"x": data})
+    np.testing.assert_allclose(got, h.apply(data.astype(np.float64)), atol=1e-5)
+
+
+def test_online_hadamard_shares_its_matrices(tiny_export):
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    InsertOnlineHadamard()(model)
+    ops = [n for n in model.graph if n.op_type == custom_ops.HADAMARD]
+    assert len(ops) == len(analysis.analyze(model).blocks)
+    assert len({n.inputs[1] for n in ops}) == 1
+    assert all(analysis.analyze(model).blocks[i].linears[R.DOWN].node.inputs[0] is n.outputs[0] for i, n in enumerate(ops))
