@@ -59,7 +59,9 @@ def model(
     positive_scales: Optional[bool] = typer.Option(None, "--positive-scales/--signed-scales", help="Symmetric scales kept positive (TensorRT; use on ort-/edge- targets for the same integers as trt-) or ORT's signed full-range scales (more accurate) [default: the target's]."),
     lm_head: Width = typer.Option(Width.default, "--lm-head", help="lm_head precision [default: the target's, int8]."),
     embeddings: Width = typer.Option(Width.default, "--embeddings", help="Token-embedding table precision, ONNX Runtime targets (GatherBlockQuantized) [default: the target's, float]."),
-    activations: Optional[str] = typer.Option(None, "--activations", help="Activation quantization: none, int8-static, int8-dynamic or fp8-static [default: the target's]."),
+    activations: Optional[str] = typer.Option(None, "--activations", help="Activation quantization: none, int8-static, int8-dynamic, int4-dynamic or fp8-static [default: the target's]."),
+    activation_clip: Optional[float] = typer.Option(None, "--activation-clip", help="Dynamic per-token activations: scale = clip · max|x| / qmax, clip in 0.5..1 [default: 1]."),
+    kv_cache: Width = typer.Option(Width.default, "--kv-cache", help="KV-cache precision (per token and head, asymmetric) [default: float]."),
     smoothquant: Optional[bool] = typer.Option(None, "--smoothquant/--no-smoothquant", help="Fold SmoothQuant scales into the norms before quantizing [default: on for W8A8 targets]."),
     alpha: Optional[str] = typer.Option(None, "--alpha", help="SmoothQuant migration strength 0..1, or auto (searched per layer) [default: the target's]."),
     smooth_up_down: Optional[bool] = typer.Option(None, "--smooth-up-down/--no-smooth-up-down", help="SmoothQuant also on down_proj's input (scales folded into up_proj) [default: the target's]."),
@@ -67,6 +69,8 @@ def model(
     eval_windows: int = typer.Option(32, "--eval-windows", help="WikiText-2 test windows of 512 tokens to evaluate."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity and latency measurement."),
     engine: bool = typer.Option(False, "--engine", help="trt-* targets: also build a TensorRT engine (see `qcompile build`)."),
+    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="QuaRot: rotate the residual stream and value heads, online Hadamard before down_proj [default: on for ort-w4a8]."),
+    rotation_seed: int = typer.Option(0, "--rotation-seed", help="Seed of the residual stream's random Hadamard."),
 ):
     """Compile a model for a target: export, quantize, lower, evaluate, write the artifact."""
     from qcompile import pipeline
@@ -80,7 +84,8 @@ def model(
             alpha="default" if alpha is None else parse_alpha(alpha), smooth_up_down=smooth_up_down,
             accuracy_level=accuracy_level, act_order=act_order, positive_scales=positive_scales, calib=calib, calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, eval_windows=None if no_eval else eval_windows, engine=engine,
-            progress=progress,
+            rotate=rotate, rotation_seed=rotation_seed, activation_clip=activation_clip,
+            kv_cache_bits=None if kv_cache.value == "default" else widths[kv_cache.value], progress=progress,
         )
     _print_summary(art)
 
@@ -319,6 +324,8 @@ def list_targets():
         weights = f"{s.algorithm.value} {width} {layout} {('sym' + (' (scales > 0)' if s.positive_scales else '')) if s.symmetric else 'asym'}"
         if t.activations.kind.value != "none":
             weights += f"; activations {t.activations.kind.value}{' + SmoothQuant' if t.activations.smoothquant else ''}"
+        if t.rotate:
+            weights = f"QuaRot rotations; {weights}"
         table.add_row(name, t.runtime, weights, t.description)
     console.print(table)
 

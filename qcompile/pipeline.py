@@ -16,8 +16,9 @@ import onnx_ir as ir
 from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, fidelity, package, sources, targets
 from qcompile import engine as engine_mod
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
-from qcompile.passes import (FoldSmoothQuantScales, QuantizeActivations, QuantizeEmbedding, QuantizeWeightsAWQ,
-                             QuantizeWeightsGPTQ, QuantizeWeightsRTN)
+from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, QuantizeActivations,
+                             QuantizeEmbedding, QuantizeKVCache, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN,
+                             RotateResidualStream, RotateValueOutput)
 from qcompile.passes._canonical import bits_for
 from qcompile.runtime import Decoder, load_tokenizer
 from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, WeightScheme, parse_algorithm
@@ -155,6 +156,10 @@ def compile(
     calib_seqlen: int = calibration.DEFAULT_SEQLEN,
     eval_windows: int | None = 32,
     engine: bool = False,
+    rotate: bool | None = None,
+    rotation_seed: int = 0,
+    kv_cache_bits: int | None = None,
+    activation_clip: float | None = None,
     progress=None,
 ) -> artifact.Artifact:
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
@@ -164,6 +169,9 @@ def compile(
     string "default"). `activations`: none, int8-static, int8-dynamic or fp8-static. Calibration (GPTQ, AWQ)
     reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
     when everything succeeded. `engine=True` (trt-* targets) also builds a TensorRT engine into it.
+    `rotate` applies QuaRot's rotations (seeded by `rotation_seed`) to the float model before calibration.
+    `kv_cache_bits` (4 or 8) quantizes the KV cache (per token and head, asymmetric); `activation_clip` is
+    the clip ratio of dynamic per-token activation scales.
     """
     started = time.perf_counter()
     tgt = targets.get(target)
@@ -179,7 +187,11 @@ def compile(
         act_changes["kind"] = _parse_activations(activations)
     if alpha != "default":
         act_changes["alpha"] = alpha
+    if activation_clip is not None:
+        act_changes["clip"] = activation_clip
     act = dataclasses.replace(tgt.activations, **act_changes)
+    if rotate is not None:
+        tgt = dataclasses.replace(tgt, rotate=rotate)
     if accuracy_level is not None:
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise errors.InputError(f"accuracy level {accuracy_level} is not one of 0, 1, 2, 3, 4")
@@ -187,7 +199,7 @@ def compile(
     if tgt.runtime == "tensorrt" and not (scheme.symmetric and scheme.positive_scales):
         raise errors.InputError(f"{tgt.name} needs symmetric weights with positive scales ({tgt.runtime} rejects zero "
                                 "points and negative scales): drop --asymmetric / --signed-scales")
-    if tgt.runtime == "tensorrt" and act.kind == ActivationKind.INT8_DYNAMIC:
+    if tgt.runtime == "tensorrt" and act.dynamic:
         raise errors.InputError(f"{tgt.name}: TensorRT's explicit quantization is static per tensor: "
                                 "use --activations int8-static or fp8-static")
     if scheme.fp8 and scheme.algorithm != Algorithm.RTN:
@@ -216,6 +228,9 @@ def compile(
         )
     if tgt.edge and not (float_path.parent / "config.json").is_file():
         raise errors.InputError(f"no config.json beside '{float_path}': an edge package needs the model's HF config")
+    rotations = _rotations(rotation_seed) if tgt.rotate else []
+    for rotation in rotations:
+        rotation(model)
     windows, calib_record = None, None
     if scheme.algorithm != Algorithm.RTN or act.smoothquant or act.static:
         windows = calibration.calibration_windows(load_tokenizer(float_path.parent), calib, calib_samples, calib_seqlen)
@@ -226,8 +241,11 @@ def compile(
     quantize(model)
     quantize_acts = None
     if act.kind != ActivationKind.NONE:
-        quantize_acts = QuantizeActivations(act.kind, stats, lm_head=act.lm_head)
+        quantize_acts = QuantizeActivations(act.kind, stats, lm_head=act.lm_head, clip=act.clip)
         quantize_acts(model)
+    kv_cache = QuantizeKVCache(kv_cache_bits) if kv_cache_bits is not None else None
+    if kv_cache is not None:
+        kv_cache(model)
     embed = None
     if scheme.embedding_bits is not None:
         # a per-channel recipe (group 0) still blocks the table along H: GatherBlockQuantized needs blocks
@@ -256,7 +274,9 @@ def compile(
             "target": {"name": tgt.name, "runtime": tgt.runtime, "accuracy_level": tgt.accuracy_level},
             "recipe": {"weights": scheme.to_dict(), "activations": _activation_record(act, smooth, quantize_acts),
                        "calibration": calib_record,
-                       "passes": [type(p).__name__ for p in (smooth, quantize, quantize_acts, embed, *tgt.lowering_passes())
+                       "kv_cache": {"bits": kv_cache_bits, "symmetric": False, "group": "head_dim"} if kv_cache else None,
+                       "rotation": {"seed": rotation_seed, "online_hadamard": ["down"]} if rotations else None,
+                       "passes": [type(p).__name__ for p in (*rotations, smooth, quantize, quantize_acts, kv_cache, embed, *tgt.lowering_passes())
                                   if p is not None]},
             "layers": quantize.layers + ([embed.record] if embed else []),
             "fidelity": {"weights": digests, **checks},
@@ -271,6 +291,12 @@ def compile(
     if engine:
         engine_mod.build(out, progress=progress)
     return artifact.Artifact.load(out)
+
+
+def _rotations(seed: int) -> list[ir.passes.PassBase]:
+    """QuaRot on the float graph, in order: γ into the readers, the residual stream by a seeded random
+    Hadamard, each value head, and an online Hadamard before down_proj. Float-equivalent as a whole."""
+    return [FuseNormGains(), RotateResidualStream(seed), RotateValueOutput(seed), InsertOnlineHadamard()]
 
 
 def _parse_activations(name: str) -> ActivationKind:

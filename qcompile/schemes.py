@@ -75,6 +75,7 @@ class ActivationKind(str, enum.Enum):
     NONE = "none"
     INT8_STATIC = "int8-static"  # per-tensor scale from calibration (TensorRT's INT8 form)
     INT8_DYNAMIC = "int8-dynamic"  # per-token scale computed at run time
+    INT4_DYNAMIC = "int4-dynamic"  # per-token int4 (W4A4 reference, after QuaRot's rotations), clipped
     FP8_STATIC = "fp8-static"  # FP8 E4M3, per-tensor scale from calibration (TensorRT's FP8 form)
 
 
@@ -86,7 +87,7 @@ class ActivationScheme:
     gate/up; `alpha` None searches α per layer group; `smooth_up_down` also smooths the
     input of down (scales in up's output columns). `lm_head`: quantize lm_head's input too; by default
     lm_head stays weight-only (measured on SmolLM2: its per-tensor activations cost more than any other
-    layer's, see benchmarks/results/w8a8.md).
+    layer's, see benchmarks/results/w8a8.md). `clip`: dynamic per-token scales are clip·max|x| / qmax.
     """
 
     kind: ActivationKind = ActivationKind.NONE
@@ -94,11 +95,18 @@ class ActivationScheme:
     alpha: float | None = 0.5
     smooth_up_down: bool = False
     lm_head: bool = False
+    clip: float = 1.0
     version: int = 1
 
     def __post_init__(self):
+        if not 0.5 <= self.clip <= 1.0:
+            raise errors.InputError(f"activation clip ratio {self.clip} is out of range: use 0.5..1")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise errors.InputError(f"SmoothQuant alpha {self.alpha} is out of range: use 0..1 or auto")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.kind in (ActivationKind.INT8_DYNAMIC, ActivationKind.INT4_DYNAMIC)
 
     @property
     def static(self) -> bool:

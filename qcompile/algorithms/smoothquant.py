@@ -60,15 +60,17 @@ def fake_quantize(x: np.ndarray, kind: ActivationKind, scale: float | None = Non
         return x
     if kind == ActivationKind.INT8_DYNAMIC:
         return quantize_per_token(x, 127.0)
+    if kind == ActivationKind.INT4_DYNAMIC:
+        return quantize_per_token(x, 7.0)
     scale = np.float32(scale)
     if kind == ActivationKind.FP8_STATIC:
         return fp8_values(x / scale).astype(np.float32) * scale
     return np.clip(np.rint(x / scale), -128, 127) * scale
 
 
-def quantize_per_token(x: np.ndarray, qmax: float) -> np.ndarray:
-    """Symmetric per-row fake quantization: scale = max|row| / qmax (the qcompile op's reference)."""
-    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(qmax), np.float32(1e-12))
+def quantize_per_token(x: np.ndarray, qmax: float, clip: float = 1.0) -> np.ndarray:
+    """Symmetric per-row fake quantization: scale = clip·max|row| / qmax (the qcompile op's reference)."""
+    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) * np.float32(clip) / np.float32(qmax), np.float32(1e-12))
     return (np.clip(np.rint(x / scale), -qmax, qmax) * scale).astype(np.float32)
 
 

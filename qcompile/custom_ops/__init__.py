@@ -1,9 +1,15 @@
 """qcompile's own ops: each is a model-local ONNX function whose body, in standard ops, is its exact
 reference semantics, so any ONNX runtime runs the canonical model without a kernel library.
 
-`QuantizeDequantizePerToken(x; qmax)`: symmetric dynamic per-token fake quantization of activations,
-    scale = max(max|x| over the last axis / qmax, 1e-12);  y = clip(round(x / scale), -qmax, qmax) · scale
-(numpy reference: `algorithms.smoothquant.quantize_per_token`). int8: qmax = 127.
+`QuantizeDequantizePerToken(x; qmax, clip)`: symmetric dynamic per-token fake quantization of activations,
+    scale = max(clip · max|x| over the last axis / qmax, 1e-12);  y = clip(round(x / scale), -qmax, qmax) · scale
+(numpy reference: `algorithms.smoothquant.quantize_per_token`). int8: qmax = 127; int4: qmax = 7. A clip
+ratio < 1 saturates the largest values to resolve the rest more finely (QuaRot's W4A4 uses 0.9).
+
+`QuantizeDequantizeAsymmetric(x; levels)`: asymmetric dynamic fake quantization over the last axis (one
+    scale and zero point per row: per token and head for a KV cache [b, heads, s, head_dim]),
+    scale = max((max − min) / levels, 1e-12), zp = round(−min / scale),
+    y = (clip(round(x / scale) + zp, 0, levels) − zp) · scale.  levels = 2^bits − 1.
 
 `Hadamard(x, left, right)`: x·(leftᵀ ⊗ right) over the last axis, computed in factored form: the last axis
     (size K·M) viewed as X [K, M], y = left·X·right (left [K, K], right [M, M]), reshaped back. With
@@ -20,6 +26,7 @@ from onnx import helper
 DOMAIN = "qcompile"
 PER_TOKEN = "QuantizeDequantizePerToken"
 HADAMARD = "Hadamard"
+ASYMMETRIC = "QuantizeDequantizeAsymmetric"
 _OPSET = 21
 
 
@@ -27,25 +34,60 @@ def _per_token_function() -> onnx.FunctionProto:
     qmax = onnx.AttributeProto(name="value_float", ref_attr_name="qmax", type=onnx.AttributeProto.FLOAT)
     const = helper.make_node("Constant", [], ["qmax_f"])
     const.attribute.append(qmax)
+    clip = helper.make_node("Constant", [], ["clip_f"])
+    clip.attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name="clip", type=onnx.AttributeProto.FLOAT))
     nodes = [
         const,
+        clip,
         helper.make_node("CastLike", ["qmax_f", "x"], ["qmax"]),
+        helper.make_node("CastLike", ["clip_f", "x"], ["ratio"]),
         helper.make_node("Neg", ["qmax"], ["qmin"]),
         helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [-1])),
         helper.make_node("Constant", [], ["tiny_f"], value_float=1e-12),
         helper.make_node("CastLike", ["tiny_f", "x"], ["tiny"]),
         helper.make_node("Abs", ["x"], ["magnitude"]),
         helper.make_node("ReduceMax", ["magnitude", "axes"], ["amax"], keepdims=1),
-        helper.make_node("Div", ["amax", "qmax"], ["raw_scale"]),
+        helper.make_node("Mul", ["amax", "ratio"], ["clipped"]),
+        helper.make_node("Div", ["clipped", "qmax"], ["raw_scale"]),
         helper.make_node("Max", ["raw_scale", "tiny"], ["scale"]),
         helper.make_node("Div", ["x", "scale"], ["scaled"]),
         helper.make_node("Round", ["scaled"], ["rounded"]),
         helper.make_node("Clip", ["rounded", "qmin", "qmax"], ["q"]),
         helper.make_node("Mul", ["q", "scale"], ["y"]),
     ]
-    default = helper.make_attribute("qmax", 127.0)
+    defaults = [helper.make_attribute("qmax", 127.0), helper.make_attribute("clip", 1.0)]
     return helper.make_function(DOMAIN, PER_TOKEN, ["x"], ["y"], nodes, [helper.make_opsetid("", _OPSET)],
-                                attributes=[], attribute_protos=[default])
+                                attributes=[], attribute_protos=defaults)
+
+
+def _asymmetric_function() -> onnx.FunctionProto:
+    levels = helper.make_node("Constant", [], ["levels_f"])
+    levels.attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name="levels", type=onnx.AttributeProto.FLOAT))
+    nodes = [
+        levels,
+        helper.make_node("CastLike", ["levels_f", "x"], ["levels"]),
+        helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [-1])),
+        helper.make_node("Constant", [], ["tiny_f"], value_float=1e-12),
+        helper.make_node("CastLike", ["tiny_f", "x"], ["tiny"]),
+        helper.make_node("Constant", [], ["zero_f"], value_float=0.0),
+        helper.make_node("CastLike", ["zero_f", "x"], ["zero"]),
+        helper.make_node("ReduceMax", ["x", "axes"], ["hi"], keepdims=1),
+        helper.make_node("ReduceMin", ["x", "axes"], ["lo"], keepdims=1),
+        helper.make_node("Sub", ["hi", "lo"], ["span"]),
+        helper.make_node("Div", ["span", "levels"], ["raw_scale"]),
+        helper.make_node("Max", ["raw_scale", "tiny"], ["scale"]),
+        helper.make_node("Div", ["lo", "scale"], ["lo_scaled"]),
+        helper.make_node("Neg", ["lo_scaled"], ["neg_lo"]),
+        helper.make_node("Round", ["neg_lo"], ["zp"]),
+        helper.make_node("Div", ["x", "scale"], ["scaled"]),
+        helper.make_node("Round", ["scaled"], ["rounded"]),
+        helper.make_node("Add", ["rounded", "zp"], ["shifted"]),
+        helper.make_node("Clip", ["shifted", "zero", "levels"], ["q"]),
+        helper.make_node("Sub", ["q", "zp"], ["centered"]),
+        helper.make_node("Mul", ["centered", "scale"], ["y"]),
+    ]
+    return helper.make_function(DOMAIN, ASYMMETRIC, ["x"], ["y"], nodes, [helper.make_opsetid("", _OPSET)],
+                                attributes=[], attribute_protos=[helper.make_attribute("levels", 15.0)])
 
 
 def _hadamard_function() -> onnx.FunctionProto:
@@ -64,7 +106,7 @@ def _hadamard_function() -> onnx.FunctionProto:
                                 [helper.make_opsetid("", _OPSET)])
 
 
-_FUNCTIONS = {PER_TOKEN: _per_token_function, HADAMARD: _hadamard_function}
+_FUNCTIONS = {PER_TOKEN: _per_token_function, HADAMARD: _hadamard_function, ASYMMETRIC: _asymmetric_function}
 
 
 def register(model: ir.Model, op_type: str) -> None:
@@ -77,17 +119,22 @@ def register(model: ir.Model, op_type: str) -> None:
         model.functions[function.identifier()] = function
 
 
-def per_token_node(x: ir.Value, qmax: float, name: str) -> ir.Node:
-    node = ir.node(PER_TOKEN, [x], attributes={"qmax": float(qmax)}, domain=DOMAIN, name=name)
+def _node(op_type: str, inputs: list[ir.Value], attributes: dict, name: str) -> ir.Node:
+    """A qcompile op whose output has the first input's type and shape."""
+    node = ir.node(op_type, inputs, attributes=attributes, domain=DOMAIN, name=name)
     node.outputs[0].name = name
-    node.outputs[0].dtype = x.dtype
-    node.outputs[0].shape = x.shape
+    node.outputs[0].dtype = inputs[0].dtype
+    node.outputs[0].shape = inputs[0].shape
     return node
+
+
+def per_token_node(x: ir.Value, qmax: float, name: str, clip: float = 1.0) -> ir.Node:
+    return _node(PER_TOKEN, [x], {"qmax": float(qmax), "clip": float(clip)}, name)
+
+
+def asymmetric_node(x: ir.Value, bits: int, name: str) -> ir.Node:
+    return _node(ASYMMETRIC, [x], {"levels": float(2 ** bits - 1)}, name)
 
 
 def hadamard_node(x: ir.Value, left: ir.Value, right: ir.Value, name: str) -> ir.Node:
-    node = ir.node(HADAMARD, [x, left, right], domain=DOMAIN, name=name)
-    node.outputs[0].name = name
-    node.outputs[0].dtype = x.dtype
-    node.outputs[0].shape = x.shape
-    return node
+    return _node(HADAMARD, [x, left, right], {}, name)

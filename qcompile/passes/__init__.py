@@ -6,11 +6,12 @@ from qcompile.passes.fuse_norm_gains import FuseNormGains
 from qcompile.passes.insert_online_hadamard import InsertOnlineHadamard
 from qcompile.passes.quantize_activations import QuantizeActivations
 from qcompile.passes.quantize_embedding import QuantizeEmbedding
+from qcompile.passes.quantize_kv_cache import QuantizeKVCache
 from qcompile.passes.quantize_weights_awq import QuantizeWeightsAWQ
 from qcompile.passes.quantize_weights_gptq import QuantizeWeightsGPTQ
 from qcompile.passes.quantize_weights_rtn import QuantizeWeightsRTN
 from qcompile.passes.rotate_residual_stream import RotateResidualStream
 from qcompile.passes.rotate_value_output import RotateValueOutput
 
-__all__ = ["FoldAWQScales", "FoldSmoothQuantScales", "FuseNormGains", "InsertOnlineHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
+__all__ = ["FoldAWQScales", "FoldSmoothQuantScales", "FuseNormGains", "InsertOnlineHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeKVCache", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
            "RotateResidualStream", "RotateValueOutput"]

@@ -4,7 +4,7 @@ Static kinds (the TensorRT form), one per-tensor scale from calibration, zero po
 
     x ─ QuantizeLinear(scale, zp INT8|FLOAT8E4M3FN 0) ─ DequantizeLinear(scale, zp) ─ MatMul(·, DQ(W))
 
-Dynamic per-token int8: x ─ qcompile.QuantizeDequantizePerToken(qmax=127) ─ MatMul(·, DQ(W)).
+Dynamic per-token int8 / int4: x ─ qcompile.QuantizeDequantizePerToken(qmax=127 / 7, clip) ─ MatMul(·, DQ(W)).
 
 Linears that read the same tensor (q/k/v, gate/up) share one quantizer.
 """
@@ -21,6 +21,7 @@ from qcompile.calibration import TapStats
 from qcompile.passes._canonical import _initializer
 from qcompile.schemes import ActivationKind
 
+_QMAX = {ActivationKind.INT8_DYNAMIC: 127.0, ActivationKind.INT4_DYNAMIC: 7.0}
 _ZERO_POINTS = {ActivationKind.INT8_STATIC: np.int8, ActivationKind.FP8_STATIC: ml_dtypes.float8_e4m3fn}
 
 
@@ -34,9 +35,11 @@ class QuantizeActivations(ir.passes.InPlacePass):
     tensor to its static scale.
     """
 
-    def __init__(self, kind: ActivationKind, stats: dict[str, TapStats] | None = None, lm_head: bool = True):
+    def __init__(self, kind: ActivationKind, stats: dict[str, TapStats] | None = None, lm_head: bool = True,
+                 clip: float = 1.0):
         super().__init__()
         self.kind = kind
+        self.clip = clip
         self.stats = stats
         self.lm_head = lm_head
         self.scales: dict[str, float] = {}
@@ -52,14 +55,14 @@ class QuantizeActivations(ir.passes.InPlacePass):
             if x not in made:
                 made[x] = self._insert(model, graph, x, linear.node)
             linear.node.replace_input_with(0, made[x])
-        if self.kind == ActivationKind.INT8_DYNAMIC and made:
+        if self.kind in _QMAX and made:
             custom_ops.register(model, custom_ops.PER_TOKEN)
         return ir.passes.PassResult(model, modified=bool(made))
 
     def _insert(self, model: ir.Model, graph: ir.Graph, x: ir.Value, consumer: ir.Node) -> ir.Value:
         name = f"{x.name}_act"
-        if self.kind == ActivationKind.INT8_DYNAMIC:
-            nodes = [custom_ops.per_token_node(x, 127.0, name)]
+        if self.kind in _QMAX:
+            nodes = [custom_ops.per_token_node(x, _QMAX[self.kind], name, self.clip)]
         else:
             stats = self.stats[x.name]
             absmax = float(stats.absmax.max())

@@ -11,7 +11,7 @@ from typing import Callable
 import onnx_ir as ir
 
 from qcompile import errors
-from qcompile.schemes import ActivationKind, ActivationScheme, WeightScheme
+from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, WeightScheme
 from qcompile.targets.ort import LowerToMatMulNBits
 from qcompile.targets.trt import PadPartialBlocks
 
@@ -26,6 +26,7 @@ class Target:
     accuracy_level: int = 4  # ORT MatMulNBits: 0 = fp32 compute; 4 = int8 activations per block
     edge: bool = False  # also write an edge package (onnxruntime-genai config, golden vectors, zip)
     activations: ActivationScheme = ActivationScheme()
+    rotate: bool = False  # QuaRot's rotations (residual stream, value heads, online Hadamard before down_proj)
 
     def lowering_passes(self) -> list[ir.passes.PassBase]:
         return self.lowering(self)
@@ -71,6 +72,14 @@ _REGISTRY = {
             WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8),
             _ort_nbits,
             activations=ActivationScheme(ActivationKind.INT8_DYNAMIC, smoothquant=True, alpha=0.5, smooth_up_down=True),
+        ),
+        Target(
+            "ort-w4a8",
+            "QuaRot-rotated model, 4-bit GPTQ weights (group 128, symmetric; lm_head 8-bit) as com.microsoft.MatMulNBits accuracy_level 4 (int8 activations) for ONNX Runtime CPU",
+            "onnxruntime",
+            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8, algorithm=Algorithm.GPTQ),
+            _ort_nbits,
+            rotate=True,
         ),
         Target(
             "trt-int8",

@@ -156,3 +156,22 @@ def test_w8a8_per_token_quantizers_become_matmul_nbits_int8_activations(tiny_exp
     got = run_logits(tmp_path / "lowered.onnx", ids)
     snr_db = 10 * np.log10((ref**2).sum() / ((got - ref) ** 2).sum())
     assert snr_db > (60 if accuracy_level == 0 else 30), snr_db
+
+
+def test_ort_w4a8_rotates_then_lowers_with_the_online_hadamard(tiny_export, tmp_path):
+    import json
+
+    import qcompile
+
+    _, path = tiny_export("qwen2")
+    art = qcompile.compile(path, "ort-w4a8", tmp_path / "art", algo="rtn", eval_windows=None)
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["recipe"]["passes"][:4] == ["FuseNormGains", "RotateResidualStream", "RotateValueOutput",
+                                                "InsertOnlineHadamard"]
+    assert manifest["recipe"]["rotation"]["seed"] == 0
+    model = ir.load(art.path / "model.onnx")
+    assert sum(n.op_type == "Hadamard" for n in model.graph) == 2
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 2 * 7 + 1
+    ids = np.random.default_rng(1).integers(0, 256, size=(1, 12))
+    got, ref = run_logits(art.path / "model.onnx", ids), run_logits(path, ids)
+    assert np.isfinite(got).all() and np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9  # still the same model
