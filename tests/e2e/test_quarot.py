@@ -34,3 +34,35 @@ def test_rotated_greedy_generation_is_identical(smollm2_export, rotated):
     ids = runtime.load_tokenizer(smollm2_export).encode("The capital of France is").ids
     greedy = [list(generation.generate(runtime.Decoder(folder), ids, 32)) for folder in (rotated, smollm2_export)]
     assert greedy[0] == greedy[1]
+
+
+WINDOWS = 4
+
+
+@pytest.fixture(scope="module")
+def compiled(smollm2_export, tmp_path_factory):
+    import qcompile
+
+    root = tmp_path_factory.mktemp("quarot")
+    model = smollm2_export / "model.onnx"
+    tokenizer = runtime.load_tokenizer(smollm2_export)
+    w4a4 = dict(algo="rtn", activations="int4-dynamic", activation_clip=0.9, accuracy_level=0)
+
+    def ppl(target, folder, **kw):
+        art = qcompile.compile(model, target, root / folder, eval_windows=None, calib_samples=16, **kw)
+        return evaluation.perplexity(runtime.Decoder(art.path), tokenizer, WINDOWS).ppl
+
+    return {
+        "ort-int4": ppl("ort-int4", "ort-int4"),
+        "ort-w4a8": ppl("ort-w4a8", "ort-w4a8"),
+        "w4a4-rotated": ppl("ort-w4a8", "w4a4-rotated", **w4a4),
+        "w4a4-unrotated": ppl("ort-w4a8", "w4a4-unrotated", rotate=False, **w4a4),
+    }
+
+
+def test_ort_w4a8_rotated_gptq_beats_ort_int4_rtn(compiled):
+    assert compiled["ort-w4a8"] <= compiled["ort-int4"], compiled
+
+
+def test_rotation_is_what_makes_4bit_activations_work(compiled):
+    assert compiled["w4a4-unrotated"] > 10 * compiled["w4a4-rotated"], compiled

@@ -136,13 +136,15 @@ def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, t
     assert len(report["problems"]) == 1
 
 
-def test_engine_builds_into_the_artifact(tiny_export, tmp_path):
+@pytest.mark.parametrize("rotate", [False, True])  # rotated: TensorRT parses the qcompile.Hadamard function op
+def test_engine_builds_into_the_artifact(tiny_export, tmp_path, rotate):
     pytest.importorskip("tensorrt_rtx", reason="CI installs qcompile[tensorrt-rtx]")
     from qcompile import engine
     from qcompile.artifact import Artifact
 
     _, path = tiny_export("llama")
-    art = qcompile.compile(path, "trt-int4", tmp_path / "trt", eval_windows=None)
+    art = qcompile.compile(path, "trt-int4", tmp_path / "trt", eval_windows=None, rotate=rotate)
+    assert any(n.op_type == "Hadamard" for n in ir.load(art.path / "model.onnx").graph) == rotate
     record = engine.build(art.path, engine.Profiles(max_prompt=64, max_length=128, opt_prompt=16, opt_length=32))
     file = art.path / engine.ENGINE_FILE
     assert file.stat().st_size == record["bytes"] > 0

@@ -1,0 +1,138 @@
+"""QuaRot on SmolLM2: W4A4, W4A4 + 4-bit KV cache and W4A8, unrotated against rotated, one run.
+
+    python benchmarks/bench_quarot.py [--windows 128] [--calib-samples 128] [--clip 0.9]
+
+Weights: 4-bit, group 128, symmetric (lm_head 8-bit, weight-only), by RTN or GPTQ (parallel), quantized
+once per (rotation, algorithm) and shared by the rows built on them. Rows: float; ort-int4 (RTN); W4A4 =
+int4 per-token activations (clip ratio --clip) on every block linear, RTN unrotated / RTN rotated / GPTQ
+rotated; W4A4 KV4 (4-bit asymmetric KV cache, per token and head) GPTQ rotated and unrotated; W4A8 =
+ort-w4a8 (MatMulNBits accuracy_level 4: int8 activations) GPTQ unrotated and rotated. W4A4 rows run
+MatMulNBits at accuracy_level 0 so the int4 fake quantization is the only activation rounding.
+The cost of the online Hadamards is the decode latency of W4A8 rotated over W4A8 unrotated (same
+weights format; they differ only by the Hadamard ops). Writes benchmarks/results/quarot.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import shutil
+import tempfile
+import time
+
+import onnx_ir as ir
+
+import qcompile
+from qcompile import artifact, calibration, evaluation, pipeline, runtime
+from qcompile.passes import QuantizeActivations, QuantizeKVCache
+from qcompile.schemes import ActivationKind, Algorithm
+from qcompile.targets import get
+from qcompile.targets.ort import LowerToMatMulNBits
+from _results import meta, save
+
+# name: (rotate, algorithm, int4 activations, 4-bit KV cache, MatMulNBits accuracy_level)
+ROWS = {
+    "ort-int4 (RTN g128, unrotated)": (False, Algorithm.RTN, False, False, 4),
+    "W4A4 RTN unrotated": (False, Algorithm.RTN, True, False, 0),
+    "W4A4 RTN rotated": (True, Algorithm.RTN, True, False, 0),
+    "W4A4 GPTQ rotated": (True, Algorithm.GPTQ, True, False, 0),
+    "W4A4 KV4 GPTQ unrotated": (False, Algorithm.GPTQ, True, True, 0),
+    "W4A4 KV4 GPTQ rotated": (True, Algorithm.GPTQ, True, True, 0),
+    "W4A8 GPTQ unrotated (ort-w4a8 --no-rotate)": (False, Algorithm.GPTQ, False, False, 4),
+    "W4A8 GPTQ rotated (ort-w4a8)": (True, Algorithm.GPTQ, False, False, 4),
+}
+
+
+def canonical(float_dir: pathlib.Path, rotate: bool, algorithm: Algorithm, windows, out: pathlib.Path) -> tuple[pathlib.Path, float]:
+    """The float model (rotated or not) with 4-bit weights in the canonical form; returns (path, seconds)."""
+    start = time.perf_counter()
+    model = pipeline.load_onnx(float_dir / "model.onnx")
+    for rotation in pipeline._rotations(0) if rotate else []:
+        rotation(model)
+    scheme = dataclasses.replace(get("ort-w4a8").scheme, algorithm=algorithm)
+    pipeline._weight_pass(scheme, windows, None)(model)
+    ir.save(model, out, external_data=f"{out.name}.data")
+    return out, time.perf_counter() - start
+
+
+def variant(canon: pathlib.Path, acts: bool, kv4: bool, accuracy_level: int, clip: float, out_dir: pathlib.Path,
+            float_dir: pathlib.Path) -> pathlib.Path:
+    model = ir.load(canon)
+    if acts:
+        QuantizeActivations(ActivationKind.INT4_DYNAMIC, lm_head=False, clip=clip)(model)
+    if kv4:
+        QuantizeKVCache(4)(model)
+    LowerToMatMulNBits(accuracy_level)(model)
+    out_dir.mkdir(parents=True)
+    ir.save(model, out_dir / "model.onnx", external_data="model.onnx.data")
+    artifact.copy_tokenizer(float_dir, out_dir)
+    return out_dir / "model.onnx"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
+    parser.add_argument("--calib-samples", type=int, default=calibration.DEFAULT_SAMPLES)
+    parser.add_argument("--clip", type=float, default=0.9)
+    parser.add_argument("--source", default="smollm2-135m")
+    parser.add_argument("--rows", nargs="*", help="only these rows (names as in the table)")
+    args = parser.parse_args()
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="qcompile-bench-quarot-"))
+    float_dir = qcompile.export(args.source)
+    windows = calibration.calibration_windows(runtime.load_tokenizer(float_dir), None, args.calib_samples)
+    rows: list[dict] = [{"name": "float (ORT fp32)", "path": float_dir / "model.onnx", "quantize_s": None}]
+    canonicals: dict[tuple[bool, Algorithm], tuple[pathlib.Path, float]] = {}
+    for i, (name, (rotate, algorithm, acts, kv4, level)) in enumerate(ROWS.items()):
+        if args.rows and name not in args.rows:
+            continue
+        if (rotate, algorithm) not in canonicals:
+            print(f"quantize: {'rotated' if rotate else 'unrotated'} {algorithm.value}", flush=True)
+            canonicals[rotate, algorithm] = canonical(float_dir, rotate, algorithm, windows, work / f"c{len(canonicals)}.onnx")
+        canon, seconds = canonicals[rotate, algorithm]
+        rows.append({"name": name, "path": variant(canon, acts, kv4, level, args.clip, work / f"v{i}", float_dir),
+                     "quantize_s": round(seconds, 1)})
+
+    base_predictions = None
+    for row in rows:
+        print(f"perplexity: {row['name']}", flush=True)
+        ppl = evaluation.perplexity(runtime.Decoder(row["path"]), runtime.load_tokenizer(row["path"].parent), args.windows)
+        if base_predictions is None:
+            base_predictions = ppl.predictions
+        row.update(ppl=round(ppl.ppl, 3), argmax_agreement=round(float((ppl.predictions == base_predictions).mean()), 4),
+                   size_mb=round(artifact.model_bytes(row["path"]) / 1e6, 1))
+    for row in rows:
+        print(f"latency: {row['name']}", flush=True)
+        row.update(evaluation.latency(runtime.Decoder(row["path"])))
+    base = rows[0]
+    for row in rows:
+        row["ppl_ratio"] = round(row["ppl"] / base["ppl"], 3)
+        row["decode_vs_fp32"] = round(row["decode_ms_per_token"] / base["decode_ms_per_token"], 3)
+        row["path"] = str(row["path"])
+    by_name = {r["name"]: r for r in rows}
+    notes = []
+    rot, unrot = by_name.get("W4A8 GPTQ rotated (ort-w4a8)"), by_name.get("W4A8 GPTQ unrotated (ort-w4a8 --no-rotate)")
+    if rot and unrot:
+        notes.append(f"- online Hadamard cost (W4A8 rotated / unrotated decode): "
+                     f"{rot['decode_ms_per_token'] / unrot['decode_ms_per_token']:.3f}×")
+    lines = [
+        f"Perplexity on WikiText-2 test, {args.windows} × 512-token windows; latency: 512-token prefill, median decode "
+        f"ms/token after it (ORT CPU, 2 cores). Weights 4-bit g128 symmetric, lm_head 8-bit weight-only; "
+        f"GPTQ on {args.calib_samples} × 512 calibration tokens; W4A4 activation clip ratio {args.clip}.",
+        "",
+        "| model | ppl | × float | argmax agree | size MB | prefill ms | decode ms/tok | decode / fp32 | quantize s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {100 * r['argmax_agreement']:.1f} % | "
+                     f"{r['size_mb']:.0f} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.2f} | "
+                     f"{r['decode_vs_fp32']:.2f}× | {r['quantize_s'] if r['quantize_s'] is not None else '-'} |")
+    lines += ([""] + notes) if notes else []
+    save("quarot", {"meta": meta(windows=args.windows, source=args.source, calib_samples=args.calib_samples,
+                                 clip=args.clip), "rows": rows}, lines)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
