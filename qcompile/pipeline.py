@@ -166,7 +166,7 @@ def compile(
 
     `eval_windows=None` skips evaluation. Options left as None take the target's defaults (`lm_head_bits`
     None means float and `alpha` None means a per-layer search, so their "use the default" value is the
-    string "default"). `activations`: none, int8-static, int8-dynamic or fp8-static. Calibration (GPTQ, AWQ)
+    string "default"). `activations`: none, int8-static, int8-dynamic, int4-dynamic or fp8-static. Calibration (GPTQ, AWQ)
     reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
     when everything succeeded. `engine=True` (trt-* targets) also builds a TensorRT engine into it.
     `rotate` applies QuaRot's rotations (seeded by `rotation_seed`) to the float model before calibration.

@@ -183,14 +183,14 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
 
     @staticmethod
     def _drop_per_token_quantizers(model: ir.Model) -> bool:
-        """Remove int8 per-token quantizers that feed only integer-weight linears (MatMulNBits at
+        """Remove unclipped int8 per-token quantizers that feed only integer-weight linears (MatMulNBits at
         accuracy_level 4 quantizes those inputs itself)."""
         graph = model.graph
         dropped = False
         for node in list(graph):
             if (node.domain, node.op_type) != (custom_ops.DOMAIN, custom_ops.PER_TOKEN):
                 continue
-            if node.attributes.get_float("qmax", 127.0) != 127.0 or not all(
+            if (node.attributes.get_float("qmax", 127.0), node.attributes.get_float("clip", 1.0)) != (127.0, 1.0) or not all(
                     _integer_linear(use.node) and use.idx == 0 for use in node.outputs[0].uses()):
                 continue
             node.outputs[0].replace_all_uses_with(node.inputs[0])
