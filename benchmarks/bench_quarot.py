@@ -77,9 +77,11 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=0.9)
     parser.add_argument("--source", default="smollm2-135m")
     parser.add_argument("--rows", nargs="*", help="only these rows (names as in the table)")
+    parser.add_argument("--keep", type=pathlib.Path, help="keep the models in this new folder (e.g. for bench_latency.py)")
     args = parser.parse_args()
 
-    work = pathlib.Path(tempfile.mkdtemp(prefix="qcompile-bench-quarot-"))
+    work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="qcompile-bench-quarot-"))
+    work.mkdir(parents=True, exist_ok=bool(args.keep is None))
     float_dir = qcompile.export(args.source)
     windows = calibration.calibration_windows(runtime.load_tokenizer(float_dir), None, args.calib_samples)
     rows: list[dict] = [{"name": "float (ORT fp32)", "path": float_dir / "model.onnx", "quantize_s": None}]
@@ -131,7 +133,8 @@ def main() -> None:
     lines += ([""] + notes) if notes else []
     save("quarot", {"meta": meta(windows=args.windows, source=args.source, calib_samples=args.calib_samples,
                                  clip=args.clip), "rows": rows}, lines)
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
