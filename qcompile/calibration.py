@@ -12,6 +12,7 @@ attends to dominate; an unweighted H counts them once in 512 and GPTQ would dump
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -19,6 +20,7 @@ import tempfile
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompile import errors, evaluation
 from qcompile.analysis import Role, analyze
@@ -26,6 +28,7 @@ from qcompile.runtime import Decoder
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQLEN = 512
+START_INPUT = "qcompile_calibration_start"
 
 
 @dataclasses.dataclass
@@ -103,34 +106,78 @@ def attention_key(tap: str) -> str:
     return f"{tap}|attention"
 
 
+@contextlib.contextmanager
+def tapped_session(model: ir.Model, outputs: list[ir.Value], start: ir.Value | None = None):
+    """A Decoder over a pruned copy of `model` whose graph outputs are `outputs` (values of `model`).
+
+    With `start`, that value becomes a graph input named START_INPUT (fed per window by the caller), so
+    only what lies between it and `outputs` runs: one block of a model whose earlier blocks changed. The
+    copy shares `model`'s tensors; it lives in a temporary folder for the duration of the block.
+    """
+    copy = model.clone()
+    values = ir.convenience.create_value_mapping(copy.graph)
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(dict.fromkeys(values[v.name] for v in outputs))
+    if start is not None:
+        fed = ir.Value(name=START_INPUT, shape=start.shape, type=start.type)
+        ir.convenience.replace_all_uses_with(values[start.name], fed)
+        copy.graph.inputs.append(fed)
+    RemoveUnusedNodesPass()(copy)
+    with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
+        ir.save(copy, pathlib.Path(tmp) / "model.onnx", external_data="model.onnx.data")
+        del copy
+        decoder = Decoder(pathlib.Path(tmp) / "model.onnx")
+        try:
+            yield decoder
+        finally:
+            del decoder
+
+
+def _runs(decoder: Decoder, names: list[str], windows: np.ndarray, start: np.ndarray | None):
+    """Each window's outputs `names` (a dict), the window fed as a prompt with an empty cache; with
+    `start`, window i also feeds START_INPUT = start[i]."""
+    for i, window in enumerate(windows):
+        feeds = decoder.feeds(window[None], decoder.empty_cache(), 0)
+        if start is not None:
+            feeds[START_INPUT] = start[i][None]
+        yield dict(zip(names, decoder.session.run(names, feeds)))
+
+
+def values(model: ir.Model, value: ir.Value, windows: np.ndarray, start: tuple[ir.Value, np.ndarray] | None = None,
+           progress=None, label: str = "Propagating") -> np.ndarray:
+    """`value` for every window, stacked [windows, ...] (float32; a [128, 512, 576] hidden state is 151 MB).
+
+    `start` = (value, its arrays per window) computes from there instead of from the token ids."""
+    start_value, start_arrays = start if start is not None else (None, None)
+    advance = progress.task(label, len(windows)) if progress else (lambda: None)
+    out = []
+    with tapped_session(model, [value], start_value) as decoder:
+        for run in _runs(decoder, [value.name], windows, start_arrays):
+            out.append(run[value.name][0])
+            advance()
+    return np.stack(out)
+
+
 def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian: bool = True,
             progress=None, label: str = "Calibrating", attention: dict[str, ir.Value] | None = None,
-            rows_per_window: int = 0) -> dict[str, TapStats]:
+            rows_per_window: int = 0, start: tuple[ir.Value, np.ndarray] | None = None) -> dict[str, TapStats]:
     """Statistics of `taps` (values of `model`) over `windows`; keyed by value name.
 
     `rows_per_window` > 0 also keeps that many randomly chosen token rows of each window (seeded), for
     searches that need real activations (SmoothQuant's α), not only their statistics.
 
     `attention` maps a tap name to attention probabilities [b, heads, q, k] over the same tokens: those
-    taps also get attention-weighted statistics under `attention_key(name)`. The model is saved once to a
-    temporary folder with the taps as extra outputs; ORT then computes only what they need.
+    taps also get attention-weighted statistics under `attention_key(name)`. ORT runs a pruned copy of
+    the model that computes only the taps (from `start`, as in `values`, when given).
     """
     attention = attention or {}
     wanted = list(dict.fromkeys([*taps, *attention.values()]))
     names = [t.name for t in wanted]
-    added = [t for t in wanted if t not in model.graph.outputs]
-    with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
-        model.graph.outputs.extend(added)
-        try:
-            ir.save(model, pathlib.Path(tmp) / "model.onnx", external_data="model.onnx.data")
-        finally:
-            for _ in added:
-                model.graph.outputs.pop()
-        decoder = Decoder(pathlib.Path(tmp) / "model.onnx")
-        stats: dict[str, TapStats] = {}
-        advance = progress.task(label, len(windows)) if progress else (lambda: None)
-        for window in windows:
-            out = dict(zip(names, decoder.session.run(names, decoder.feeds(window[None], decoder.empty_cache(), 0))))
+    start_value, start_arrays = start if start is not None else (None, None)
+    stats: dict[str, TapStats] = {}
+    advance = progress.task(label, len(windows)) if progress else (lambda: None)
+    with tapped_session(model, wanted, start_value) as decoder:
+        for out in _runs(decoder, names, windows, start_arrays):
             for tap in taps:
                 x = out[tap.name]
                 keys = [(tap.name, None)]
@@ -144,13 +191,14 @@ def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian:
                                               np.zeros((k, k), np.float64) if hessian else None)
                     stats[key].add(x, weights, rows_per_window if weights is None else 0)
             advance()
-        del decoder
     return stats
 
 
 def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progress=None,
-                      label: str = "Calibrating") -> tuple[dict[str, TapStats], dict[str, np.ndarray]]:
+                      label: str = "Calibrating", start: tuple[ir.Value, np.ndarray] | None = None,
+                      ) -> tuple[dict[str, TapStats], dict[str, np.ndarray]]:
     """One calibration run for `linears` (analysis.Linear): (stats by input tap, Hessian by linear name).
+    `start`: as in `collect` (the sequential GPTQ runs one block at a time).
 
     A v projection's Hessian is attention-weighted when its block's attention probabilities are known.
     """
@@ -158,7 +206,7 @@ def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progr
     attention = {lin.node.inputs[0].name: probs[lin.block] for lin in linears
                  if lin.role == Role.V and lin.block in probs}
     taps = list(dict.fromkeys(lin.node.inputs[0] for lin in linears))
-    stats = collect(model, taps, windows, progress=progress, label=label, attention=attention)
+    stats = collect(model, taps, windows, progress=progress, label=label, attention=attention, start=start)
     hessians = {}
     for lin in linears:
         tap = lin.node.inputs[0].name

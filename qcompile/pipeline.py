@@ -96,7 +96,7 @@ def _weight_pass(scheme: WeightScheme, windows: np.ndarray | None, progress):
     if scheme.algorithm == Algorithm.RTN:
         return QuantizeWeightsRTN(scheme, progress)
     if scheme.algorithm == Algorithm.GPTQ:
-        return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress)
+        return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress, sequential=scheme.sequential)
     return QuantizeWeightsAWQ(scheme, windows, gptq=scheme.algorithm == Algorithm.AWQ_GPTQ, progress=progress)
 
 
@@ -146,6 +146,7 @@ def compile(
     embedding_bits: int | None | str = "default",
     accuracy_level: int | None = None,
     act_order: bool | None = None,
+    gptq_mode: str | None = None,
     positive_scales: bool | None = None,
     activations: str | None = None,
     smoothquant: bool | None = None,
@@ -166,7 +167,8 @@ def compile(
 
     `eval_windows=None` skips evaluation. Options left as None take the target's defaults (`lm_head_bits`
     None means float and `alpha` None means a per-layer search, so their "use the default" value is the
-    string "default"). `activations`: none, int8-static, int8-dynamic, int4-dynamic or fp8-static. Calibration (GPTQ, AWQ)
+    string "default"). `gptq_mode`: "parallel" (default; all Hessians from the float model) or "sequential"
+    (block by block on the partly quantized model). `activations`: none, int8-static, int8-dynamic, int4-dynamic or fp8-static. Calibration (GPTQ, AWQ)
     reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
     when everything succeeded. `engine=True` (trt-* targets) also builds a TensorRT engine into it.
     `rotate` applies QuaRot's rotations (seeded by `rotation_seed`) to the float model before calibration.
@@ -175,8 +177,11 @@ def compile(
     """
     started = time.perf_counter()
     tgt = targets.get(target)
+    if gptq_mode not in (None, "parallel", "sequential"):
+        raise errors.InputError(f"unknown GPTQ mode '{gptq_mode}': use parallel or sequential")
     options = {"algorithm": parse_algorithm(algo) if algo else None, "bits": bits, "group_size": group_size,
-               "symmetric": symmetric, "act_order": act_order, "positive_scales": positive_scales}
+               "symmetric": symmetric, "act_order": act_order, "positive_scales": positive_scales,
+               "sequential": None if gptq_mode is None else gptq_mode == "sequential"}
     changes = {k: v for k, v in options.items() if v is not None}
     for name, value in (("lm_head_bits", lm_head_bits), ("embedding_bits", embedding_bits)):
         if value != "default":

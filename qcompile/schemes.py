@@ -21,7 +21,8 @@ class WeightScheme:
 
     bits/group_size/symmetric apply to every block linear (group_size 0: one scale per output channel); `lm_head_bits` is the lm_head's width
     (None keeps it float); `skip` names layers (ModelMap names, e.g. "blocks.0.down") left float.
-    `act_order` and `damp` are GPTQ's (visit channels by decreasing Hessian diagonal; Hessian damping).
+    `act_order`, `damp` and `sequential` are GPTQ's (visit channels by decreasing Hessian diagonal; Hessian
+    damping; measure each block's Hessians on the model whose earlier blocks are already quantized).
     `positive_scales`: symmetric scales stay > 0, as TensorRT requires; otherwise ONNX Runtime's
     full-range convention (see `algorithms.rtn`), which is more accurate.
     `embedding_bits`: the token-embedding table's width (None keeps it float; ONNX Runtime targets only).
@@ -36,6 +37,7 @@ class WeightScheme:
     skip: tuple[str, ...] = ()
     act_order: bool = False
     damp: float = 0.01
+    sequential: bool = False
     positive_scales: bool = False
     embedding_bits: int | None = None
     fp8: bool = False
@@ -53,6 +55,9 @@ class WeightScheme:
                 f"group size {self.group_size} is not supported: use a power of two >= 16 (32, 64 or 128), "
                 "or 0 for one scale per output channel"
             )
+        if self.sequential and self.algorithm != Algorithm.GPTQ:
+            raise errors.InputError(f"sequential mode is GPTQ's: use --algo gptq, or drop --gptq-mode sequential "
+                                    f"(algorithm {self.algorithm.value})")
         if self.fp8 and (self.bits != 8 or self.group_size != 0 or not self.symmetric):
             raise errors.InputError("FP8 weights are 8-bit, symmetric, one scale per output channel: "
                                     "use --bits 8 --group-size 0 --symmetric")

@@ -33,6 +33,31 @@ def test_tap_statistics_equal_torch_activations(tiny_export):
         np.testing.assert_allclose(s.absmean, np.abs(x).mean(axis=0), rtol=1e-5)
 
 
+
+def test_statistics_from_a_fed_hidden_state_equal_the_full_run(tiny_export):
+    """Feeding block 1's input (as `values` computed it) and running only block 1 gives the same
+    statistics, attention-weighted ones included, as running the whole model: what sequential GPTQ relies on."""
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    block = analysis.analyze(model).blocks[1]
+    taps = list(dict.fromkeys(lin.node.inputs[0] for lin in block.linears.values()))
+    v_tap = block.linears[analysis.Role.V].node.inputs[0]
+    windows = np.random.default_rng(1).integers(0, 256, size=(3, 24))
+    entry = block.input_norm.input
+    hidden = calibration.values(model, entry, windows)
+    assert hidden.shape == (3, 24, 64)
+    full = calibration.collect(model, taps, windows, attention={v_tap.name: block.attention_probs})
+    fed = calibration.collect(model, taps, windows, attention={v_tap.name: block.attention_probs}, start=(entry, hidden))
+    assert set(fed) == set(full) and len(full) == len(taps) + 1
+    for key in full:
+        np.testing.assert_allclose(fed[key].hessian, full[key].hessian, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(fed[key].absmax, full[key].absmax, rtol=1e-6)
+    exit_ = block.mlp_residual.outputs[0]
+    np.testing.assert_allclose(calibration.values(model, exit_, windows, start=(entry, hidden)),
+                               calibration.values(model, exit_, windows), rtol=1e-5, atol=1e-6)
+    assert calibration.START_INPUT not in [v.name for v in model.graph.inputs]  # the model itself is untouched
+
+
 class _Tokenizer:
     def encode(self, text):
         class Ids:

@@ -103,14 +103,15 @@ def layer_record(linear: Linear, qw: QuantizedWeight | None, algorithm: str) -> 
 
 
 def quantize_linears(model, scheme: WeightScheme, quantize_one, algorithm: str, progress=None,
-                     label: str = "Quantizing weights") -> list[dict]:
-    """Quantize every linear `scheme` covers with `quantize_one(linear, bits) -> QuantizedWeight`, put it in
-    the canonical form, and return the per-layer manifest records (float layers included)."""
+                     label: str = "Quantizing weights", names: set[str] | None = None) -> list[dict]:
+    """Quantize every linear `scheme` covers (and `names` lists, if given) with `quantize_one(linear, bits)
+    -> QuantizedWeight`, put it in the canonical form, and return the per-layer manifest records (float
+    layers included). An empty `label` shows no progress."""
     linears = analysis.analyze(model).linears()
-    advance = progress.task(label, len(linears)) if progress else (lambda: None)
+    advance = progress.task(label, len(linears)) if progress and label else (lambda: None)
     layers = []
     for linear in linears:
-        bits = bits_for(scheme, linear)
+        bits = bits_for(scheme, linear) if names is None or linear.name in names else None
         qw = None
         if bits is not None:
             qw = quantize_one(linear, bits)

@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from qcompile import analysis, calibration
 from qcompile.algorithms.gptq import quantize_gptq
-from qcompile.passes._canonical import bits_for, quantize_linears
+from qcompile.passes._canonical import bits_for, layer_record, quantize_linears
 from qcompile.schemes import WeightScheme
 
 
@@ -15,36 +15,74 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     """W ≈ Ŵ = (q - z) · s chosen to minimise ||X·W - X·Ŵ||² on calibration inputs X (see `algorithms.gptq`).
 
     Mode "parallel": every Hessian H = XᵀX is measured on the float model in one calibration run
-    (linears sharing an input share one tap; v's is attention-weighted, see `calibration`), unless `hessians` (linear name → H) are given, as
-    FoldAWQScales provides. Requires a float model that `analysis.analyze` recognises.
+    (linears sharing an input share one tap; v's is attention-weighted, see `calibration`), unless
+    `hessians` (linear name → H) are given, as FoldAWQScales provides.
+    Mode "sequential" (the reference method): block by block, each block's Hessians are measured on its
+    inputs as the already-quantized earlier blocks produce them, so GPTQ also corrects the error that
+    reaches it. The hidden state entering the current block is kept for every window ([windows, T, H]
+    float32) and pushed through the quantized block; every block runs twice (measure, then propagate),
+    so this costs about two float passes over the calibration set, not one per block.
+    Requires a float model that `analysis.analyze` recognises.
     Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `self.layers` records what was done.
     """
 
     def __init__(self, scheme: WeightScheme, windows: np.ndarray | None, act_order: bool = False, damp: float = 0.01,
-                 progress=None, hessians: dict[str, np.ndarray] | None = None):
+                 progress=None, hessians: dict[str, np.ndarray] | None = None, sequential: bool = False):
         super().__init__()
+        if sequential and hessians is not None:
+            raise ValueError("sequential GPTQ measures its own Hessians: pass hessians only in parallel mode")
         self.hessians = hessians
         self.scheme = scheme
         self.windows = windows
         self.act_order = act_order
         self.damp = damp
         self.progress = progress
+        self.sequential = sequential
         self.layers: list[dict] = []
 
     def requires(self, model: ir.Model) -> None:
         analysis.analyze(model)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        linears = analysis.analyze(model).linears()
-        quantized = [lin for lin in linears if bits_for(self.scheme, lin) is not None]
-        hessians = self.hessians
-        if hessians is None:
-            _, hessians = calibration.linear_statistics(model, quantized, self.windows, self.progress,
-                                                        "Calibrating (Hessians)")
+    def _quantize(self, model: ir.Model, hessians: dict[str, np.ndarray], names: set[str] | None, label: str) -> list[dict]:
         s = self.scheme
-        self.layers = quantize_linears(
+        return quantize_linears(
             model, s, lambda linear, bits: quantize_gptq(linear.float_weight(), hessians[linear.name], bits,
                                                          s.group_size, s.symmetric, damp=self.damp,
                                                          act_order=self.act_order, positive=s.positive_scales),
-            "gptq", self.progress, "Quantizing weights (GPTQ)")
+            "gptq", self.progress, label, names=names)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        quantized = [lin for lin in analysis.analyze(model).linears() if bits_for(self.scheme, lin) is not None]
+        if self.sequential:
+            self.layers = self._sequential(model, {lin.name for lin in quantized})
+        else:
+            hessians = self.hessians
+            if hessians is None:
+                _, hessians = calibration.linear_statistics(model, quantized, self.windows, self.progress,
+                                                            "Calibrating (Hessians)")
+            self.layers = self._quantize(model, hessians, None, "Quantizing weights (GPTQ)")
         return ir.passes.PassResult(model, modified=bool(quantized))
+
+    def _sequential(self, model: ir.Model, names: set[str]) -> list[dict]:
+        model_map = analysis.analyze(model)
+        entry = model_map.blocks[0].input_norm.input
+        hidden = calibration.values(model, entry, self.windows, progress=self.progress,
+                                    label="Calibrating (embeddings)")
+        layers: dict[str, dict] = {}
+        advance = self.progress.task("Sequential GPTQ (blocks)", len(model_map.blocks) + 1) if self.progress else (lambda: None)
+        for index in range(len(model_map.blocks) + 1):
+            model_map = analysis.analyze(model)  # the earlier blocks' linears are now DequantizeLinear → MatMul
+            last = index == len(model_map.blocks)
+            linears = [model_map.lm_head] if last else list(model_map.blocks[index].linears.values())
+            linears = [lin for lin in linears if lin.name in names]
+            if linears:
+                _, hessians = calibration.linear_statistics(model, linears, self.windows, start=(entry, hidden))
+                chosen = {lin.name for lin in linears}
+                records = self._quantize(model, hessians, chosen, "")
+                layers.update((r["name"], r) for r in records if r["name"] in chosen)
+            if not last:
+                exit_ = model_map.blocks[index].mlp_residual.outputs[0]
+                hidden = calibration.values(model, exit_, self.windows, start=(entry, hidden))
+                entry = exit_
+            advance()
+        return [layers.get(lin.name) or layer_record(lin, None, "gptq") for lin in analysis.analyze(model).linears()]

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 
@@ -32,3 +34,35 @@ def test_gptq_pass_beats_rtn_on_every_layer(tiny_export):
 
         assert err(gptq) < err(rtn), lin.name
     assert {e["algorithm"] for e in p.layers} == {"gptq"}
+
+
+def _codes(model: ir.Model) -> dict[str, np.ndarray]:
+    return {lin.name: lin.weight_input.producer().inputs[0].const_value.numpy() for lin in analysis.analyze(model).linears()}
+
+
+def test_sequential_gptq_measures_each_block_on_the_quantized_blocks_before_it(tiny_export):
+    """Block 0 sees float inputs in both modes, so its integers equal parallel GPTQ's; block 1's equal GPTQ
+    with Hessians measured on the whole model after block 0 was quantized (the slow way, done here by hand)."""
+    _, path = tiny_export("llama")
+    windows = np.random.default_rng(0).integers(0, 256, size=(8, 64))
+    scheme = WeightScheme(bits=4, group_size=32, algorithm=Algorithm.GPTQ, lm_head_bits=None)
+    sequential, parallel = ir.load(path), ir.load(path)
+    p = QuantizeWeightsGPTQ(scheme, windows, sequential=True)
+    p(sequential)
+    QuantizeWeightsGPTQ(scheme, windows)(parallel)
+    seq, par = _codes(sequential), _codes(parallel)
+    assert [e["name"] for e in p.layers if "algorithm" in e] == [n for n in seq if n != "lm_head"]
+    block0 = [n for n in seq if n.startswith("blocks.0.")]
+    block1 = [n for n in seq if n.startswith("blocks.1.")]
+    for name in block0:
+        np.testing.assert_array_equal(seq[name], par[name], err_msg=name)
+
+    by_hand = ir.load(path)
+    QuantizeWeightsGPTQ(dataclasses.replace(scheme, skip=tuple(block1)), windows)(by_hand)
+    block1_linears = [lin for lin in analysis.analyze(by_hand).linears() if lin.name in block1]
+    _, hessians = calibration.linear_statistics(by_hand, block1_linears, windows)
+    QuantizeWeightsGPTQ(dataclasses.replace(scheme, skip=tuple(block0)), None, hessians=hessians)(by_hand)
+    hand = _codes(by_hand)
+    for name in block1:
+        np.testing.assert_array_equal(hand[name], seq[name], err_msg=name)
+    assert any((seq[name] != par[name]).any() for name in block1)  # the mode matters
