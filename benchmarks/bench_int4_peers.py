@@ -1,10 +1,19 @@
-"""qcompile ort-int4 (RTN) against ONNX Runtime's own MatMulNBitsQuantizer, in one run, on one export.
+"""4-bit weights on SmolLM2: qcompile's RTN, GPTQ, AWQ against ONNX Runtime's own quantizers, one run, one export.
 
-    python benchmarks/bench_int4_peers.py [--windows 128] [--source smollm2-135m]
+    python benchmarks/bench_int4_peers.py [--windows 128] [--groups 128 32] [--schemes sym asym]
+        [--algos ...] [--asym-algos ...] [--ort-gptq-samples 8] [--name int4_peers] [--source smollm2-135m]
 
-Every row is evaluated by the same code (qcompile.evaluation: WikiText-2 test, 512-token windows) on
-the same exported float model. Perplexities for all rows first, then latencies back to back, so that
-timings share machine conditions. Writes benchmarks/results/int4_peers.{json,md}.
+Rows, for every group size and symmetry asked for:
+- ORT `MatMulNBitsQuantizer`: RTN (DefaultWeightOnlyQuantConfig), GPTQ (GPTQWeightOnlyQuantConfig on
+  --ort-gptq-samples calibration windows; it runs the whole model once per distinct MatMul input and
+  window, 121 × samples runs for SmolLM2, so 128 windows would take hours here) and HQQ (asymmetric
+  with float zero points, so it appears under "asym" only).
+- qcompile `ort-int4` with lm_head float (the peers' size): RTN, GPTQ parallel, GPTQ sequential, AWQ,
+  AWQ+GPTQ, calibrated on 128 × 512 tokens of WikiText-2 valid.txt.
+- `--extras`: qcompile's default ort-int4 lm_head int8 with AWQ+GPTQ, and GPTQ act-order.
+Every row is evaluated by the same code (qcompile.evaluation: WikiText-2 test, 512-token windows) on the
+same exported float model: perplexities first, then latencies back to back. Compile times are wall
+seconds on this machine. Writes benchmarks/results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -15,19 +24,52 @@ import shutil
 import tempfile
 import time
 
-
 import qcompile
-from qcompile import artifact, evaluation, runtime
+from qcompile import artifact, calibration, evaluation, runtime
 from _results import meta, save
 
-def ort_matmul_nbits_quantizer(float_dir: pathlib.Path, out_dir: pathlib.Path, symmetric: bool, block: int) -> pathlib.Path:
-    """The peer: onnxruntime.quantization MatMulNBitsQuantizer, default (RTN) algorithm."""
+QCOMPILE_ALGOS = {  # row label → compile keywords
+    "RTN": dict(algo="rtn"),
+    "GPTQ parallel": dict(algo="gptq"),
+    "GPTQ sequential": dict(algo="gptq", gptq_mode="sequential"),
+    "AWQ": dict(algo="awq"),
+    "AWQ+GPTQ": dict(algo="awq+gptq"),
+}
+
+
+class _Windows:
+    """onnxruntime.quantization CalibrationDataReader over calibration windows (prompt pass, empty cache)."""
+
+    def __init__(self, path: pathlib.Path, windows):
+        decoder = runtime.Decoder(path)
+        self.feeds = [decoder.feeds(w[None], decoder.empty_cache(), 0) for w in windows]
+        self.rewind()
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def __iter__(self):  # ORT's GPTQ iterates a deep copy of the reader
+        return iter(self.feeds)
+
+
+def ort_matmul_nbits(float_dir: pathlib.Path, out_dir: pathlib.Path, algo: str, symmetric: bool, block: int,
+                     samples: int = 0) -> pathlib.Path:
+    """The peer: onnxruntime.quantization.MatMulNBitsQuantizer with algorithm RTN, GPTQ or HQQ."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     model = onnx.load(str(float_dir / "model.onnx"))
-    quantizer = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
-        block_size=block, is_symmetric=symmetric, bits=4))
+    if algo == "RTN":
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=4)
+    elif algo == "HQQ":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=4)
+    else:
+        windows = calibration.calibration_windows(runtime.load_tokenizer(float_dir), None, samples)
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(float_dir / "model.onnx", windows))
+    quantizer = mnq.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=symmetric, algo_config=config)
     quantizer.process()
     out_dir.mkdir(parents=True)
     onnx.save_model(quantizer.model.model, str(out_dir / "model.onnx"), save_as_external_data=True,
@@ -39,6 +81,14 @@ def ort_matmul_nbits_quantizer(float_dir: pathlib.Path, out_dir: pathlib.Path, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
+    parser.add_argument("--groups", type=int, nargs="+", default=[128, 32])
+    parser.add_argument("--schemes", nargs="+", choices=["sym", "asym"], default=["sym", "asym"])
+    parser.add_argument("--algos", nargs="+", choices=list(QCOMPILE_ALGOS), default=list(QCOMPILE_ALGOS))
+    parser.add_argument("--asym-algos", nargs="+", choices=list(QCOMPILE_ALGOS), help="asymmetric rows [default: --algos]")
+    parser.add_argument("--ort-gptq-samples", type=int, default=8, help="0 leaves ORT's GPTQ out")
+    parser.add_argument("--calib-samples", type=int, default=calibration.DEFAULT_SAMPLES, help="qcompile's calibration windows")
+    parser.add_argument("--extras", action="store_true")
+    parser.add_argument("--name", default="int4_peers")
     parser.add_argument("--source", default="smollm2-135m")
     args = parser.parse_args()
 
@@ -46,21 +96,43 @@ def main() -> None:
     float_dir = qcompile.export(args.source)
     rows: list[dict] = [{"name": "float (ORT fp32)", "path": float_dir / "model.onnx", "compile_s": None}]
 
-    def timed(name, fn):
-        start = time.perf_counter()
-        path = fn()
-        rows.append({"name": name, "path": path, "compile_s": round(time.perf_counter() - start, 1)})
+    failed: list[str] = []
 
-    timed("ORT MatMulNBitsQuantizer RTN g128 sym (lm_head float)",
-          lambda: ort_matmul_nbits_quantizer(float_dir, work / "ort-rtn", True, 128))
-    for name, kwargs in [
-        ("qcompile ort-int4 RTN g128 sym, lm_head float, acc0", dict(lm_head_bits=None, accuracy_level=0)),
-        ("qcompile ort-int4 RTN g128 sym, lm_head float, acc4", dict(lm_head_bits=None, accuracy_level=4)),
-        ("qcompile ort-int4 default (lm_head int8, acc4)", dict()),
-    ]:
-        out = work / name.replace(" ", "_").replace(",", "")
-        timed(name, lambda out=out, kwargs=kwargs: qcompile.compile(
-            float_dir / "model.onnx", "ort-int4", out, eval_windows=None, **kwargs).model_path)
+    def timed(name, fn, peer=False):
+        print(f"compile: {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            path = fn()
+        except Exception as e:  # a peer's own failure is a result, reported under the table; ours are bugs
+            if not peer:
+                raise
+            failed.append(f"- {name}: failed after {time.perf_counter() - start:.0f} s: {type(e).__name__}: {str(e)[:200]}")
+            print(failed[-1], flush=True)
+            return
+        rows.append({"name": name, "path": path, "compile_s": round(time.perf_counter() - start, 1)})
+        print(f"  {rows[-1]['compile_s']} s", flush=True)
+
+    def qcompile_row(name, **kwargs):
+        out = work / f"q{len(rows)}"
+        timed(name, lambda: qcompile.compile(float_dir / "model.onnx", "ort-int4", out, eval_windows=None,
+                                                calib_samples=args.calib_samples, **kwargs).model_path)
+
+    for group in args.groups:
+        for scheme in args.schemes:
+            sym = scheme == "sym"
+            tag = f"g{group} {scheme}"
+            timed(f"ORT RTN {tag}", lambda: ort_matmul_nbits(float_dir, work / f"o{len(rows)}", "RTN", sym, group), peer=True)
+            if not sym:
+                timed(f"ORT HQQ {tag}", lambda: ort_matmul_nbits(float_dir, work / f"o{len(rows)}", "HQQ", sym, group), peer=True)
+            if args.ort_gptq_samples:
+                timed(f"ORT GPTQ {tag} ({args.ort_gptq_samples} calib windows)", lambda: ort_matmul_nbits(
+                    float_dir, work / f"o{len(rows)}", "GPTQ", sym, group, args.ort_gptq_samples), peer=True)
+            for label in args.algos if sym or not args.asym_algos else args.asym_algos:
+                qcompile_row(f"qcompile {label} {tag}", group_size=group, symmetric=sym, lm_head_bits=None,
+                             **QCOMPILE_ALGOS[label])
+    if args.extras:
+        qcompile_row("qcompile AWQ+GPTQ g128 sym, lm_head int8 (ort-int4 default width)", algo="awq+gptq")
+        qcompile_row("qcompile GPTQ act-order g128 sym", algo="gptq", act_order=True, lm_head_bits=None)
 
     base_predictions = None
     for row in rows:
@@ -83,7 +155,8 @@ def main() -> None:
 
     lines = [
         f"Perplexity on WikiText-2 test, {args.windows} × 512-token windows; latency: 512-token prefill, "
-        "median decode ms/token after it (ORT CPU).",
+        "median decode ms/token after it (ORT CPU). qcompile rows: ort-int4 (MatMulNBits accuracy_level 4), "
+        f"lm_head float unless named; calibration {args.calib_samples} × 512 tokens of WikiText-2 valid.txt.",
         "",
         "| model | ppl | Δ vs float | argmax agree | size MB | prefill ms | decode ms/tok | decode speedup | compile s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -92,7 +165,9 @@ def main() -> None:
         lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_delta_pct']:+.2f} % | {100 * r['argmax_agreement']:.1f} % | "
                      f"{r['size_mb']:.0f} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | "
                      f"{r['decode_speedup']:.2f}× | {r['compile_s'] if r['compile_s'] is not None else '-'} |")
-    save("int4_peers", {"meta": meta(windows=args.windows, source=args.source), "rows": rows}, lines)
+    lines += ([""] + failed) if failed else []
+    save(args.name, {"meta": meta(windows=args.windows, source=args.source, groups=args.groups, schemes=args.schemes,
+                                  ort_gptq_samples=args.ort_gptq_samples, calib_samples=args.calib_samples), "rows": rows}, lines)
     shutil.rmtree(work, ignore_errors=True)
 
 

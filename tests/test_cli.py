@@ -40,6 +40,8 @@ def bad_files(tmp_path):
     (["model", "{d}/notllm", "--target", "trt-int9"], "unknown target 'trt-int9'"),
     (["model", "{d}/notllm", "--algo", "hqq"], "unknown algorithm"),
     (["model", "{d}/notllm", "--group-size", "48"], "power of two"),
+    (["model", "{d}/notllm", "--algo", "gptq", "--gptq-mode", "serial"], "unknown GPTQ mode 'serial'"),
+    (["model", "{d}/notllm", "--algo", "awq", "--gptq-mode", "sequential"], "sequential mode is GPTQ's"),
     (["model", "{d}/notllm", "--target", "trt-int4", "--asymmetric"], "symmetric weights with positive scales"),
     (["model", "{d}/notllm", "--target", "trt-int4", "--signed-scales"], "symmetric weights with positive scales"),
     (["model", "{d}/notllm", "--target", "trt-int4", "--embeddings", "int8"], "quantized embeddings run on ONNX Runtime"),

@@ -109,6 +109,15 @@ def test_gptq_beats_rtn(smollm2_export, int4_artifact, tmp_path):
     assert art.metrics["ppl_increase_pct"] < 0.8 * int4_artifact.metrics["ppl_increase_pct"]
 
 
+def test_sequential_gptq_beats_rtn(smollm2_export, int4_artifact, tmp_path):
+    art = qcompile.compile(smollm2_export / "model.onnx", "ort-int4", tmp_path / "gptq-seq", algo="gptq",
+                           gptq_mode="sequential", calib_samples=8, eval_windows=WINDOWS)
+    assert art.manifest["recipe"]["weights"]["sequential"] is True
+    assert {e["algorithm"] for e in art.manifest["layers"] if "bits" in e} == {"gptq"}
+    assert sum("bits" in e for e in art.manifest["layers"]) == 30 * 7 + 1
+    assert art.metrics["ppl_increase_pct"] < 0.8 * int4_artifact.metrics["ppl_increase_pct"]
+
+
 def test_awq_scale_folding_is_float_equivalent(smollm2_export, tmp_path):
     import onnx_ir as ir
 
