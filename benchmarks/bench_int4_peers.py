@@ -94,9 +94,21 @@ def main() -> None:
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="qcompile-bench-"))
     float_dir = qcompile.export(args.source)
-    rows: list[dict] = [{"name": "float (ORT fp32)", "path": float_dir / "model.onnx", "compile_s": None}]
-
+    rows: list[dict] = []
     failed: list[str] = []
+    base_predictions = None
+
+    def evaluated(name, path, compile_s):
+        nonlocal base_predictions
+        print(f"perplexity: {name}", flush=True)
+        ppl = evaluation.perplexity(runtime.Decoder(path), runtime.load_tokenizer(path.parent), args.windows)
+        if base_predictions is None:
+            base_predictions = ppl.predictions
+        rows.append({"name": name, "path": str(path), "compile_s": compile_s, "ppl": round(ppl.ppl, 3), "tokens": ppl.tokens,
+                     "argmax_agreement": round(float((ppl.predictions == base_predictions).mean()), 4),
+                     "size_mb": round(artifact.model_bytes(path) / 1e6, 1),
+                     "ppl_delta_pct": round(100 * (ppl.ppl / rows[0]["ppl"] - 1), 2) if rows else 0.0})
+        write()
 
     def timed(name, fn, peer=False):
         print(f"compile: {name}", flush=True)
@@ -109,13 +121,34 @@ def main() -> None:
             failed.append(f"- {name}: failed after {time.perf_counter() - start:.0f} s: {type(e).__name__}: {str(e)[:200]}")
             print(failed[-1], flush=True)
             return
-        rows.append({"name": name, "path": path, "compile_s": round(time.perf_counter() - start, 1)})
-        print(f"  {rows[-1]['compile_s']} s", flush=True)
+        evaluated(name, path, round(time.perf_counter() - start, 1))
 
     def qcompile_row(name, **kwargs):
         out = work / f"q{len(rows)}"
         timed(name, lambda: qcompile.compile(float_dir / "model.onnx", "ort-int4", out, eval_windows=None,
                                                 calib_samples=args.calib_samples, **kwargs).model_path)
+
+    def write():
+        lines = [
+            f"Perplexity on WikiText-2 test, {args.windows} × 512-token windows; latency: 512-token prefill, "
+            "median decode ms/token after it (ORT CPU), measured back to back after all perplexities. qcompile rows: "
+            "ort-int4 (MatMulNBits accuracy_level 4), lm_head float unless named; calibration "
+            f"{args.calib_samples} × 512 tokens of WikiText-2 valid.txt.",
+            "",
+            "| model | ppl | Δ vs float | argmax agree | size MB | prefill ms | decode ms/tok | decode speedup | compile s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lat = (f"{r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}×"
+                   if "decode_speedup" in r else "- | - | -")
+            lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_delta_pct']:+.2f} % | {100 * r['argmax_agreement']:.1f} % | "
+                         f"{r['size_mb']:.0f} | {lat} | {r['compile_s'] if r['compile_s'] is not None else '-'} |")
+        lines += ([""] + failed) if failed else []
+        save(args.name, {"meta": meta(windows=args.windows, source=args.source, groups=args.groups, schemes=args.schemes,
+                                      ort_gptq_samples=args.ort_gptq_samples, calib_samples=args.calib_samples),
+                         "rows": rows, "failed": failed}, lines)
+
+    evaluated("float (ORT fp32)", float_dir / "model.onnx", None)
 
     for group in args.groups:
         for scheme in args.schemes:
@@ -124,50 +157,22 @@ def main() -> None:
             timed(f"ORT RTN {tag}", lambda: ort_matmul_nbits(float_dir, work / f"o{len(rows)}", "RTN", sym, group), peer=True)
             if not sym:
                 timed(f"ORT HQQ {tag}", lambda: ort_matmul_nbits(float_dir, work / f"o{len(rows)}", "HQQ", sym, group), peer=True)
-            if args.ort_gptq_samples:
-                timed(f"ORT GPTQ {tag} ({args.ort_gptq_samples} calib windows)", lambda: ort_matmul_nbits(
-                    float_dir, work / f"o{len(rows)}", "GPTQ", sym, group, args.ort_gptq_samples), peer=True)
             for label in args.algos if sym or not args.asym_algos else args.asym_algos:
                 qcompile_row(f"qcompile {label} {tag}", group_size=group, symmetric=sym, lm_head_bits=None,
                              **QCOMPILE_ALGOS[label])
+    for group in args.groups if args.ort_gptq_samples else []:  # last: hours at 128 windows, minutes at a few
+        for sym in [scheme == "sym" for scheme in args.schemes]:
+            timed(f"ORT GPTQ g{group} {'sym' if sym else 'asym'} ({args.ort_gptq_samples} calib windows)", lambda: ort_matmul_nbits(
+                float_dir, work / f"o{len(rows)}", "GPTQ", sym, group, args.ort_gptq_samples), peer=True)
     if args.extras:
         qcompile_row("qcompile AWQ+GPTQ g128 sym, lm_head int8 (ort-int4 default width)", algo="awq+gptq")
         qcompile_row("qcompile GPTQ act-order g128 sym", algo="gptq", act_order=True, lm_head_bits=None)
 
-    base_predictions = None
-    for row in rows:
-        print(f"perplexity: {row['name']}", flush=True)
-        decoder = runtime.Decoder(row["path"])
-        ppl = evaluation.perplexity(decoder, runtime.load_tokenizer(row["path"].parent), args.windows)
-        if base_predictions is None:
-            base_predictions = ppl.predictions
-        row.update(ppl=round(ppl.ppl, 3), tokens=ppl.tokens,
-                   argmax_agreement=round(float((ppl.predictions == base_predictions).mean()), 4),
-                   size_mb=round(artifact.model_bytes(row["path"]) / 1e6, 1))
     for row in rows:
         print(f"latency: {row['name']}", flush=True)
         row.update(evaluation.latency(runtime.Decoder(row["path"])))
-    base = rows[0]
-    for row in rows:
-        row["ppl_delta_pct"] = round(100 * (row["ppl"] / base["ppl"] - 1), 2)
-        row["decode_speedup"] = round(base["decode_ms_per_token"] / row["decode_ms_per_token"], 2)
-        row["path"] = str(row["path"])
-
-    lines = [
-        f"Perplexity on WikiText-2 test, {args.windows} × 512-token windows; latency: 512-token prefill, "
-        "median decode ms/token after it (ORT CPU). qcompile rows: ort-int4 (MatMulNBits accuracy_level 4), "
-        f"lm_head float unless named; calibration {args.calib_samples} × 512 tokens of WikiText-2 valid.txt.",
-        "",
-        "| model | ppl | Δ vs float | argmax agree | size MB | prefill ms | decode ms/tok | decode speedup | compile s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_delta_pct']:+.2f} % | {100 * r['argmax_agreement']:.1f} % | "
-                     f"{r['size_mb']:.0f} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | "
-                     f"{r['decode_speedup']:.2f}× | {r['compile_s'] if r['compile_s'] is not None else '-'} |")
-    lines += ([""] + failed) if failed else []
-    save(args.name, {"meta": meta(windows=args.windows, source=args.source, groups=args.groups, schemes=args.schemes,
-                                  ort_gptq_samples=args.ort_gptq_samples, calib_samples=args.calib_samples), "rows": rows}, lines)
+        row["decode_speedup"] = round(rows[0]["decode_ms_per_token"] / row["decode_ms_per_token"], 2)
+    write()
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, fidelity, package, sources, targets
 from qcompile import engine as engine_mod
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
-from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, QuantizeActivations,
+from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
                              QuantizeEmbedding, QuantizeKVCache, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN,
                              RotateResidualStream, RotateValueOutput)
 from qcompile.passes._canonical import bits_for
@@ -159,6 +159,7 @@ def compile(
     engine: bool = False,
     rotate: bool | None = None,
     rotation_seed: int = 0,
+    attention_hadamards: bool | None = None,
     kv_cache_bits: int | None = None,
     activation_clip: float | None = None,
     progress=None,
@@ -171,7 +172,9 @@ def compile(
     (block by block on the partly quantized model). `activations`: none, int8-static, int8-dynamic, int4-dynamic or fp8-static. Calibration (GPTQ, AWQ)
     reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
     when everything succeeded. `engine=True` (trt-* targets) also builds a TensorRT engine into it.
-    `rotate` applies QuaRot's rotations (seeded by `rotation_seed`) to the float model before calibration.
+    `rotate` applies QuaRot's rotations (seeded by `rotation_seed`) to the float model before calibration;
+    `attention_hadamards` adds online Hadamards on o_proj's input and on the post-RoPE queries and keys
+    (default: on with rotations when activations are 4-bit or the KV cache is quantized).
     `kv_cache_bits` (4 or 8) quantizes the KV cache (per token and head, asymmetric); `activation_clip` is
     the clip ratio of dynamic per-token activation scales.
     """
@@ -233,7 +236,11 @@ def compile(
         )
     if tgt.edge and not (float_path.parent / "config.json").is_file():
         raise errors.InputError(f"no config.json beside '{float_path}': an edge package needs the model's HF config")
-    rotations = _rotations(rotation_seed) if tgt.rotate else []
+    if attention_hadamards is None:
+        attention_hadamards = tgt.rotate and (act.kind == ActivationKind.INT4_DYNAMIC or kv_cache_bits is not None)
+    if attention_hadamards and not tgt.rotate:
+        raise errors.InputError("attention Hadamards are part of QuaRot's rotations: add --rotate or drop --attention-hadamards")
+    rotations = _rotations(rotation_seed, attention_hadamards) if tgt.rotate else []
     for rotation in rotations:
         rotation(model)
     windows, calib_record = None, None
@@ -280,7 +287,8 @@ def compile(
             "recipe": {"weights": scheme.to_dict(), "activations": _activation_record(act, smooth, quantize_acts),
                        "calibration": calib_record,
                        "kv_cache": {"bits": kv_cache_bits, "symmetric": False, "group": "head_dim"} if kv_cache else None,
-                       "rotation": {"seed": rotation_seed, "online_hadamard": ["down"]} if rotations else None,
+                       "rotation": {"seed": rotation_seed, "online_hadamard": ["down", "o", "query", "key"] if attention_hadamards else ["down"]}
+                       if rotations else None,
                        "passes": [type(p).__name__ for p in (*rotations, smooth, quantize, quantize_acts, kv_cache, embed, *tgt.lowering_passes())
                                   if p is not None]},
             "layers": quantize.layers + ([embed.record] if embed else []),
@@ -298,10 +306,13 @@ def compile(
     return artifact.Artifact.load(out)
 
 
-def _rotations(seed: int) -> list[ir.passes.PassBase]:
+def _rotations(seed: int, attention: bool) -> list[ir.passes.PassBase]:
     """QuaRot on the float graph, in order: γ into the readers, the residual stream by a seeded random
-    Hadamard, each value head, and an online Hadamard before down_proj. Float-equivalent as a whole."""
-    return [FuseNormGains(), RotateResidualStream(seed), RotateValueOutput(seed), InsertOnlineHadamard()]
+    Hadamard, each value head, and an online Hadamard before down_proj; with `attention` also before
+    o_proj and on the post-RoPE queries and keys (for 4-bit activations and KV cache). Float-equivalent."""
+    online = InsertOnlineHadamard((analysis.Role.DOWN, analysis.Role.O) if attention else (analysis.Role.DOWN,))
+    return [FuseNormGains(), RotateResidualStream(seed), RotateValueOutput(seed), online,
+            *([InsertQueryKeyHadamard()] if attention else [])]
 
 
 def _parse_activations(name: str) -> ActivationKind:

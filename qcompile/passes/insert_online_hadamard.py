@@ -1,4 +1,4 @@
-"""InsertOnlineHadamard: x ← x·H at run time before down_proj, W_down ← Hᵀ·W_down offline."""
+"""InsertOnlineHadamard: x ← x·H at run time before down_proj (and optionally o_proj), W ← Hᵀ·W offline."""
 
 from __future__ import annotations
 
@@ -18,26 +18,41 @@ class InsertOnlineHadamard(ir.passes.InPlacePass):
     size, computed at run time by `qcompile.Hadamard` (factored H = A ⊗ B, two small MatMuls; the
     matrices are shared initializers `hadamard.<n>.left/right`), and the offline fold uses the same H.
     The input of down_proj, the hardest activation to quantize in a Llama MLP, loses its outliers.
+    With `roles` including o, the same is done on o_proj's input (all heads' attention outputs together:
+    QuaRot's across-head Hadamard; RotateValueOutput only mixes within a head), for 4-bit activations.
     """
+
+    def __init__(self, roles: tuple[R, ...] = (R.DOWN,)):
+        super().__init__()
+        self.roles = roles
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         factors: dict[int, tuple[ir.Value, ir.Value, np.ndarray]] = {}
         for block in analysis.analyze(model).blocks:
-            down = block.linears[R.DOWN]
-            n = down.in_features
-            if n not in factors:
-                h = kronecker_hadamard(n)
-                if h is None:
-                    raise errors.UnsupportedModelError(
-                        f"no Hadamard matrix of order {n} (the MLP size) is known: use a target without rotations")
-                factors[n] = (_initializer(graph, f"hadamard.{n}.left", h.a.T.astype(np.float32)),
-                              _initializer(graph, f"hadamard.{n}.right", h.b.astype(np.float32)), h.dense())
-            left, right, dense = factors[n]
-            node = custom_ops.hadamard_node(down.node.inputs[0], left, right, f"{down.name}.hadamard")
-            graph.insert_before(down.node, node)
-            down.node.replace_input_with(0, node.outputs[0])
-            set_weight(down, dense.T @ down.float_weight().astype(np.float64))
+            for role in self.roles:
+                linear = block.linears[role]
+                left, right, dense = hadamard_factors(graph, factors, linear.in_features)
+                node = custom_ops.hadamard_node(linear.node.inputs[0], left, right, f"{linear.name}.hadamard")
+                graph.insert_before(linear.node, node)
+                linear.node.replace_input_with(0, node.outputs[0])
+                set_weight(linear, dense.T @ linear.float_weight().astype(np.float64))
         if factors:
             custom_ops.register(model, custom_ops.HADAMARD)
         return ir.passes.PassResult(model, modified=bool(factors))
+
+
+def hadamard_factors(graph: ir.Graph, cache: dict, n: int) -> tuple[ir.Value, ir.Value, np.ndarray]:
+    """The shared initializers (left = Aᵀ, right = B) of the order-n Kronecker Hadamard, and H itself;
+    `graph`'s existing `hadamard.<n>.*` initializers are reused (one copy per order, whichever pass made it)."""
+    if n not in cache:
+        h = kronecker_hadamard(n)
+        if h is None:
+            raise errors.UnsupportedModelError(
+                f"no Hadamard matrix of order {n} is known for an online rotation: use a target without rotations")
+        left, right = (graph.initializers.get(f"hadamard.{n}.{side}") for side in ("left", "right"))
+        if left is None:
+            left = _initializer(graph, f"hadamard.{n}.left", h.a.T.astype(np.float32))
+            right = _initializer(graph, f"hadamard.{n}.right", h.b.astype(np.float32))
+        cache[n] = (left, right, h.dense())
+    return cache[n]

@@ -101,3 +101,45 @@ def test_online_hadamard_shares_its_matrices(tiny_export):
     assert len(ops) == len(analysis.analyze(model).blocks)
     assert len({n.inputs[1] for n in ops}) == 1
     assert all(analysis.analyze(model).blocks[i].linears[R.DOWN].node.inputs[0] is n.outputs[0] for i, n in enumerate(ops))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_attention_hadamards_leave_prompt_and_cached_decode_unchanged(tiny_export, tmp_path, arch):
+    """Full QuaRot (o_proj's input and post-RoPE queries/keys rotated online too): the logits of a prompt
+    and of a decode step that reads the (rotated) cache equal the float model's."""
+    from qcompile.passes import InsertQueryKeyHadamard
+    from qcompile.runtime import Decoder
+
+    _, path = tiny_export(arch)
+    model = ir.load(path)
+    for p in [FuseNormGains(), RotateResidualStream(), RotateValueOutput(),
+              InsertOnlineHadamard((R.DOWN, R.O)), InsertQueryKeyHadamard()]:
+        assert p(model).modified
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Hadamard") == 2 * 2 + 2 * 2  # per block: down, o, query, key
+    out = tmp_path / "model.onnx"
+    ir.save(model, out, external_data="model.onnx.data")
+    ids = np.random.default_rng(2).integers(0, 256, size=(1, 12))
+    results = []
+    for file in (out, path):
+        decoder = Decoder(file)
+        prompt, cache = decoder.forward(ids[:, :11], decoder.empty_cache(), 0)
+        step, _ = decoder.forward(ids[:, 11:], cache, 11)
+        results.append((prompt, step, cache))
+    (p1, s1, c1), (p0, s0, c0) = results
+    np.testing.assert_allclose(p1, p0, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(s1, s0, atol=1e-4, rtol=0)
+    key = next(n for n in c0 if n.endswith(".key"))
+    assert np.abs(c1[key] - c0[key]).max() > 1e-2  # the cache really holds rotated keys
+
+
+def test_query_key_hadamard_needs_a_kv_cache_concat(tiny_export):
+    from qcompile.passes import InsertQueryKeyHadamard
+
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    model.graph.outputs.clear()
+    model.graph.outputs.append(logits)  # no present.* outputs: attention without a cache
+    with pytest.raises(errors.UnsupportedModelError, match="KV-cache Concat"):
+        InsertQueryKeyHadamard()(model)
