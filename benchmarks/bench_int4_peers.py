@@ -43,9 +43,6 @@ class _Windows:
     def __init__(self, path: pathlib.Path, windows):
         decoder = runtime.Decoder(path)
         self.feeds = [decoder.feeds(w[None], decoder.empty_cache(), 0) for w in windows]
-        self.rewind()
-
-    def rewind(self):
         self._it = iter(self.feeds)
 
     def get_next(self):

@@ -112,7 +112,7 @@ def tapped_session(model: ir.Model, outputs: list[ir.Value], start: ir.Value | N
 
     With `start`, that value becomes a graph input named START_INPUT (fed per window by the caller), so
     only what lies between it and `outputs` runs: one block of a model whose earlier blocks changed. The
-    copy shares `model`'s tensors; it lives in a temporary folder for the duration of the block.
+    copy shares `model`'s tensors and is saved to a temporary folder that lasts as long as the `with`.
     """
     copy = model.clone()
     values = ir.convenience.create_value_mapping(copy.graph)

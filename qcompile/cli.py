@@ -50,7 +50,7 @@ def model(
     out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Artifact folder [default: qcompile-out/<model>-<target>]."),
     algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn, gptq, awq or awq+gptq [default: the target's, rtn]."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit input channels by decreasing activation energy [default: off]."),
-    gptq_mode: Optional[str] = typer.Option(None, "--gptq-mode", help="GPTQ: parallel (all Hessians from the float model, one calibration run) or sequential (block by block on the partly quantized model; about 2× the calibration time) [default: parallel]."),
+    gptq_mode: Optional[str] = typer.Option(None, "--gptq-mode", help="GPTQ: parallel (all Hessians from the float model, one calibration run) or sequential (block by block on the partly quantized model; each block runs twice: measure, then propagate) [default: parallel]."),
     calib: Optional[pathlib.Path] = typer.Option(None, "--calib", help="Calibration text or JSONL ({\"text\": ...} lines) [default: packaged WikiText-2 valid.txt]."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration window."),
