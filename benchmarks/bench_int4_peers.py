@@ -26,6 +26,7 @@ import time
 
 import qcompile
 from qcompile import artifact, calibration, evaluation, runtime
+from _calibration_reader import WindowsReader
 from _results import meta, save
 
 QCOMPILE_ALGOS = {  # row label → compile keywords
@@ -35,21 +36,6 @@ QCOMPILE_ALGOS = {  # row label → compile keywords
     "AWQ": dict(algo="awq"),
     "AWQ+GPTQ": dict(algo="awq+gptq"),
 }
-
-
-class _Windows:
-    """onnxruntime.quantization CalibrationDataReader over calibration windows (prompt pass, empty cache)."""
-
-    def __init__(self, path: pathlib.Path, windows):
-        decoder = runtime.Decoder(path)
-        self.feeds = [decoder.feeds(w[None], decoder.empty_cache(), 0) for w in windows]
-        self._it = iter(self.feeds)
-
-    def get_next(self):
-        return next(self._it, None)
-
-    def __iter__(self):  # ORT's GPTQ iterates a deep copy of the reader
-        return iter(self.feeds)
 
 
 def ort_matmul_nbits(float_dir: pathlib.Path, out_dir: pathlib.Path, algo: str, symmetric: bool, block: int,
@@ -65,7 +51,7 @@ def ort_matmul_nbits(float_dir: pathlib.Path, out_dir: pathlib.Path, algo: str, 
         config = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=4)
     else:
         windows = calibration.calibration_windows(runtime.load_tokenizer(float_dir), None, samples)
-        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(float_dir / "model.onnx", windows))
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=WindowsReader(float_dir / "model.onnx", windows))
     quantizer = mnq.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=symmetric, algo_config=config)
     quantizer.process()
     out_dir.mkdir(parents=True)

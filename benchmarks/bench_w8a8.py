@@ -22,10 +22,10 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 
 import qcompile
 from qcompile import artifact, calibration, engine, evaluation, runtime
+from _calibration_reader import WindowsReader
 from _results import meta, save
 
 
@@ -49,23 +49,12 @@ def ort_quantize_dynamic(float_dir: pathlib.Path, out_dir: pathlib.Path) -> path
     return out_dir / "model.onnx"
 
 
-class _Windows:
-    """onnxruntime.quantization CalibrationDataReader over calibration windows (prompt pass, empty cache)."""
-
-    def __init__(self, path: pathlib.Path, windows: np.ndarray):
-        decoder = runtime.Decoder(path)
-        self.feeds = iter([decoder.feeds(w[None], decoder.empty_cache(), 0) for w in windows])
-
-    def get_next(self):
-        return next(self.feeds, None)
-
-
 def ort_quantize_static(float_dir: pathlib.Path, out_dir: pathlib.Path, samples: int) -> pathlib.Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     windows = calibration.calibration_windows(runtime.load_tokenizer(float_dir), None, samples)
     out_dir.mkdir(parents=True)
-    quantize_static(float_dir / "model.onnx", out_dir / "model.onnx", _Windows(float_dir / "model.onnx", windows),
+    quantize_static(float_dir / "model.onnx", out_dir / "model.onnx", WindowsReader(float_dir / "model.onnx", windows),
                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     per_channel=False, op_types_to_quantize=["MatMul"], calibrate_method=CalibrationMethod.MinMax,
                     use_external_data_format=True)
