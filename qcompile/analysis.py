@@ -225,6 +225,7 @@ def match_norm(value: ir.Value) -> Norm | None:
     return None
 
 
+_SKIP_NORMS = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 _ATTENTION_OPS = {"GroupQueryAttention", "MultiHeadAttention", "Attention"}
 
 
@@ -381,7 +382,9 @@ class _Analyzer:
         }
 
     def residual_add(self, linear: Linear) -> ir.Node:
-        hit = _forward_first(linear.node.outputs[0], lambda n: n.op_type == "Add" and not any(map(_is_const, n.inputs)))
+        """The Add of `linear`'s output to the residual stream (or the fused Add + norm of an ORT graph)."""
+        hit = _forward_first(linear.node.outputs[0], lambda n: n.op_type in _SKIP_NORMS or (
+            n.op_type == "Add" and not any(map(_is_const, n.inputs))))
         if hit is None:
             raise self.fail(f"{linear.name}: no residual Add after it")
         return hit[0]

@@ -162,6 +162,7 @@ def compile(
     attention_hadamards: bool | None = None,
     kv_cache_bits: int | None = None,
     activation_clip: float | None = None,
+    fuse: bool | None = None,
     progress=None,
 ) -> artifact.Artifact:
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
@@ -176,7 +177,8 @@ def compile(
     `attention_hadamards` adds online Hadamards on o_proj's input and on the post-RoPE queries and keys
     (default: on with rotations when activations are 4-bit or the KV cache is quantized).
     `kv_cache_bits` (4 or 8) quantizes the KV cache (per token and head, asymmetric); `activation_clip` is
-    the clip ratio of dynamic per-token activation scales.
+    the clip ratio of dynamic per-token activation scales. `fuse` (ORT targets, default on) fuses each
+    attention into com.microsoft.GroupQueryAttention and the norms into (Skip)SimplifiedLayerNormalization.
     """
     started = time.perf_counter()
     tgt = targets.get(target)
@@ -200,6 +202,8 @@ def compile(
     act = dataclasses.replace(tgt.activations, **act_changes)
     if rotate is not None:
         tgt = dataclasses.replace(tgt, rotate=rotate)
+    if fuse is not None:
+        tgt = dataclasses.replace(tgt, fuse=fuse)
     if accuracy_level is not None:
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise errors.InputError(f"accuracy level {accuracy_level} is not one of 0, 1, 2, 3, 4")
@@ -265,7 +269,8 @@ def compile(
         embed(model)
     canonical = fidelity.decode_model(model)
     digests = {name: d.digest() for name, d in canonical.items()}
-    ir.passes.PassManager(tgt.lowering_passes())(model)
+    lowering = tgt.lowering_passes(_context_length(float_path.parent))
+    ir.passes.PassManager(lowering)(model)
     checks = _check_lowered(model, tgt, digests)
 
     with artifact.atomic_folder(out) as tmp:
@@ -289,7 +294,7 @@ def compile(
                        "kv_cache": {"bits": kv_cache_bits, "symmetric": False, "group": "head_dim"} if kv_cache else None,
                        "rotation": {"seed": rotation_seed, "online_hadamard": ["down", "o", "query", "key"] if attention_hadamards else ["down"]}
                        if rotations else None,
-                       "passes": [type(p).__name__ for p in (*rotations, smooth, quantize, quantize_acts, kv_cache, embed, *tgt.lowering_passes())
+                       "passes": [type(p).__name__ for p in (*rotations, smooth, quantize, quantize_acts, kv_cache, embed, *lowering)
                                   if p is not None]},
             "layers": quantize.layers + ([embed.record] if embed else []),
             "fidelity": {"weights": digests, **checks},
@@ -304,6 +309,12 @@ def compile(
     if engine:
         engine_mod.build(out, progress=progress)
     return artifact.Artifact.load(out)
+
+
+def _context_length(folder: pathlib.Path) -> int | None:
+    """max_position_embeddings from the HF config beside the float model (None if there is none)."""
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
 
 
 def _rotations(seed: int, attention: bool) -> list[ir.passes.PassBase]:

@@ -41,6 +41,12 @@ def eos_token_ids(folder: pathlib.Path) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
+def _head_size(model: pathlib.Path) -> int | None:
+    """The head size of a model whose cache inputs leave it symbolic (onnxruntime-genai's builder)."""
+    config = model.parent / "genai_config.json"
+    return json.loads(config.read_text())["model"]["decoder"]["head_size"] if config.is_file() else None
+
+
 class Decoder:
     """An ORT session over a KV-cache decoder graph (qcompile's export signature)."""
 
@@ -59,29 +65,29 @@ class Decoder:
                 f"ONNX Runtime cannot load '{self.path}': {str(e).splitlines()[0][:300]}"
             ) from None
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = {"input_ids", "attention_mask", "position_ids"} - set(inputs)
+        missing = {"input_ids", "attention_mask"} - set(inputs)
         if missing:
             raise errors.UnsupportedModelError(
                 f"'{self.path}' lacks decoder inputs {sorted(missing)}: export it with `qcompile export`"
             )
+        self.positions = "position_ids" in inputs  # absent from models whose attention op applies RoPE itself
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         self.cache_shapes = {n: inputs[n].shape for n in self.past_names}
+        self.head_dim = next((s[3] for s in self.cache_shapes.values() if isinstance(s[3], int)), None) or _head_size(self.path)
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
         return {
-            n: np.zeros((batch, shape[1], 0, shape[3]), dtype=np.float32) for n, shape in self.cache_shapes.items()
+            n: np.zeros((batch, shape[1], 0, self.head_dim), dtype=np.float32) for n, shape in self.cache_shapes.items()
         }
 
     def feeds(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
         """Inputs for `ids` [b, s] following `past_len` cached tokens."""
         batch, seq = ids.shape
-        return {
-            "input_ids": ids.astype(np.int64),
-            "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
-            **cache,
-        }
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64)}
+        if self.positions:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
+        return {**feeds, **cache}
 
     def forward(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int):
         """Run `ids` [b, s] after `past_len` cached tokens; returns (logits [b, s, vocab], new cache)."""

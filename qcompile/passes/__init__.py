@@ -2,6 +2,7 @@
 
 from qcompile.passes.fold_awq_scales import FoldAWQScales
 from qcompile.passes.fold_smoothquant_scales import FoldSmoothQuantScales
+from qcompile.passes.fuse_attention import FuseGroupQueryAttention
 from qcompile.passes.fuse_norm_gains import FuseNormGains
 from qcompile.passes.insert_online_hadamard import InsertOnlineHadamard
 from qcompile.passes.insert_query_key_hadamard import InsertQueryKeyHadamard
@@ -14,5 +15,5 @@ from qcompile.passes.quantize_weights_rtn import QuantizeWeightsRTN
 from qcompile.passes.rotate_residual_stream import RotateResidualStream
 from qcompile.passes.rotate_value_output import RotateValueOutput
 
-__all__ = ["FoldAWQScales", "FoldSmoothQuantScales", "FuseNormGains", "InsertOnlineHadamard", "InsertQueryKeyHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeKVCache", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
+__all__ = ["FoldAWQScales", "FoldSmoothQuantScales", "FuseGroupQueryAttention", "FuseNormGains", "InsertOnlineHadamard", "InsertQueryKeyHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeKVCache", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
            "RotateResidualStream", "RotateValueOutput"]

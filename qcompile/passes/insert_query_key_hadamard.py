@@ -27,8 +27,8 @@ class InsertQueryKeyHadamard(ir.passes.InPlacePass):
         factors: dict = {}
         blocks = analysis.analyze(model).blocks
         for block in blocks:
-            scores = _scores_matmul(block)
-            concat = _key_concat(scores.inputs[1], graph)
+            scores = scores_matmul(block)
+            concat = cache_concat(scores.inputs[1], graph)
             head_dim = concat.inputs[1].shape[-1] if concat.inputs[1].shape is not None else None
             if not isinstance(head_dim, int):
                 raise errors.UnsupportedModelError(f"block {block.index}: the key head size is not static")
@@ -42,7 +42,7 @@ class InsertQueryKeyHadamard(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(blocks))
 
 
-def _scores_matmul(block: analysis.Block) -> ir.Node:
+def scores_matmul(block: analysis.Block) -> ir.Node:
     """The q·kᵀ MatMul behind the block's attention softmax (through the mask Add and the scale)."""
     if block.attention_probs is None:
         raise errors.UnsupportedModelError(
@@ -62,7 +62,7 @@ def _scores_matmul(block: analysis.Block) -> ir.Node:
     raise errors.UnsupportedModelError(f"block {block.index}: no q·kᵀ MatMul found before the attention softmax")
 
 
-def _key_concat(value: ir.Value, graph: ir.Graph) -> ir.Node:
+def cache_concat(value: ir.Value, graph: ir.Graph) -> ir.Node:
     """The Concat(past, new) producing a `present.*.key` output that `value` (kᵀ) is computed from."""
     outputs = set(graph.outputs)
     for _ in range(16):
@@ -74,6 +74,6 @@ def _key_concat(value: ir.Value, graph: ir.Graph) -> ir.Node:
         if node.op_type not in _KEY_OPS:
             break
         value = node.inputs[0]
-    raise errors.UnsupportedModelError("the attention keys do not come from a KV-cache Concat(past, new): "
+    raise errors.UnsupportedModelError("the attention keys/values do not come from a KV-cache Concat(past, new): "
                                        "export the model with `qcompile export`")
 

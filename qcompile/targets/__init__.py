@@ -12,7 +12,8 @@ import onnx_ir as ir
 
 from qcompile import errors
 from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, WeightScheme
-from qcompile.targets.ort import LowerToMatMulNBits
+from qcompile.passes import FuseGroupQueryAttention
+from qcompile.targets.ort import FuseNormalizations, LowerToMatMulNBits
 from qcompile.targets.trt import PadPartialBlocks
 
 
@@ -22,21 +23,25 @@ class Target:
     description: str
     runtime: str
     scheme: WeightScheme
-    lowering: Callable[["Target"], list[ir.passes.PassBase]]
+    lowering: Callable[["Target", int | None], list[ir.passes.PassBase]]
     accuracy_level: int = 4  # ORT MatMulNBits: 0 = fp32 compute; 4 = int8 activations per block
     edge: bool = False  # also write an edge package (onnxruntime-genai config, golden vectors, zip)
     activations: ActivationScheme = ActivationScheme()
     rotate: bool = False  # QuaRot's rotations (residual stream, value heads, online Hadamard before down_proj)
+    fuse: bool = True  # ORT targets: GroupQueryAttention and SkipSimplifiedLayerNormalization fusions
 
-    def lowering_passes(self) -> list[ir.passes.PassBase]:
-        return self.lowering(self)
-
-
-def _ort_nbits(target: Target) -> list[ir.passes.PassBase]:
-    return [LowerToMatMulNBits(target.accuracy_level)]
+    def lowering_passes(self, max_positions: int | None = None) -> list[ir.passes.PassBase]:
+        """`max_positions`: the model's context length (the rows of a fused attention's RoPE caches)."""
+        return self.lowering(self, max_positions)
 
 
-def _trt(target: Target) -> list[ir.passes.PassBase]:
+def _ort_nbits(target: Target, max_positions: int | None) -> list[ir.passes.PassBase]:
+    if not target.fuse:
+        return [LowerToMatMulNBits(target.accuracy_level)]
+    return [FuseGroupQueryAttention(max_positions), LowerToMatMulNBits(target.accuracy_level), FuseNormalizations()]
+
+
+def _trt(target: Target, max_positions: int | None) -> list[ir.passes.PassBase]:
     return [PadPartialBlocks()]
 
 

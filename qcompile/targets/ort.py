@@ -202,6 +202,20 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         return dropped
 
 
+class FuseNormalizations(ir.passes.InPlacePass):
+    """RMSNorm → com.microsoft.SimplifiedLayerNormalization, and residual Add + RMSNorm →
+    SkipSimplifiedLayerNormalization (onnxscript's ORT fusion rules; one kernel instead of six)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
+
+        count = rms_normalization.fuse_rms_normalization(model)
+        count += skip_normalization.fuse_skip_rms_normalization(model)
+        if count:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        return ir.passes.PassResult(model, modified=bool(count))
+
+
 def _integer_linear(node: ir.Node) -> bool:
     dq = node.inputs[1].producer() if node.op_type == "MatMul" and len(node.inputs) > 1 else None
     return dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0].dtype in _INT_TYPES

@@ -88,7 +88,7 @@ def test_lowered_model_matches_canonical(tiny_export, tmp_path):
 def test_registry_lists_ort_int4_with_its_defaults():
     target = get("ort-int4")
     assert target.scheme.bits == 4 and target.scheme.group_size == 128 and target.scheme.symmetric
-    assert [type(p).__name__ for p in target.lowering_passes()] == ["LowerToMatMulNBits"]
+    assert [type(p).__name__ for p in target.lowering_passes()] == ["FuseGroupQueryAttention", "LowerToMatMulNBits", "FuseNormalizations"]
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -1,0 +1,299 @@
+"""FuseGroupQueryAttention: each block's decomposed attention becomes one com.microsoft.GroupQueryAttention."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import analysis, custom_ops, errors
+from qcompile.passes._canonical import _initializer
+from qcompile.passes.insert_query_key_hadamard import cache_concat, scores_matmul
+
+# between a cache Concat and the scores MatMul (kᵀ, GQA's repeat, scale); between the scores and the
+# softmax (mask, scale); between the probabilities·V MatMul and o_proj (heads merged back)
+_KEY_PATH = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Mul", "Div", "Cast", "Identity"}
+_SCORE_PATH = {"Add", "Where", "Mul", "Div", "Cast"}
+_CONTEXT_PATH = {"Transpose", "Reshape"}
+
+
+class FuseGroupQueryAttention(ir.passes.InPlacePass):
+    """softmax(scale·q·kᵀ + causal mask)·v with the cache Concat(past, new) → GroupQueryAttention.
+
+    Where the queries and keys are the projections' outputs with only RoPE (rotate-half form) applied,
+    GQA takes the projections' outputs and applies RoPE itself (do_rotary=1, from cos/sin caches of
+    `max_positions` rows computed by the graph's own rotary subgraph), so the per-head reshapes,
+    transposes and rotary ops go. Otherwise (QuaRot's query/key Hadamard, a fake-quantized KV cache,
+    or `max_positions` None) it is fed exactly the tensors the decomposed graph attends with: the queries
+    as they enter the scores MatMul and the new keys and values as they enter the cache Concat
+    (do_rotary=0). Its scale is the product of the constant factors on the query, key and score paths.
+    The cache keeps qcompile's layout, [batch, kv_heads, total, head_dim], growing by concatenation. The
+    mask becomes GQA's `seqlens_k` (attention_mask sum − 1) and `total_sequence_length`: causal over the
+    valid tokens, as the export's mask is for unpadded and right-padded batches.
+    """
+
+    def __init__(self, max_positions: int | None = None):
+        super().__init__()
+        self.max_positions = max_positions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        blocks = analysis.analyze(model).blocks
+        mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+        if mask is None:
+            raise errors.UnsupportedModelError("the model has no attention_mask input to fuse attention with: "
+                                               "export it with `qcompile export`")
+        seqlens, total = _sequence_lengths(graph, mask)
+        caches: dict = {}
+        for block in blocks:
+            _fuse_block(model, block, seqlens, total, caches, self.max_positions)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        model.opset_imports.setdefault("com.microsoft", 1)
+        return ir.passes.PassResult(model, modified=bool(blocks))
+
+
+def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total: ir.Value, caches: dict,
+                max_positions: int | None) -> None:
+    graph = model.graph
+    fail = lambda what: errors.UnsupportedModelError(f"block {block.index}: cannot fuse attention: {what}")  # noqa: E731
+    scores = scores_matmul(block)
+    key_concat = cache_concat(scores.inputs[1], graph)
+    context = _context_matmul(block.attention_probs)
+    if context is None:
+        raise fail("no probabilities·V MatMul after the softmax")
+    value_concat = cache_concat(context.inputs[1], graph)
+    query, key, value = scores.inputs[0], key_concat.inputs[1], value_concat.inputs[1]
+    dims = [v.shape for v in (query, key, value)]
+    if any(s is None or len(s) != 4 or not all(isinstance(d, int) for d in (s[1], s[3])) for s in dims):
+        raise fail("the query/key/value head counts and head size are not static [batch, heads, seq, head_dim]")
+    heads, kv_heads, head_dim = dims[0][1], dims[1][1], dims[0][3]
+    scale = _constant_factor(scores.inputs[1], key_concat.outputs[0], _KEY_PATH, fail)
+    scale *= _constant_factor(block.attention_probs.producer().inputs[0], scores.outputs[0], _SCORE_PATH, fail)
+    attention_out = _context_output(block.linears[analysis.Role.O].node.inputs[0], context, fail)
+
+    prefix = f"blocks.{block.index}.attention"
+    rotary = _projections_with_rope(query, key, value) if max_positions else None
+    if rotary is not None:
+        packed, query_factor, cos, sin = rotary
+        if (cos, sin) not in caches:
+            caches[cos, sin] = _rope_caches(model, cos, sin, max_positions, len(caches))
+        scale *= query_factor
+        extra, do_rotary = caches[cos, sin], 1
+    else:
+        packed = [_pack_heads(graph, v, scores, f"{prefix}.{name}") for v, name in ((query, "query"), (key, "key"), (value, "value"))]
+        extra, do_rotary = (), 0
+    gqa = ir.node(
+        "GroupQueryAttention",
+        [*packed, key_concat.inputs[0], value_concat.inputs[0], seqlens, total, *extra],
+        attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale), "do_rotary": do_rotary},
+        domain="com.microsoft", num_outputs=3, name=f"{prefix}.gqa",
+    )
+    graph.insert_before(scores, gqa)
+    gqa.outputs[0].name = f"{prefix}.output"
+    attention_out.replace_all_uses_with(gqa.outputs[0])
+    for concat, out in ((key_concat, gqa.outputs[1]), (value_concat, gqa.outputs[2])):
+        present = concat.outputs[0]
+        name, index = present.name, graph.outputs.index(present)
+        present.name = f"{name}.unfused"
+        out.name, out.dtype, out.shape = name, present.dtype, present.shape
+        graph.outputs[index] = out
+    gqa.outputs[0].dtype = attention_out.dtype
+    gqa.outputs[0].shape = ir.Shape([*dims[0][:1], dims[0][2], heads * head_dim])
+
+
+def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """GQA's seqlens_k (int32 [batch], valid tokens − 1) and total_sequence_length (int32 scalar)."""
+    one = _constant(graph, "attention.one", np.array(1, np.int64))
+    axis = _constant(graph, "attention.axis_1", np.array([1], np.int64))
+    nodes = [
+        ir.node("ReduceSum", [mask, axis], attributes={"keepdims": 0}, name="attention.valid_tokens"),
+    ]
+    nodes.append(ir.node("Sub", [nodes[-1].outputs[0], one], name="attention.last_index"))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.INT32}, name="attention.seqlens_k"))
+    nodes.append(ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="attention.mask_length"))
+    nodes.append(ir.node("Squeeze", [nodes[-1].outputs[0]], name="attention.total_length"))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.INT32},
+                         name="attention.total_sequence_length"))
+    graph.insert_before(graph[0], nodes)
+    return nodes[2].outputs[0], nodes[-1].outputs[0]
+
+
+def _projections_with_rope(query: ir.Value, key: ir.Value, value: ir.Value):
+    """(packed q, k, v projections, the query's constant factor, cos, sin) when the queries are
+    [factor ·] RoPE(heads(q_proj)), the keys RoPE(heads(k_proj)) with the same cos/sin, and the values
+    heads(v_proj); else None. heads(x) is x [batch, seq, heads·head_dim] split to [batch, heads, seq, head_dim]."""
+    factor, node = 1.0, query.producer()
+    if node is not None and node.op_type in ("Mul", "Div"):
+        scaled = _scalar_factor(node)
+        if scaled is None:
+            return None
+        query, factor = scaled
+    q_rope, k_rope = _rope(query), _rope(key)
+    if q_rope is None or k_rope is None or q_rope[1:] != k_rope[1:]:
+        return None
+    packed = [_merged_heads(v) for v in (q_rope[0], k_rope[0], value)]
+    if any(v is None for v in packed):
+        return None
+    return packed, factor, *q_rope[1:]
+
+
+def _rope(value: ir.Value):
+    """(x, cos, sin) when value = x·cos + rotate_half(x)·sin, rotate_half(x) = Concat(−x₂, x₁); else None."""
+    add = value.producer()
+    if add is None or add.op_type != "Add":
+        return None
+    for plain, rotated in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+        mul_x, mul_r = plain.producer(), rotated.producer()
+        if mul_x is None or mul_r is None or mul_x.op_type != "Mul" or mul_r.op_type != "Mul":
+            continue
+        for x, cos in (mul_x.inputs, mul_x.inputs[::-1]):
+            for half, sin in (mul_r.inputs, mul_r.inputs[::-1]):
+                if _is_rotate_half(half, x):
+                    return x, cos, sin
+    return None
+
+
+def _is_rotate_half(value: ir.Value, x: ir.Value) -> bool:
+    concat = value.producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or concat.attributes.get_int("axis") not in (-1, 3):
+        return False
+    neg, second = concat.inputs[0].producer(), concat.inputs[1].producer()
+    if neg is None or neg.op_type != "Neg" or second is None or second.op_type != "Slice":
+        return False
+    first = neg.inputs[0].producer()
+    if first is None or first.op_type != "Slice" or first.inputs[0] is not x or second.inputs[0] is not x:
+        return False
+    half = x.shape[-1] // 2 if x.shape is not None and isinstance(x.shape[-1], int) else None
+    starts = [_scalar(s.inputs[1]) for s in (first, second)]
+    return half is not None and starts == [half, 0] and _scalar(second.inputs[2]) == half
+
+
+def _scalar(value: ir.Value | None) -> int | None:
+    array = value.const_value.numpy() if value is not None and value.const_value is not None else None
+    return int(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+
+def _merged_heads(value: ir.Value) -> ir.Value | None:
+    """x when value = Transpose(Reshape(x, [batch, seq, heads, head_dim]), perm 0,2,1,3) and x is rank 3."""
+    transpose = value.producer()
+    if transpose is None or transpose.op_type != "Transpose" or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    reshape = transpose.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    x = reshape.inputs[0]
+    return x if x.shape is not None and len(x.shape) == 3 else None
+
+
+def _rope_caches(model: ir.Model, cos: ir.Value, sin: ir.Value, max_positions: int, index: int) -> tuple[ir.Value, ir.Value]:
+    """GQA's cos/sin caches [max_positions, head_dim/2]: the graph's own cos/sin for positions 0..max−1."""
+    from qcompile import calibration
+
+    with calibration.tapped_session(model, [cos, sin]) as decoder:
+        ids = np.zeros((1, max_positions), np.int64)
+        feeds = decoder.feeds(ids, decoder.empty_cache(), 0)
+        tables = decoder.session.run([cos.name, sin.name], {k: v for k, v in feeds.items()
+                                                           if k in {i.name for i in decoder.session.get_inputs()}})
+    out = []
+    for name, table in zip(("cos", "sin"), tables):
+        table = table.reshape(max_positions, -1)
+        half = table.shape[1] // 2
+        if not np.array_equal(table[:, :half], table[:, half:]):
+            raise errors.UnsupportedModelError(f"the rotary {name} table is not two equal halves (rotate-half RoPE)")
+        out.append(_initializer(model.graph, f"attention.rope.{index}.{name}_cache", np.ascontiguousarray(table[:, :half])))
+    return tuple(out)
+
+
+def _pack_heads(graph: ir.Graph, value: ir.Value, before: ir.Node, name: str) -> ir.Value:
+    """[batch, heads, seq, head_dim] → [batch, seq, heads·head_dim] (GQA's packed layout)."""
+    shape = _constant(graph, "attention.packed_shape", np.array([0, 0, -1], np.int64))
+    transpose = ir.node("Transpose", [value], attributes={"perm": [0, 2, 1, 3]}, name=f"{name}.transpose")
+    reshape = ir.node("Reshape", [transpose.outputs[0], shape], name=f"{name}.pack")
+    graph.insert_before(before, [transpose, reshape])
+    return reshape.outputs[0]
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """The shared initializer `name` (made on first use)."""
+    return graph.initializers[name] if name in graph.initializers else _initializer(graph, name, array)
+
+
+def _constant_factor(value: ir.Value, stop: ir.Value, allowed: set[str], fail) -> float:
+    """Product of the constant scalar Mul/Div factors on the single-data-input path from `stop` to `value`."""
+    factor = 1.0
+    for _ in range(24):
+        if value is stop:
+            return factor
+        node = value.producer()
+        if node is None or node.op_type not in allowed:
+            raise fail(f"unexpected {node.op_type if node else 'graph input'} '{value.name}' in the attention path")
+        data = [v for v in node.inputs if v is not None and v.const_value is None]
+        if node.op_type in ("Mul", "Div"):
+            scaled = _scalar_factor(node)
+            if scaled is None:
+                raise fail(f"'{node.name}' is not a product of the attention with a constant scalar")
+            data, factor = [scaled[0]], factor * scaled[1]
+        elif node.op_type in ("Add", "Where"):
+            data = [v for v in data if v.dtype != ir.DataType.BOOL]
+            data = [v for v in data if _reaches(v, stop)]  # the mask is the other operand
+            if len(data) != 1:
+                raise fail(f"'{node.name}' combines the scores with something other than a mask")
+        if not data:
+            raise fail(f"'{node.name}' has no data input")
+        value = data[0]
+    raise fail("the attention path is longer than expected")
+
+
+def _scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
+    """(x, c) when node is x·c, c·x or x/c (then 1/c) for a constant scalar c; else None."""
+    data = [v for v in node.inputs if v.const_value is None]
+    const = [v for v in node.inputs if v.const_value is not None]
+    if len(data) != 1 or len(const) != 1 or const[0].const_value.numpy().size != 1:
+        return None
+    c = float(const[0].const_value.numpy().reshape(-1)[0])
+    if node.op_type == "Div":
+        return (data[0], 1.0 / c) if node.inputs[1] is const[0] else None
+    return data[0], c
+
+
+def _reaches(value: ir.Value, target: ir.Value, limit: int = 24) -> bool:
+    for _ in range(limit):
+        if value is target:
+            return True
+        node = value.producer()
+        data = [v for v in (node.inputs if node else []) if v is not None and v.const_value is None]
+        if not data:
+            return False
+        value = data[-1] if node.op_type == "Where" else data[0]
+    return False
+
+
+def _context_matmul(probs: ir.Value | None) -> ir.Node | None:
+    """The probabilities·V MatMul that consumes the softmax (through IsNaN/Where/Cast)."""
+    frontier = [probs] if probs is not None else []
+    for _ in range(4):
+        found = []
+        for value in frontier:
+            for use in value.uses():
+                if use.node.op_type == "MatMul" and use.idx == 0:
+                    return use.node
+                if use.node.op_type in ("Where", "Cast"):
+                    found.extend(use.node.outputs)
+        frontier = found
+    return None
+
+
+def _context_output(value: ir.Value, context: ir.Node, fail) -> ir.Value:
+    """The merged-heads attention output [batch, seq, heads·head_dim] that reaches o_proj from `context`
+    (through Transpose/Reshape; o_proj's input may be a `qcompile.Hadamard` of it)."""
+    node = value.producer()
+    if node is not None and (node.domain, node.op_type) == (custom_ops.DOMAIN, custom_ops.HADAMARD):
+        value = node.inputs[0]
+    out, walk = value, value
+    for _ in range(4):
+        if walk is context.outputs[0]:
+            return out
+        node = walk.producer()
+        if node is None or node.op_type not in _CONTEXT_PATH:
+            break
+        walk = node.inputs[0]
+    raise fail("o_proj's input is not the attention context with its heads merged")

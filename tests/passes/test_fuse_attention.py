@@ -1,0 +1,66 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from qcompile import analysis, errors
+from qcompile.passes import (FuseGroupQueryAttention, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard,
+                             QuantizeKVCache, RotateResidualStream, RotateValueOutput)
+from qcompile.runtime import Decoder
+
+R = analysis.Role
+
+
+def _prompt_and_step(path, ids):
+    decoder = Decoder(path)
+    prompt, cache = decoder.forward(ids[:, :-1], decoder.empty_cache(len(ids)), 0)
+    step, cache = decoder.forward(ids[:, -1:], cache, ids.shape[1] - 1)
+    return prompt, step, cache
+
+
+def _fused_against_unfused(model, tmp_path, ids, max_positions=None):
+    unfused, fused = tmp_path / "unfused.onnx", tmp_path / "fused.onnx"
+    ir.save(model, unfused, external_data="unfused.onnx.data")
+    assert FuseGroupQueryAttention(max_positions)(model).modified
+    ir.save(model, fused, external_data="fused.onnx.data")
+    return _prompt_and_step(fused, ids), _prompt_and_step(unfused, ids), model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("rope", [False, True])  # True: GQA applies RoPE itself from cos/sin caches
+def test_fused_attention_leaves_prompt_and_cached_decode_unchanged(tiny_export, tmp_path, arch, rope):
+    _, path = tiny_export(arch)
+    ids = np.random.default_rng(3).integers(0, 256, size=(2, 14))
+    (p1, s1, c1), (p0, s0, c0), model = _fused_against_unfused(ir.load(path), tmp_path, ids, 256 if rope else None)
+    ops = [n.op_type for n in model.graph]
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == len(analysis.analyze(model).blocks) == 2
+    assert {n.attributes.get_int("do_rotary") for n in gqa} == {int(rope)}
+    assert "Softmax" not in ops and ("Neg" in ops) != rope
+    np.testing.assert_allclose(p1, p0, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(s1, s0, atol=1e-4, rtol=0)
+    assert c1.keys() == c0.keys()
+    for name in c0:
+        np.testing.assert_allclose(c1[name], c0[name], atol=1e-5, rtol=0)
+
+
+def test_fused_attention_composes_with_quarot_and_a_4bit_kv_cache(tiny_export, tmp_path):
+    """The fused op attends with what the graph computes upstream: rotated queries/keys, fake-quantized cache."""
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    for p in [FuseNormGains(), RotateResidualStream(), RotateValueOutput(), InsertOnlineHadamard((R.DOWN, R.O)),
+              InsertQueryKeyHadamard(), QuantizeKVCache(4)]:
+        assert p(model).modified
+    ids = np.random.default_rng(4).integers(0, 256, size=(1, 12))
+    (p1, s1, _), (p0, s0, _), model = _fused_against_unfused(model, tmp_path, ids, max_positions=256)
+    assert [n.op_type for n in model.graph].count("Hadamard") == 2 * 4
+    assert {n.attributes.get_int("do_rotary") for n in model.graph if n.op_type == "GroupQueryAttention"} == {0}
+    np.testing.assert_allclose(p1, p0, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(s1, s0, atol=1e-4, rtol=0)
+
+
+def test_fusing_twice_is_a_clear_error(tiny_export):
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    FuseGroupQueryAttention()(model)
+    with pytest.raises(errors.UnsupportedModelError, match="attention"):
+        FuseGroupQueryAttention()(model)
