@@ -13,7 +13,7 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import __version__, analysis, artifact, calibration, errors, evaluation, export as export_mod, fidelity, package, sources, targets
+from qcompile import __version__, analysis, artifact, calibration, checkpoint, errors, evaluation, export as export_mod, fidelity, package, sources, targets
 from qcompile import engine as engine_mod
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
 from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
@@ -91,12 +91,13 @@ def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cach
     return _Evaluated({**ppl, **lat, "size_bytes": artifact.model_bytes(model_path)}, predictions)
 
 
-def _weight_pass(scheme: WeightScheme, windows: np.ndarray | None, progress):
+def _weight_pass(scheme: WeightScheme, windows: np.ndarray | None, progress, checkpoint=None):
     """The weight-quantization pass for `scheme.algorithm`."""
     if scheme.algorithm == Algorithm.RTN:
         return QuantizeWeightsRTN(scheme, progress)
     if scheme.algorithm == Algorithm.GPTQ:
-        return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress, sequential=scheme.sequential)
+        return QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress, sequential=scheme.sequential,
+                                   checkpoint=checkpoint)
     return QuantizeWeightsAWQ(scheme, windows, gptq=scheme.algorithm == Algorithm.AWQ_GPTQ, progress=progress)
 
 
@@ -163,6 +164,7 @@ def compile(
     kv_cache_bits: int | None = None,
     activation_clip: float | None = None,
     fuse: bool | None = None,
+    resume: bool = False,
     progress=None,
 ) -> artifact.Artifact:
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
@@ -179,6 +181,8 @@ def compile(
     `kv_cache_bits` (4 or 8) quantizes the KV cache (per token and head, asymmetric); `activation_clip` is
     the clip ratio of dynamic per-token activation scales. `fuse` (ORT targets, default on) fuses each
     attention into com.microsoft.GroupQueryAttention and the norms into (Skip)SimplifiedLayerNormalization.
+    GPTQ compiles save each finished linear beside `out` (see `checkpoint`); `resume=True` continues an
+    interrupted one from there, and the artifact is byte-identical to an uninterrupted run's.
     """
     started = time.perf_counter()
     tgt = targets.get(target)
@@ -220,6 +224,9 @@ def compile(
         raise errors.InputError(f"quantized embeddings run on ONNX Runtime (GatherBlockQuantized): drop --embeddings for {tgt.name}")
     if engine and tgt.runtime != "tensorrt":
         raise errors.InputError(f"--engine builds TensorRT engines: {tgt.name} is an {tgt.runtime} target (use trt-int4, trt-int8 or trt-fp8)")
+    if resume and scheme.algorithm != Algorithm.GPTQ:
+        raise errors.InputError(f"--resume continues GPTQ compiles (--algo gptq); --algo {scheme.algorithm.value} "
+                                "keeps no state to resume from")
     if eval_windows is not None and not 1 <= eval_windows <= 500:
         raise errors.InputError(f"--eval-windows {eval_windows} is out of range: use 1..500 or --no-eval")
 
@@ -253,7 +260,13 @@ def compile(
         calib_record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": calib_samples,
                         "seqlen": calib_seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
     smooth, stats = _smooth(model, scheme, act, windows, progress) if act.smoothquant or act.static else (None, None)
-    quantize = _weight_pass(scheme, windows, progress)
+    saved = None
+    if scheme.algorithm == Algorithm.GPTQ:
+        fingerprint = {"qcompile": __version__, "source": src.describe(), "target": tgt.name, "weights": scheme.to_dict(),
+                       "activations": dataclasses.asdict(act), "calibration": calib_record,
+                       "rotation": [rotation_seed, attention_hadamards] if rotations else None}
+        saved = checkpoint.Checkpoint(out, fingerprint, resume)
+    quantize = _weight_pass(scheme, windows, progress, saved)
     quantize(model)
     quantize_acts = None
     if act.kind != ActivationKind.NONE:
@@ -304,6 +317,8 @@ def compile(
         if package_record:
             manifest["package"] = package_record
         artifact.write_manifest(tmp, manifest)
+    if saved is not None:
+        saved.remove()  # the artifact is complete: nothing is left to resume
     if tgt.edge:
         package.zip_folder(out, out.with_name(f"{out.name}.zip"))
     if engine:

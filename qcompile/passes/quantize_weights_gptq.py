@@ -7,6 +7,7 @@ import onnx_ir as ir
 
 from qcompile import analysis, calibration
 from qcompile.algorithms.gptq import quantize_gptq
+from qcompile.checkpoint import Checkpoint
 from qcompile.passes._canonical import bits_for, layer_record, quantize_linears
 from qcompile.schemes import WeightScheme
 
@@ -24,10 +25,13 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     so this costs about two float passes over the calibration set, not one per block.
     Requires a float model that `analysis.analyze` recognises.
     Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `self.layers` records what was done.
+    With a `checkpoint`, every finished linear (and, sequentially, the hidden state entering the next
+    block) is saved, and a resumed checkpoint's saved linears are loaded instead of computed.
     """
 
     def __init__(self, scheme: WeightScheme, windows: np.ndarray | None, act_order: bool = False, damp: float = 0.01,
-                 progress=None, hessians: dict[str, np.ndarray] | None = None, sequential: bool = False):
+                 progress=None, hessians: dict[str, np.ndarray] | None = None, sequential: bool = False,
+                 checkpoint: Checkpoint | None = None):
         super().__init__()
         if sequential and hessians is not None:
             raise ValueError("sequential GPTQ measures its own Hessians: pass hessians only in parallel mode")
@@ -38,6 +42,7 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
         self.damp = damp
         self.progress = progress
         self.sequential = sequential
+        self.checkpoint = checkpoint
         self.layers: list[dict] = []
 
     def requires(self, model: ir.Model) -> None:
@@ -45,11 +50,18 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
 
     def _quantize(self, model: ir.Model, hessians: dict[str, np.ndarray], names: set[str] | None, label: str) -> list[dict]:
         s = self.scheme
-        return quantize_linears(
-            model, s, lambda linear, bits: quantize_gptq(linear.float_weight(), hessians[linear.name], bits,
-                                                         s.group_size, s.symmetric, damp=self.damp,
-                                                         act_order=self.act_order, positive=s.positive_scales),
-            "gptq", self.progress, label, names=names)
+
+        def quantize_one(linear, bits):
+            saved = self.checkpoint.load_weight(linear.name) if self.checkpoint else None
+            if saved is not None:
+                return saved
+            qw = quantize_gptq(linear.float_weight(), hessians[linear.name], bits, s.group_size, s.symmetric,
+                               damp=self.damp, act_order=self.act_order, positive=s.positive_scales)
+            if self.checkpoint:
+                self.checkpoint.save_weight(linear.name, qw)
+            return qw
+
+        return quantize_linears(model, s, quantize_one, "gptq", self.progress, label, names=names)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         quantized = [lin for lin in analysis.analyze(model).linears() if bits_for(self.scheme, lin) is not None]
@@ -57,7 +69,8 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
             self.layers = self._sequential(model, {lin.name for lin in quantized})
         else:
             hessians = self.hessians
-            if hessians is None:
+            done = set(self.checkpoint.done()) if self.checkpoint else set()
+            if hessians is None and not {lin.name for lin in quantized} <= done:
                 _, hessians = calibration.linear_statistics(model, quantized, self.windows, self.progress,
                                                             "Calibrating (Hessians)")
             self.layers = self._quantize(model, hessians, None, "Quantizing weights (GPTQ)")
@@ -65,12 +78,19 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
 
     def _sequential(self, model: ir.Model, names: set[str]) -> list[dict]:
         model_map = analysis.analyze(model)
-        entry = model_map.blocks[0].input_norm.input
-        hidden = calibration.values(model, entry, self.windows, progress=self.progress,
-                                    label="Calibrating (embeddings)")
         layers: dict[str, dict] = {}
-        advance = self.progress.task("Sequential GPTQ (blocks)", len(model_map.blocks) + 1) if self.progress else (lambda: None)
-        for index in range(len(model_map.blocks) + 1):
+        saved = self.checkpoint.load_hidden() if self.checkpoint else None
+        start, hidden = saved or (0, None)
+        if start:  # resumed: blocks before `start` are finished and saved
+            finished = {lin.name for b in model_map.blocks[:start] for lin in b.linears.values()} & names
+            layers.update((r["name"], r) for r in self._quantize(model, {}, finished, "") if r["name"] in finished)
+            model_map = analysis.analyze(model)
+        entry = model_map.blocks[start - 1].mlp_residual.outputs[0] if start else model_map.blocks[0].input_norm.input
+        if hidden is None:
+            hidden = calibration.values(model, entry, self.windows, progress=self.progress,
+                                        label="Calibrating (embeddings)")
+        advance = self.progress.task("Sequential GPTQ (blocks)", len(model_map.blocks) + 1 - start) if self.progress else (lambda: None)
+        for index in range(start, len(model_map.blocks) + 1):
             model_map = analysis.analyze(model)  # the earlier blocks' linears are now DequantizeLinear → MatMul
             last = index == len(model_map.blocks)
             linears = [model_map.lm_head] if last else list(model_map.blocks[index].linears.values())
@@ -84,5 +104,7 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
                 exit_ = model_map.blocks[index].mlp_residual.outputs[0]
                 hidden = calibration.values(model, exit_, self.windows, start=(entry, hidden))
                 entry = exit_
+                if self.checkpoint:
+                    self.checkpoint.save_hidden(index + 1, hidden)
             advance()
         return [layers.get(lin.name) or layer_record(lin, None, "gptq") for lin in analysis.analyze(model).linears()]

@@ -1,0 +1,162 @@
+"""Decode speed against the strongest CPU peer, onnxruntime-genai's model builder, in one run.
+
+    python benchmarks/bench_decode_peers.py [--windows 128] [--rounds 5]
+
+Rows: the float export (ORT fp32); onnxruntime-genai's builder int4 for CPU (its defaults: block 32,
+accuracy_level 4, fused QKV, GroupQueryAttention, int4 lm_head tied to a GatherBlockQuantized embedding),
+built from a local HF folder saved from the same GGUF weights; qcompile ort-int4 (its defaults: RTN g128,
+lm_head int8, fused), the same with --no-fuse, and with a 4-bit lm_head and embedding table (g128). Each row: size, perplexity (pinned protocol, same
+tokenizer), prefill-512 ms, decode ms/token after a 128- and a 1024-token prompt (rounds interleaved
+across rows, best round each), peak RSS of a process that loads the model and decodes at 1024 context,
+and the physical floor: the weight bytes a decode step reads / this machine's measured memory bandwidth.
+Writes benchmarks/results/decode_peers.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import qcompile
+from qcompile import evaluation, runtime, sources
+from _results import meta, save
+
+PROMPTS = (128, 1024)
+VARIANTS = {  # qcompile rows: ort-int4 with these compile() options
+    "qcompile ort-int4": {},
+    "qcompile ort-int4 --no-fuse": {"fuse": False},
+    "qcompile ort-int4 --lm-head int4 --embeddings int4": {"lm_head_bits": 4, "embedding_bits": 4},
+}
+
+
+def build_genai(work: pathlib.Path) -> pathlib.Path:
+    """onnxruntime-genai's builder, int4 CPU, on an HF folder saved from the built-in GGUF model."""
+    from qcompile.export import load_hf
+
+    hf = work / "hf"
+    model, tokenizer = load_hf(sources.resolve("smollm2-135m"))
+    model.config.quantization_config = None  # the GGUF loader's marker: the weights are plain fp32 now
+    model.hf_quantizer, model.is_quantized = None, False
+    model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    del model
+    out = work / "genai-int4"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                    "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True, capture_output=True)
+    print(f"genai builder: {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def size_mb(folder: pathlib.Path) -> float:
+    return round(sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6, 1)
+
+
+def weight_bytes_per_token(model_path: pathlib.Path) -> int:
+    """Bytes of every initializer a decode step reads: all of them except an embedding table read only by
+    a Gather (one row per token)."""
+    import onnx_ir as ir
+
+    model = ir.load(model_path)
+    total = 0
+    for value in model.graph.initializers.values():
+        users = {use.node.op_type for use in value.uses()}
+        if users and users <= {"Gather", "GatherBlockQuantized"} and value.const_value.size > 1_000_000:
+            continue
+        total += value.const_value.nbytes
+    return total
+
+
+def memory_bandwidth_gbs() -> float:
+    """Best of 5 copies of a 1 GiB array (read + write bytes per second)."""
+    a = np.ones(1 << 28, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - start)
+    return round(2 * a.nbytes / best / 1e9, 2)
+
+
+def peak_rss_mb(path: pathlib.Path) -> float:
+    """Peak RSS of a fresh process that loads `path` and decodes 8 tokens after a 1024-token prompt."""
+    code = (
+        "import resource, numpy as np\n"
+        "from qcompile import runtime\n"
+        f"d = runtime.Decoder({str(path)!r})\n"
+        "ids = np.random.default_rng(0).integers(100, 1000, size=(1, 1024))\n"
+        "logits, cache = d.forward(ids, d.empty_cache(), 0)\n"
+        "for i in range(8):\n"
+        "    logits, cache = d.forward(logits[:, -1:].argmax(-1), cache, 1024 + i)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return round(int(out.stdout.split()[-1]) / 1024, 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-bench-decode-") as tmp:
+        work = pathlib.Path(tmp)
+        float_dir = qcompile.export("smollm2-135m")
+        rows = {"float (ORT fp32)": float_dir, "onnxruntime-genai builder int4": build_genai(work)}
+        for name, options in VARIANTS.items():
+            started = time.perf_counter()
+            qcompile.compile(float_dir, "ort-int4", work / name.replace(" ", "_"), eval_windows=None, **options)
+            print(f"{name}: compiled in {time.perf_counter() - started:.0f} s")
+            rows[name] = work / name.replace(" ", "_")
+
+        tokenizer = runtime.load_tokenizer(float_dir)
+        bandwidth = memory_bandwidth_gbs()
+        results = {}
+        for name, folder in rows.items():
+            decoder = runtime.Decoder(folder)
+            ppl = evaluation.perplexity(decoder, tokenizer, args.windows).ppl
+            weights = weight_bytes_per_token(folder / "model.onnx")
+            results[name] = {"size_mb": size_mb(folder), "perplexity": round(ppl, 3), "peak_rss_mb": peak_rss_mb(folder / "model.onnx"),
+                             "weight_mb_per_token": round(weights / 1e6, 1),
+                             "floor_ms_per_token": round(1000 * weights / (bandwidth * 1e9), 2)}
+            print(name, results[name], flush=True)
+            del decoder
+
+        decoders = {name: runtime.Decoder(folder) for name, folder in rows.items()}
+        best = {name: {"prefill_512_ms": float("inf"), **{f"decode_ms_p{p}": float("inf") for p in PROMPTS}} for name in rows}
+        for _ in range(args.rounds):  # interleaved, so that machine noise hits every row alike
+            for name, decoder in decoders.items():
+                r = evaluation.latency(decoder, prompt_len=512, decode_steps=1, rounds=1)
+                best[name]["prefill_512_ms"] = min(best[name]["prefill_512_ms"], r["prefill_ms"])
+                for p in PROMPTS:
+                    r = evaluation.latency(decoder, prompt_len=p, decode_steps=32, rounds=1)
+                    best[name][f"decode_ms_p{p}"] = min(best[name][f"decode_ms_p{p}"], r["decode_ms_per_token"])
+        for name in rows:
+            results[name].update(best[name])
+
+    float_ppl = results["float (ORT fp32)"]["perplexity"]
+    peer = results["onnxruntime-genai builder int4"]
+    lines = [f"Memory bandwidth (numpy copy, read + write): {bandwidth} GB/s. Decode ratio: ms/token over the "
+             f"genai builder's at the same prompt length.", "",
+             "| model | size MB | perplexity | Δ vs float | prefill 512 ms | decode ms/tok p128 | ratio | decode ms/tok p1024 | ratio | peak RSS MB | weights read MB/tok | floor ms/tok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        ratios = [r[f"decode_ms_p{p}"] / peer[f"decode_ms_p{p}"] for p in PROMPTS]
+        r.update({f"decode_ratio_p{p}": round(x, 3) for p, x in zip(PROMPTS, ratios)})
+        lines.append(f"| {name} | {r['size_mb']:.0f} | {r['perplexity']:.2f} | {100 * (r['perplexity'] / float_ppl - 1):+.2f} % | "
+                     f"{r['prefill_512_ms']:.0f} | {r['decode_ms_p128']:.1f} | {ratios[0]:.2f}× | {r['decode_ms_p1024']:.1f} | "
+                     f"{ratios[1]:.2f}× | {r['peak_rss_mb']:.0f} | {r['weight_mb_per_token']:.0f} | {r['floor_ms_per_token']:.1f} |")
+    save("decode_peers", {**meta(windows=args.windows, rounds=args.rounds), "bandwidth_gbs": bandwidth, "rows": results}, lines)
+
+
+if __name__ == "__main__":
+    main()
