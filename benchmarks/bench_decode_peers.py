@@ -5,7 +5,8 @@
 Rows: the float export (ORT fp32); onnxruntime-genai's builder int4 for CPU (its defaults: block 32,
 accuracy_level 4, fused QKV, GroupQueryAttention, int4 lm_head tied to a GatherBlockQuantized embedding),
 built from a local HF folder saved from the same GGUF weights; qcompile ort-int4 (its defaults: RTN g128,
-lm_head int8, fused), the same with --no-fuse, and with a 4-bit lm_head and embedding table (g128). Each row: size, perplexity (pinned protocol, same
+lm_head int8, fused), the same with --no-fuse, and with a 4-bit lm_head and embedding table (g128);
+qcompile ort-w8a8, fused and not (for its decode speed against FP32). Each row: size, perplexity (pinned protocol, same
 tokenizer), prefill-512 ms, decode ms/token after a 128- and a 1024-token prompt (rounds interleaved
 across rows, best round each), peak RSS of a process that loads the model and decodes at 1024 context,
 and the physical floor: the weight bytes a decode step reads / this machine's measured memory bandwidth.
@@ -29,10 +30,12 @@ from qcompile import evaluation, runtime, sources
 from _results import meta, save
 
 PROMPTS = (128, 1024)
-VARIANTS = {  # qcompile rows: ort-int4 with these compile() options
-    "qcompile ort-int4": {},
-    "qcompile ort-int4 --no-fuse": {"fuse": False},
-    "qcompile ort-int4 --lm-head int4 --embeddings int4": {"lm_head_bits": 4, "embedding_bits": 4},
+VARIANTS = {  # qcompile rows: (target, compile() options)
+    "qcompile ort-int4": ("ort-int4", {}),
+    "qcompile ort-int4 --no-fuse": ("ort-int4", {"fuse": False}),
+    "qcompile ort-int4 --lm-head int4 --embeddings int4": ("ort-int4", {"lm_head_bits": 4, "embedding_bits": 4}),
+    "qcompile ort-w8a8": ("ort-w8a8", {}),
+    "qcompile ort-w8a8 --no-fuse": ("ort-w8a8", {"fuse": False}),
 }
 
 
@@ -112,9 +115,9 @@ def main() -> None:
         work = pathlib.Path(tmp)
         float_dir = qcompile.export("smollm2-135m")
         rows = {"float (ORT fp32)": float_dir, "onnxruntime-genai builder int4": build_genai(work)}
-        for name, options in VARIANTS.items():
+        for name, (target, options) in VARIANTS.items():
             started = time.perf_counter()
-            qcompile.compile(float_dir, "ort-int4", work / name.replace(" ", "_"), eval_windows=None, **options)
+            qcompile.compile(float_dir, target, work / name.replace(" ", "_"), eval_windows=None, **options)
             print(f"{name}: compiled in {time.perf_counter() - started:.0f} s")
             rows[name] = work / name.replace(" ", "_")
 
@@ -146,7 +149,7 @@ def main() -> None:
     float_ppl = results["float (ORT fp32)"]["perplexity"]
     peer = results["onnxruntime-genai builder int4"]
     lines = [f"Memory bandwidth (numpy copy, read + write): {bandwidth} GB/s. Decode ratio: ms/token over the "
-             f"genai builder's at the same prompt length.", "",
+             f"genai builder's at the same prompt length. Perplexity: {args.windows} windows.", "",
              "| model | size MB | perplexity | Δ vs float | prefill 512 ms | decode ms/tok p128 | ratio | decode ms/tok p1024 | ratio | peak RSS MB | weights read MB/tok | floor ms/tok |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
