@@ -27,8 +27,10 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
     as they enter the scores MatMul and the new keys and values as they enter the cache Concat
     (do_rotary=0). Its scale is the product of the constant factors on the query, key and score paths.
     The cache keeps qcompile's layout, [batch, kv_heads, total, head_dim], growing by concatenation. The
-    mask becomes GQA's `seqlens_k` (attention_mask sum − 1) and `total_sequence_length`: causal over the
-    valid tokens, as the export's mask is for unpadded and right-padded batches.
+    mask becomes GQA's `seqlens_k` (attention_mask sum − 1) and `total_sequence_length`, and with
+    do_rotary=1 the positions follow from them (position_ids stays an input but is unused): the same as
+    the export for unpadded batches, which is what qcompile's evaluation and generation feed; left-padded
+    batches would need position_ids and a padding mask that GQA does not take.
     """
 
     def __init__(self, max_positions: int | None = None):
