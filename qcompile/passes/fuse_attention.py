@@ -30,7 +30,8 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
     mask becomes GQA's `seqlens_k` (attention_mask sum − 1) and `total_sequence_length`, and with
     do_rotary=1 the positions follow from them (position_ids stays an input but is unused): the same as
     the export for unpadded batches, which is what qcompile's evaluation and generation feed; left-padded
-    batches would need position_ids and a padding mask that GQA does not take.
+    batches would need position_ids and a padding mask that GQA does not take. ORT's GQA also refuses a
+    multi-token step after a non-empty cache for batches over 1 (batch 1 chunked prefill works).
     """
 
     def __init__(self, max_positions: int | None = None):

@@ -11,10 +11,17 @@ R = analysis.Role
 
 
 def _prompt_and_step(path, ids):
+    """A prompt and a decode step (batch 1: a prompt, a 3-token chunk after it, then the step; ORT's GQA
+    refuses a multi-token chunk after a cache for batches over 1): their logits and the final cache."""
     decoder = Decoder(path)
-    prompt, cache = decoder.forward(ids[:, :-1], decoder.empty_cache(len(ids)), 0)
-    step, cache = decoder.forward(ids[:, -1:], cache, ids.shape[1] - 1)
-    return prompt, step, cache
+    n, chunk = ids.shape[1], 3 if len(ids) == 1 else 0
+    prompt, cache = decoder.forward(ids[:, :n - 1 - chunk], decoder.empty_cache(len(ids)), 0)
+    later = []
+    for start in ([n - 1 - chunk] if chunk else []) + [n - 1]:
+        stop = n - 1 if start < n - 1 else n
+        logits, cache = decoder.forward(ids[:, start:stop], cache, start)
+        later.append(logits)
+    return prompt, np.concatenate(later, axis=1), cache
 
 
 def _fused_against_unfused(model, tmp_path, ids, max_positions=None):
