@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode_peers.py [--windows 128] [--rounds 5]
 
-Rows: the float export (ORT fp32); onnxruntime-genai's builder int4 for CPU (its defaults: block 32,
+Rows: the float export (ORT fp32), and the same with qcompile's ORT fusions; onnxruntime-genai's builder int4 for CPU (its defaults: block 32,
 accuracy_level 4, fused QKV, GroupQueryAttention, int4 lm_head tied to a GatherBlockQuantized embedding),
 built from a local HF folder saved from the same GGUF weights; qcompile ort-int4 (its defaults: RTN g128,
 lm_head int8, fused), the same with --no-fuse, and with a 4-bit lm_head and embedding table (g128);
@@ -55,6 +55,21 @@ def build_genai(work: pathlib.Path) -> pathlib.Path:
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                     "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True, capture_output=True)
     print(f"genai builder: {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def fuse_float(float_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """The float export with the ORT targets' fusions only (the fair FP32 baseline for fused graphs)."""
+    import onnx_ir as ir
+
+    from qcompile.passes import FuseGroupQueryAttention
+    from qcompile.targets.ort import FuseNormalizations
+
+    model = ir.load(float_dir / "model.onnx")
+    FuseGroupQueryAttention(json.loads((float_dir / "config.json").read_text())["max_position_embeddings"])(model)
+    FuseNormalizations()(model)
+    out.mkdir()
+    ir.save(model, out / "model.onnx", external_data="model.onnx.data")
     return out
 
 
@@ -114,7 +129,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-decode-") as tmp:
         work = pathlib.Path(tmp)
         float_dir = qcompile.export("smollm2-135m")
-        rows = {"float (ORT fp32)": float_dir, "onnxruntime-genai builder int4": build_genai(work)}
+        rows = {"float (ORT fp32)": float_dir, "float fused (ORT fp32)": fuse_float(float_dir, work / "float-fused"),
+                "onnxruntime-genai builder int4": build_genai(work)}
         for name, (target, options) in VARIANTS.items():
             started = time.perf_counter()
             qcompile.compile(float_dir, target, work / name.replace(" ", "_"), eval_windows=None, **options)
