@@ -14,6 +14,8 @@ from qcompile.passes.insert_query_key_hadamard import cache_concat, scores_matmu
 _KEY_PATH = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Mul", "Div", "Cast", "Identity"}
 _SCORE_PATH = {"Add", "Where", "Mul", "Div", "Cast"}
 _CONTEXT_PATH = {"Transpose", "Reshape"}
+_ON_O_INPUT = {(custom_ops.DOMAIN, custom_ops.HADAMARD), (custom_ops.DOMAIN, custom_ops.PER_TOKEN),
+               ("", "QuantizeLinear"), ("", "DequantizeLinear")}
 
 
 class FuseGroupQueryAttention(ir.passes.InPlacePass):
@@ -287,9 +289,11 @@ def _context_matmul(probs: ir.Value | None) -> ir.Node | None:
 
 def _context_output(value: ir.Value, context: ir.Node, fail) -> ir.Value:
     """The merged-heads attention output [batch, seq, heads·head_dim] that reaches o_proj from `context`
-    (through Transpose/Reshape; o_proj's input may be a `qcompile.Hadamard` of it)."""
-    node = value.producer()
-    if node is not None and (node.domain, node.op_type) == (custom_ops.DOMAIN, custom_ops.HADAMARD):
+    (through Transpose/Reshape; o_proj's input may be a `qcompile.Hadamard` or an activation quantizer of it)."""
+    for _ in range(4):
+        node = value.producer()
+        if node is None or (node.domain, node.op_type) not in _ON_O_INPUT:
+            break
         value = node.inputs[0]
     out, walk = value, value
     for _ in range(4):
