@@ -16,7 +16,7 @@ import onnx_ir as ir
 from qcompile import __version__, analysis, artifact, calibration, checkpoint, errors, evaluation, export as export_mod, fidelity, package, sources, targets
 from qcompile import engine as engine_mod
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
-from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
+from qcompile.passes import (FoldSmoothQuantScales, FuseGroupQueryAttention, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
                              QuantizeEmbedding, QuantizeKVCache, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN,
                              RotateResidualStream, RotateValueOutput)
 from qcompile.passes._canonical import bits_for
@@ -283,7 +283,13 @@ def compile(
     canonical = fidelity.decode_model(model)
     digests = {name: d.digest() for name, d in canonical.items()}
     lowering = tgt.lowering_passes(_context_length(float_path.parent))
-    ir.passes.PassManager(lowering)(model)
+    try:
+        ir.passes.PassManager(lowering)(model)
+    except ir.passes.PassError as e:  # a pass's own QcompileError names the problem; show that one
+        cause = e.__cause__
+        while isinstance(cause, ir.passes.PassError):
+            cause = cause.__cause__
+        raise cause if isinstance(cause, errors.QcompileError) else e
     checks = _check_lowered(model, tgt, digests)
 
     with artifact.atomic_folder(out) as tmp:
@@ -301,7 +307,8 @@ def compile(
             "qcompile_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": src.describe(),
-            "target": {"name": tgt.name, "runtime": tgt.runtime, "accuracy_level": tgt.accuracy_level},
+            "target": {"name": tgt.name, "runtime": tgt.runtime, "accuracy_level": tgt.accuracy_level,
+                       **{"fused_attention": p.record() for p in lowering if isinstance(p, FuseGroupQueryAttention)}},
             "recipe": {"weights": scheme.to_dict(), "activations": _activation_record(act, smooth, quantize_acts),
                        "calibration": calib_record,
                        "kv_cache": {"bits": kv_cache_bits, "symmetric": False, "group": "head_dim"} if kv_cache else None,

@@ -36,9 +36,11 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
     multi-token step after a non-empty cache for batches over 1 (batch 1 chunked prefill works).
     """
 
-    def __init__(self, max_positions: int | None = None):
+    def __init__(self, max_positions: int | None = None, strict: bool = True):
         super().__init__()
         self.max_positions = max_positions
+        self.strict = strict  # False: a block whose attention does not match stays unfused (see `unfused`)
+        self.unfused: dict[int, str] = {}  # block → why it was left unfused
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -49,11 +51,26 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
                                                "export it with `qcompile export`")
         seqlens, total = _sequence_lengths(graph, mask)
         caches: dict = {}
+        self.unfused = {}
         for block in blocks:
-            _fuse_block(model, block, seqlens, total, caches, self.max_positions)
+            try:
+                _fuse_block(model, block, seqlens, total, caches, self.max_positions)
+            except errors.UnsupportedModelError as e:  # raised while matching, before the block is changed
+                if self.strict:
+                    raise
+                self.unfused[block.index] = str(e)
         ir.passes.common.RemoveUnusedNodesPass()(model)
-        model.opset_imports.setdefault("com.microsoft", 1)
-        return ir.passes.PassResult(model, modified=bool(blocks))
+        fused = len(blocks) - len(self.unfused)
+        if fused:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        return ir.passes.PassResult(model, modified=bool(fused))
+
+    def record(self) -> str:
+        """For the manifest: how many blocks were fused, and why any were not."""
+        if not self.unfused:
+            return "all blocks"
+        block, why = next(iter(self.unfused.items()))
+        return f"{len(self.unfused)} blocks left unfused (block {block}: {why})"
 
 
 def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total: ir.Value, caches: dict,

@@ -38,7 +38,8 @@ class Target:
 def _ort_nbits(target: Target, max_positions: int | None) -> list[ir.passes.PassBase]:
     if not target.fuse:
         return [LowerToMatMulNBits(target.accuracy_level)]
-    return [FuseGroupQueryAttention(max_positions), LowerToMatMulNBits(target.accuracy_level), FuseNormalizations()]
+    return [FuseGroupQueryAttention(max_positions, strict=False), LowerToMatMulNBits(target.accuracy_level),
+            FuseNormalizations()]
 
 
 def _trt(target: Target, max_positions: int | None) -> list[ir.passes.PassBase]:

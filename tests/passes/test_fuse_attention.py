@@ -71,3 +71,15 @@ def test_fusing_twice_is_a_clear_error(tiny_export):
     FuseGroupQueryAttention()(model)
     with pytest.raises(errors.UnsupportedModelError, match="attention"):
         FuseGroupQueryAttention()(model)
+
+
+def test_an_unmatched_attention_stays_unfused_when_not_strict(tiny_export):
+    """Mistral's export has no KV-cache Concat to fuse from: the ORT targets leave it unfused and say why."""
+    _, path = tiny_export("mistral")
+    model = ir.load(path)
+    with pytest.raises(errors.UnsupportedModelError, match="KV-cache Concat"):
+        FuseGroupQueryAttention(256)(model)
+    fuse = FuseGroupQueryAttention(256, strict=False)
+    assert not fuse(model).modified
+    assert "GroupQueryAttention" not in [n.op_type for n in model.graph]
+    assert fuse.record().startswith("2 blocks left unfused (block 0:")
