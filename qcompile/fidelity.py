@@ -23,7 +23,11 @@ from qcompile.analysis import Linear
 from qcompile.targets.ort import _INT_TYPES
 
 PROMPT = "The history of the city began in the early nineteenth century, when a group of settlers"
-MIN_ARGMAX_AGREEMENT = 0.95  # different kernels of the same weights: ties and int8-activation blocks may flip a few
+# Different kernels of the same weights may flip a few argmaxes: MatMulNBits at accuracy_level 4 rounds its
+# input to int8 per block, so last-bit differences upstream (a fused norm or attention) change that rounding.
+# Measured on SmolLM2's 17-token prompt: ort-int4 fused vs unfused, 15 of 17 agree at accuracy_level 4 (max
+# |Δlogit| 2.8) and all 17 at accuracy_level 0 (max |Δlogit| 5e-5). A broken lowering agrees on almost none.
+MIN_ARGMAX_AGREEMENT = 0.8
 
 
 @dataclasses.dataclass
