@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import time
 
-
 import qcompile
 from qcompile import artifact, calibration, engine, evaluation, runtime
 from _calibration_reader import WindowsReader

@@ -46,7 +46,6 @@ class Checkpoint:
             self.folder.mkdir(parents=True)
             _write_atomic(record, lambda f: f.write(json.dumps({"sha256": digest, "settings": fingerprint},
                                                                indent=2, default=str).encode()))
-        self.resumed = resume
 
     def done(self) -> list[str]:
         """Names of the linears already saved."""

@@ -283,13 +283,8 @@ def compile(
     canonical = fidelity.decode_model(model)
     digests = {name: d.digest() for name, d in canonical.items()}
     lowering = tgt.lowering_passes(_context_length(float_path.parent))
-    try:
-        ir.passes.PassManager(lowering)(model)
-    except ir.passes.PassError as e:  # a pass's own QcompileError names the problem; show that one
-        cause = e.__cause__
-        while isinstance(cause, ir.passes.PassError):
-            cause = cause.__cause__
-        raise cause if isinstance(cause, errors.QcompileError) else e
+    for lower in lowering:  # called directly, like every other pass here, so their own errors reach the user
+        lower(model)
     checks = _check_lowered(model, tgt, digests)
 
     with artifact.atomic_folder(out) as tmp:

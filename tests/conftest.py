@@ -65,6 +65,22 @@ def run_logits(path: pathlib.Path | str, ids: np.ndarray, **session_config) -> n
     return logits
 
 
+def prompt_and_step(path, ids):
+    """A prompt and a decode step (batch 1: a prompt, a 3-token chunk after it, then the step; ORT's GQA
+    refuses a multi-token chunk after a cache for batches over 1): their logits and the final cache."""
+    from qcompile.runtime import Decoder
+
+    decoder = Decoder(path)
+    n = ids.shape[1]
+    cuts = [n - 4, n - 1, n] if len(ids) == 1 else [n - 1, n]
+    prompt, cache = decoder.forward(ids[:, :cuts[0]], decoder.empty_cache(len(ids)), 0)
+    later = []
+    for start, stop in zip(cuts, cuts[1:]):
+        logits, cache = decoder.forward(ids[:, start:stop], cache, start)
+        later.append(logits)
+    return prompt, np.concatenate(later, axis=1), cache
+
+
 def single_matmul_model(k: int = 8, n: int = 4) -> ir.Model:
     """x [1, K] @ W [K, N]: a graph with no transformer in it."""
     w = ir.Value(name="w", const_value=ir.tensor(np.ones((k, n), np.float32), name="w"))

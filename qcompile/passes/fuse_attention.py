@@ -7,13 +7,9 @@ import onnx_ir as ir
 
 from qcompile import analysis, custom_ops, errors
 from qcompile.passes._canonical import _initializer
-from qcompile.passes.insert_query_key_hadamard import cache_concat, scores_matmul
+from qcompile.passes.insert_query_key_hadamard import KEY_PATH_OPS, SCORE_PATH_OPS, cache_concat, scores_matmul
 
-# between a cache Concat and the scores MatMul (kᵀ, GQA's repeat, scale); between the scores and the
-# softmax (mask, scale); between the probabilities·V MatMul and o_proj (heads merged back)
-_KEY_PATH = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Mul", "Div", "Cast", "Identity"}
-_SCORE_PATH = {"Add", "Where", "Mul", "Div", "Cast"}
-_CONTEXT_PATH = {"Transpose", "Reshape"}
+_CONTEXT_PATH = {"Transpose", "Reshape"}  # between the probabilities·V MatMul and o_proj (heads merged back)
 _ON_O_INPUT = {(custom_ops.DOMAIN, custom_ops.HADAMARD), (custom_ops.DOMAIN, custom_ops.PER_TOKEN),
                ("", "QuantizeLinear"), ("", "DequantizeLinear")}
 
@@ -88,8 +84,8 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
     if any(s is None or len(s) != 4 or not all(isinstance(d, int) for d in (s[1], s[3])) for s in dims):
         raise fail("the query/key/value head counts and head size are not static [batch, heads, seq, head_dim]")
     heads, kv_heads, head_dim = dims[0][1], dims[1][1], dims[0][3]
-    scale = _constant_factor(scores.inputs[1], key_concat.outputs[0], _KEY_PATH, fail)
-    scale *= _constant_factor(block.attention_probs.producer().inputs[0], scores.outputs[0], _SCORE_PATH, fail)
+    scale = _constant_factor(scores.inputs[1], key_concat.outputs[0], KEY_PATH_OPS, fail)
+    scale *= _constant_factor(block.attention_probs.producer().inputs[0], scores.outputs[0], SCORE_PATH_OPS, fail)
     attention_out = _context_output(block.linears[analysis.Role.O].node.inputs[0], context, fail)
 
     prefix = f"blocks.{block.index}.attention"
@@ -212,9 +208,7 @@ def _rope_caches(model: ir.Model, cos: ir.Value, sin: ir.Value, max_positions: i
 
     with calibration.tapped_session(model, [cos, sin]) as decoder:
         ids = np.zeros((1, max_positions), np.int64)
-        feeds = decoder.feeds(ids, decoder.empty_cache(), 0)
-        tables = decoder.session.run([cos.name, sin.name], {k: v for k, v in feeds.items()
-                                                           if k in {i.name for i in decoder.session.get_inputs()}})
+        tables = decoder.session.run([cos.name, sin.name], decoder.feeds(ids, decoder.empty_cache(), 0))
     out = []
     for name, table in zip(("cos", "sin"), tables):
         table = table.reshape(max_positions, -1)

@@ -10,8 +10,8 @@ from qcompile.passes.insert_online_hadamard import hadamard_factors
 
 # ops between the attention scores MatMul and the softmax (mask, scale), and between a cache Concat and
 # the scores MatMul's key input (GQA's repeat, transposes, the scale)
-_SCORE_OPS = {"Add", "Where", "Mul", "Div", "Cast"}
-_KEY_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Mul", "Div", "Cast", "Identity"}
+SCORE_PATH_OPS = {"Add", "Where", "Mul", "Div", "Cast"}
+KEY_PATH_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Mul", "Div", "Cast", "Identity"}
 
 
 class InsertQueryKeyHadamard(ir.passes.InPlacePass):
@@ -56,7 +56,7 @@ def scores_matmul(block: analysis.Block) -> ir.Node:
                 continue
             if node.op_type == "MatMul" and all(i.const_value is None for i in node.inputs):
                 return node
-            if node.op_type in _SCORE_OPS:
+            if node.op_type in SCORE_PATH_OPS:
                 found += [i for i in node.inputs if i is not None and i.const_value is None]
         frontier = found
     raise errors.UnsupportedModelError(f"block {block.index}: no q·kᵀ MatMul found before the attention softmax")
@@ -71,7 +71,7 @@ def cache_concat(value: ir.Value, graph: ir.Graph) -> ir.Node:
             break
         if node.op_type == "Concat" and node.outputs[0] in outputs and len(node.inputs) == 2:
             return node
-        if node.op_type not in _KEY_OPS:
+        if node.op_type not in KEY_PATH_OPS:
             break
         value = node.inputs[0]
     raise errors.UnsupportedModelError("the attention keys/values do not come from a KV-cache Concat(past, new): "

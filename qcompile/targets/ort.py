@@ -203,8 +203,9 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
 
 
 class FuseNormalizations(ir.passes.InPlacePass):
-    """RMSNorm → com.microsoft.SimplifiedLayerNormalization, and residual Add + RMSNorm →
-    SkipSimplifiedLayerNormalization (onnxscript's ORT fusion rules; one kernel instead of six)."""
+    """x/√(mean(x²)+ε)·γ → com.microsoft.SimplifiedLayerNormalization, and s = x + r followed by that norm
+    of s → SkipSimplifiedLayerNormalization (normed s, and s itself for the residual stream): the same
+    float computation in one kernel instead of six (onnxscript's ORT fusion rules)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization

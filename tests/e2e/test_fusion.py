@@ -6,18 +6,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qcompile import runtime
 from qcompile.passes import FuseGroupQueryAttention
 from qcompile.targets.ort import FuseNormalizations
+from tests.conftest import prompt_and_step
 
 pytestmark = pytest.mark.e2e
-
-
-def _prompt_and_step(path, ids):
-    decoder = runtime.Decoder(path)
-    prompt, cache = decoder.forward(ids, decoder.empty_cache(), 0)
-    step = prompt[:, -1:].argmax(-1)
-    return prompt, decoder.forward(step, cache, ids.shape[1])[0]
 
 
 def test_fused_float_logits_equal_the_exported_graphs(smollm2_export, tmp_path):
@@ -30,7 +23,7 @@ def test_fused_float_logits_equal_the_exported_graphs(smollm2_export, tmp_path):
     assert not {"Softmax", "Neg", "ReduceMean"} & set(ops)  # attention, RoPE and RMSNorm are all fused
     ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data")
     del model
-    ids = np.random.default_rng(0).integers(100, 20000, size=(1, 40))
-    (p1, s1), (p0, s0) = _prompt_and_step(tmp_path / "model.onnx", ids), _prompt_and_step(smollm2_export, ids)
+    ids = np.random.default_rng(0).integers(100, 20000, size=(1, 41))  # a prompt, a 3-token chunk, a step
+    (p1, s1, _), (p0, s0, _) = prompt_and_step(tmp_path / "model.onnx", ids), prompt_and_step(smollm2_export, ids)
     assert np.abs(p1 - p0).max() <= 1e-3
     assert np.abs(s1 - s0).max() <= 1e-3

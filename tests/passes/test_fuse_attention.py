@@ -5,23 +5,9 @@ import pytest
 from qcompile import analysis, errors
 from qcompile.passes import (FuseGroupQueryAttention, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard,
                              QuantizeKVCache, RotateResidualStream, RotateValueOutput)
-from qcompile.runtime import Decoder
+from tests.conftest import prompt_and_step
 
 R = analysis.Role
-
-
-def _prompt_and_step(path, ids):
-    """A prompt and a decode step (batch 1: a prompt, a 3-token chunk after it, then the step; ORT's GQA
-    refuses a multi-token chunk after a cache for batches over 1): their logits and the final cache."""
-    decoder = Decoder(path)
-    n, chunk = ids.shape[1], 3 if len(ids) == 1 else 0
-    prompt, cache = decoder.forward(ids[:, :n - 1 - chunk], decoder.empty_cache(len(ids)), 0)
-    later = []
-    for start in ([n - 1 - chunk] if chunk else []) + [n - 1]:
-        stop = n - 1 if start < n - 1 else n
-        logits, cache = decoder.forward(ids[:, start:stop], cache, start)
-        later.append(logits)
-    return prompt, np.concatenate(later, axis=1), cache
 
 
 def _fused_against_unfused(model, tmp_path, ids, max_positions=None):
@@ -29,7 +15,7 @@ def _fused_against_unfused(model, tmp_path, ids, max_positions=None):
     ir.save(model, unfused, external_data="unfused.onnx.data")
     assert FuseGroupQueryAttention(max_positions)(model).modified
     ir.save(model, fused, external_data="fused.onnx.data")
-    return _prompt_and_step(fused, ids), _prompt_and_step(unfused, ids), model
+    return prompt_and_step(fused, ids), prompt_and_step(unfused, ids), model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
