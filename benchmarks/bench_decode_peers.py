@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 import qcompile
-from qcompile import evaluation, runtime, sources
+from qcompile import artifact, evaluation, runtime, sources
 from _results import meta, save
 
 PROMPTS = (128, 1024)
@@ -77,10 +77,6 @@ def fuse_float(float_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     out.mkdir()
     ir.save(model, out / "model.onnx", external_data="model.onnx.data")
     return out
-
-
-def size_mb(folder: pathlib.Path) -> float:
-    return round(sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6, 1)
 
 
 def weight_bytes_per_token(model_path: pathlib.Path) -> int:
@@ -150,7 +146,7 @@ def main() -> None:
             decoder = runtime.Decoder(folder)
             ppl = evaluation.perplexity(decoder, tokenizer, args.windows).ppl
             weights = weight_bytes_per_token(folder / "model.onnx")
-            results[name] = {"size_mb": size_mb(folder), "perplexity": round(ppl, 3), "peak_rss_mb": peak_rss_mb(folder / "model.onnx"),
+            results[name] = {"size_mb": round(artifact.model_bytes(folder / "model.onnx") / 1e6, 1), "perplexity": round(ppl, 3), "peak_rss_mb": peak_rss_mb(folder / "model.onnx"),
                              "weight_mb_per_token": round(weights / 1e6, 1),
                              "floor_ms_per_token": round(1000 * weights / (bandwidth * 1e9), 2)}
             print(name, results[name], flush=True)
