@@ -244,7 +244,7 @@ def check(
     for v in check_tensorrt(model):
         by_rule[v.rule].append(v.node)
     if expected:
-        for problem in fidelity.compare_digests(expected, fidelity.decode_model(model)):
+        for problem in fidelity.compare_digests(expected, model):
             layer, rule = problem.split(": ", 1)
             by_rule[rule].append(layer)
     violations = sum(len(where) for where in by_rule.values())

@@ -119,33 +119,42 @@ def decode_embedding(gather: ir.Node) -> Decoded | None:
                    _INT_TYPES[dq.inputs[0].dtype][0], dq.attributes.get_int("block_size", 0), dq.inputs[0].name)
 
 
-def decode_model(model: ir.Model) -> dict[str, Decoded]:
-    """name → Decoded for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head') and the
-    embedding table ('embedding') when it is quantized."""
+def _decoded(model: ir.Model):
+    """(name, Decoded) for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head') and the
+    embedding table ('embedding') when it is quantized, decoded one at a time."""
     mm = analysis.analyze(model)
-    out = {}
     for linear in mm.linears():
         decoded = decode(linear)
         if decoded is not None:
-            out[linear.name] = decoded
+            yield linear.name, decoded
     embedding = decode_embedding(mm.embedding)
     if embedding is not None:
-        out["embedding"] = embedding
-    return out
+        yield "embedding", embedding
+
+
+def decode_model(model: ir.Model) -> dict[str, Decoded]:
+    """name → Decoded for every quantized weight (int16 integers: 2 bytes a weight, so prefer `digests`
+    on big models)."""
+    return dict(_decoded(model))
 
 
 def digests(model: ir.Model) -> dict[str, str]:
-    return {name: d.digest() for name, d in decode_model(model).items()}
+    """name → digest of every quantized weight, holding one decoded weight at a time."""
+    return {name: d.digest() for name, d in _decoded(model)}
 
 
-def compare_digests(expected: dict[str, str], found: dict[str, Decoded]) -> list[str]:
-    """Problems, one line each, naming the linear and the tensor; empty when bit-identical."""
+def compare_digests(expected: dict[str, str], model: ir.Model) -> list[str]:
+    """Problems with `model`'s quantized weights against `expected` digests, one line each, naming the
+    linear and the tensor; empty when bit-identical."""
+    found, tensors = {}, {}
+    for name, d in _decoded(model):
+        found[name], tensors[name] = d.digest(), d.tensor
     problems = [f"{name}: quantized weights missing (a weight DequantizeLinear folded back to float? never run "
                 "onnxsim or ORT offline optimisation on an artifact)" for name in sorted(set(expected) - set(found))]
-    problems += [f"{name}: quantized here but not in the reference ({found[name].tensor})"
+    problems += [f"{name}: quantized here but not in the reference ({tensors[name]})"
                  for name in sorted(set(found) - set(expected))]
-    problems += [f"{name}: integers or scales differ from the reference in tensor {found[name].tensor}"
-                 for name in sorted(set(expected) & set(found)) if found[name].digest() != expected[name]]
+    problems += [f"{name}: integers or scales differ from the reference in tensor {tensors[name]}"
+                 for name in sorted(set(expected) & set(found)) if found[name] != expected[name]]
     return problems
 
 
@@ -175,13 +184,12 @@ def verify(path: str | pathlib.Path, against: str | pathlib.Path | None = None) 
     expected = art.manifest.get("fidelity", {}).get("weights")
     if expected is None:
         raise errors.InputError(f"'{art.path}' records no weight digests (compiled by an older qcompile): recompile it")
-    found = decode_model(load_onnx(art.model_path))
-    problems = compare_digests(expected, found)
-    report = {"artifact": str(art.path), "layers": len(found), "problems": problems}
+    model = load_onnx(art.model_path)
+    problems = compare_digests(expected, model)
+    report = {"artifact": str(art.path), "layers": len(expected), "problems": problems}
     if against is not None:
         other = Artifact.load(against)
-        theirs = decode_model(load_onnx(other.model_path))
-        problems += [f"against {other.path}: {p}" for p in compare_digests({n: d.digest() for n, d in theirs.items()}, found)]
+        problems += [f"against {other.path}: {p}" for p in compare_digests(digests(load_onnx(other.model_path)), model)]
         report["against"] = str(other.path)
         report["logits"] = compare_logits(art.model_path, other.model_path)
         if report["logits"]["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:

@@ -280,8 +280,7 @@ def compile(
         # a per-channel recipe (group 0) still blocks the table along H: GatherBlockQuantized needs blocks
         embed = QuantizeEmbedding(scheme.embedding_bits, scheme.group_size or 128, scheme.positive_scales)
         embed(model)
-    canonical = fidelity.decode_model(model)
-    digests = {name: d.digest() for name, d in canonical.items()}
+    digests = fidelity.digests(model)
     lowering = tgt.lowering_passes(_context_length(float_path.parent))
     for lower in lowering:  # called directly, like every other pass here, so their own errors reach the user
         lower(model)
@@ -362,7 +361,7 @@ def _activation_record(act: ActivationScheme, smooth, quantize_acts) -> dict:
 
 def _check_lowered(model: ir.Model, tgt, digests: dict[str, str]) -> dict:
     """Prove the lowering kept every integer and scale (and, for TensorRT, every parser rule)."""
-    problems = fidelity.compare_digests(digests, fidelity.decode_model(model))
+    problems = fidelity.compare_digests(digests, model)
     if problems:
         raise errors.QcompileError(f"lowering to {tgt.name} changed quantized weights: {'; '.join(problems[:3])}")
     checks = {"lowered_weights": "bit-identical to the canonical model"}

@@ -15,18 +15,20 @@ from qcompile.schemes import WeightScheme
 class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     """W ≈ Ŵ = (q - z) · s chosen to minimise ||X·W - X·Ŵ||² on calibration inputs X (see `algorithms.gptq`).
 
-    Mode "parallel": every Hessian H = XᵀX is measured on the float model in one calibration run
-    (linears sharing an input share one tap; v's is attention-weighted, see `calibration`), unless
-    `hessians` (linear name → H) are given, as FoldAWQScales provides.
-    Mode "sequential" (the reference method): block by block, each block's Hessians are measured on its
-    inputs as the already-quantized earlier blocks produce them, so GPTQ also corrects the error that
-    reaches it. The hidden state entering the current block is kept for every window ([windows, T, H]
-    float32) and pushed through the quantized block; every block runs twice (measure, then propagate),
-    so this costs about two float passes over the calibration set, not one per block.
+    The model is processed block by block, so that only one block's Hessians H = XᵀX are ever held (a 3B
+    Llama's would be ~24 GB all at once). The hidden state entering the current block is kept for every
+    window ([windows, T, H] float32) and ORT runs that block alone, fed with it. Linears sharing an input
+    share one tap; v's Hessian is attention-weighted (see `calibration`).
+    Mode "parallel": every Hessian comes from the float model: one run per block measures the Hessians and
+    the float hidden state leaving it, so this costs one float pass over the calibration set.
+    Mode "sequential" (the reference method): each block's Hessians are measured on its inputs as the
+    already-quantized earlier blocks produce them, so GPTQ also corrects the error that reaches it; each
+    block runs twice (measure, then propagate through the quantized block): about two float passes.
+    With `hessians` (linear name → H, as FoldAWQScales provides) no calibration runs at all.
     Requires a float model that `analysis.analyze` recognises.
     Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `self.layers` records what was done.
-    With a `checkpoint`, every finished linear (and, sequentially, the hidden state entering the next
-    block) is saved, and a resumed checkpoint's saved linears are loaded instead of computed.
+    With a `checkpoint`, every finished linear and the hidden state entering the next block are saved, and
+    a resumed checkpoint's saved linears are loaded instead of computed.
     """
 
     def __init__(self, scheme: WeightScheme, windows: np.ndarray | None, act_order: bool = False, damp: float = 0.01,
@@ -65,18 +67,13 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         quantized = [lin for lin in analysis.analyze(model).linears() if bits_for(self.scheme, lin) is not None]
-        if self.sequential:
-            self.layers = self._sequential(model, {lin.name for lin in quantized})
+        if self.hessians is not None:
+            self.layers = self._quantize(model, self.hessians, None, "Quantizing weights (GPTQ)")
         else:
-            hessians = self.hessians
-            done = set(self.checkpoint.done()) if self.checkpoint else set()
-            if hessians is None and not {lin.name for lin in quantized} <= done:
-                _, hessians = calibration.linear_statistics(model, quantized, self.windows, self.progress,
-                                                            "Calibrating (Hessians)")
-            self.layers = self._quantize(model, hessians, None, "Quantizing weights (GPTQ)")
+            self.layers = self._by_block(model, {lin.name for lin in quantized})
         return ir.passes.PassResult(model, modified=bool(quantized))
 
-    def _sequential(self, model: ir.Model, names: set[str]) -> list[dict]:
+    def _by_block(self, model: ir.Model, names: set[str]) -> list[dict]:
         model_map = analysis.analyze(model)
         layers: dict[str, dict] = {}
         saved = self.checkpoint.load_hidden() if self.checkpoint else None
@@ -89,20 +86,26 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
         if hidden is None:
             hidden = calibration.values(model, entry, self.windows, progress=self.progress,
                                         label="Calibrating (embeddings)")
-        advance = self.progress.task("Sequential GPTQ (blocks)", len(model_map.blocks) + 1 - start) if self.progress else (lambda: None)
+        mode = "sequential" if self.sequential else "parallel"
+        advance = self.progress.task(f"GPTQ, {mode} (blocks)", len(model_map.blocks) + 1 - start) if self.progress else (lambda: None)
         for index in range(start, len(model_map.blocks) + 1):
             model_map = analysis.analyze(model)  # the earlier blocks' linears are now DequantizeLinear → MatMul
             last = index == len(model_map.blocks)
             linears = [model_map.lm_head] if last else list(model_map.blocks[index].linears.values())
             linears = [lin for lin in linears if lin.name in names]
+            exit_ = None if last else model_map.blocks[index].mlp_residual.outputs[0]
+            float_exit = None
             if linears:
-                _, hessians = calibration.linear_statistics(model, linears, self.windows, start=(entry, hidden))
+                if self.sequential or last:
+                    _, hessians = calibration.linear_statistics(model, linears, self.windows, start=(entry, hidden))
+                else:  # the float block's output comes from the same run
+                    _, hessians, float_exit = calibration.linear_statistics(model, linears, self.windows,
+                                                                            start=(entry, hidden), keep=exit_)
                 chosen = {lin.name for lin in linears}
-                records = self._quantize(model, hessians, chosen, "")
-                layers.update((r["name"], r) for r in records if r["name"] in chosen)
+                layers.update((r["name"], r) for r in self._quantize(model, hessians, chosen, "") if r["name"] in chosen)
             if not last:
-                exit_ = model_map.blocks[index].mlp_residual.outputs[0]
-                hidden = calibration.values(model, exit_, self.windows, start=(entry, hidden))
+                hidden = float_exit if float_exit is not None else calibration.values(model, exit_, self.windows,
+                                                                                        start=(entry, hidden))
                 entry = exit_
                 if self.checkpoint:
                     self.checkpoint.save_hidden(index + 1, hidden)

@@ -66,3 +66,19 @@ def test_sequential_gptq_measures_each_block_on_the_quantized_blocks_before_it(t
     for name in block1:
         np.testing.assert_array_equal(hand[name], seq[name], err_msg=name)
     assert any((seq[name] != par[name]).any() for name in block1)  # the mode matters
+
+
+def test_parallel_gptq_block_by_block_equals_one_whole_model_calibration(tiny_export):
+    """Parallel GPTQ holds one block's Hessians at a time (each block run alone on the float hidden state
+    of the block before): its integers equal GPTQ's with every Hessian measured in one whole-model run."""
+    _, path = tiny_export("llama")
+    windows = np.random.default_rng(1).integers(0, 256, size=(6, 64))
+    scheme = WeightScheme(bits=4, group_size=32, algorithm=Algorithm.GPTQ, lm_head_bits=4)
+    by_block, whole = ir.load(path), ir.load(path)
+    QuantizeWeightsGPTQ(scheme, windows)(by_block)
+    _, hessians = calibration.linear_statistics(whole, analysis.analyze(whole).linears(), windows)
+    QuantizeWeightsGPTQ(scheme, None, hessians=hessians)(whole)
+    got, want = _codes(by_block), _codes(whole)
+    assert got.keys() == want.keys() and len(got) == 15
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
