@@ -1,0 +1,121 @@
+"""Streaming compiles of big models: wall time and peak RSS of export and quantization against model size.
+
+    python benchmarks/bench_big_models.py [--sizes 135m 1b 3b] [--calib-samples 8] [--work DIR]
+
+Each size is a randomly initialised Llama built from a transformers config (no download), shaped like
+SmolLM2-135M, Llama-3.2-1B and Llama-3.2-3B, with SmolLM2's tokenizer and vocabulary (49,152 tokens) so the
+calibration text tokenizes. Per size, three processes run under `/usr/bin/time -v`, each alone:
+
+    qcompile export <hf folder> -o <export>                                # fp32 ONNX, external data
+    qcompile model <export>/model.onnx --target ort-int4 --no-eval         # RTN
+    qcompile model <export>/model.onnx --target ort-int4 --algo gptq --calib-samples N --no-eval
+
+and the table reports wall time and peak RSS (maximum resident set, which counts the memory-mapped weight
+pages a process touched) against the float weight bytes (the export's model.onnx.data). GPTQ calibrates on N
+windows of 512 tokens (default 8, not 128, to keep the 3B run near half an hour on 2 cores; the windows
+only change the [N, 512, hidden] float32 hidden state GPTQ keeps between blocks).
+Rows accumulate across runs (one size per invocation is fine); writes benchmarks/results/big_models.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import qcompile
+from _results import RESULTS, meta, save
+
+SIZES = {  # LlamaConfig fields; tied embeddings like the real models
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8),
+}
+NAME = "big_models"
+
+
+def build_hf(size: str, folder: pathlib.Path) -> int:
+    """A random bf16 Llama of `size` saved as an HF folder with SmolLM2's tokenizer; returns its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, **SIZES[size])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    del model
+    tokenizer = qcompile.export("smollm2-135m")  # cached after the first run
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, folder / name)
+    return params
+
+
+def timed(args: list[str]) -> dict:
+    """Run `qcompile args` under /usr/bin/time -v: wall seconds and peak RSS bytes."""
+    run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "qcompile", *args], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"qcompile {' '.join(args)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) * 1024
+    clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", run.stderr).group(1)
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(clock.split(":"))))
+    return {"seconds": round(seconds, 1), "peak_rss_bytes": rss}
+
+
+def run_size(size: str, work: pathlib.Path, calib_samples: int) -> dict:
+    hf, exported = work / "hf", work / "export"
+    params = build_hf(size, hf)
+    row = {"size": size, "params": params, "config": SIZES[size], "stages": {}}
+    row["stages"]["export"] = timed(["export", str(hf), "-o", str(exported)])
+    float_bytes = (exported / "model.onnx.data").stat().st_size
+    row["float_weight_bytes"] = float_bytes
+    stages = {"ort-int4 rtn": ["--target", "ort-int4"],
+              "ort-int4 gptq": ["--target", "ort-int4", "--algo", "gptq", "--calib-samples", str(calib_samples)]}
+    for stage, options in stages.items():
+        out = work / stage.replace(" ", "-")
+        row["stages"][stage] = timed(["model", str(exported / "model.onnx"), *options, "--no-eval", "-o", str(out)])
+        row["stages"][stage]["artifact_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+    for stage in row["stages"].values():
+        stage["rss_over_float_weights"] = round(stage["peak_rss_bytes"] / float_bytes, 3)
+    print(json.dumps(row, indent=2))
+    return row
+
+
+def table(rows: list[dict], calib_samples: int) -> list[str]:
+    gb = lambda n: f"{n / 1e9:.2f}"  # noqa: E731
+    lines = [f"# Streaming compiles of random Llama models (one process per stage, `/usr/bin/time -v`; GPTQ on "
+             f"{calib_samples} calibration windows of 512 tokens)", "",
+             "| size | params | float weights GB | stage | wall s | peak RSS GB | RSS / float weights | artifact GB |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: r["params"]):
+        for stage, m in row["stages"].items():
+            art = gb(m["artifact_bytes"]) if "artifact_bytes" in m else "–"
+            lines.append(f"| {row['size']} | {row['params'] / 1e9:.2f} B | {gb(row['float_weight_bytes'])} | {stage} | "
+                         f"{m['seconds']:.0f} | {gb(m['peak_rss_bytes'])} | {m['rss_over_float_weights']:.2f} | {art} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--work", type=pathlib.Path, default=None, help="Scratch folder [default: a temporary one]")
+    args = parser.parse_args()
+    previous = RESULTS / f"{NAME}.json"
+    rows = {r["size"]: r for r in json.loads(previous.read_text())["rows"]} if previous.is_file() else {}
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory(prefix=f"qcompile-big-{size}-", dir=args.work) as work:
+            rows[size] = run_size(size, pathlib.Path(work), args.calib_samples)
+        save(NAME, {**meta(calib_samples=args.calib_samples), "rows": list(rows.values())},
+             table(list(rows.values()), args.calib_samples))
+
+
+if __name__ == "__main__":
+    main()
