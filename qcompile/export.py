@@ -20,10 +20,6 @@ import pathlib
 import warnings
 from unittest import mock
 
-import numpy as np
-
-import onnx_ir as ir
-
 from qcompile import errors
 from qcompile.sources import Source, SourceKind
 
@@ -159,13 +155,14 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             KVDecoder(model).eval(), (ids, mask, pos, past), input_names=inputs, output_names=outputs,
-            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
+            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
         )
     ir_model = program.model
-    _optimize(ir_model)
     for value in ir_model.graph.outputs[1:]:  # "past_sequence_length + sequence_length" reads badly
         value.shape = value.shape.__class__([*value.shape[:2], "total_sequence_length", value.shape[3]])
     ir_model.producer_name = "qcompile"
+    import onnx_ir as ir
+
     path = out_dir / MODEL_FILE
     ir.save(ir_model, path, external_data=DATA_FILE)
     hf_config = config.to_dict()
@@ -174,30 +171,3 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return path
-
-
-def _optimize(model) -> None:
-    """torch.onnx.export's own optimization (onnxscript's optimizer, then its ONNX fusions), with the
-    transposed weights that F.linear asks for made lazily. The exporter's constant folding would hold a
-    transposed copy of every weight beside torch's (2x the weights in memory: a 3B fp32 model would not
-    export in 24 GB); these are transposed one at a time, as they are written. Like the optimizer, only a
-    weight that nothing else reads is folded (a tied embedding keeps its Transpose)."""
-    import onnxscript.optimizer
-    import onnxscript.rewriter.onnx_fusions
-
-    for node in list(model.graph):
-        weight = node.inputs[0] if node.op_type == "Transpose" else None
-        if weight is None or not weight.is_initializer() or weight.const_value is None or len(weight.uses()) != 1:
-            continue
-        perm = tuple(node.attributes.get_ints("perm", list(reversed(range(len(weight.shape))))))
-        tensor, out = weight.const_value, node.outputs[0]
-        lazy = ir.LazyTensor(lambda t=tensor, p=perm: ir.tensor(np.ascontiguousarray(t.numpy().transpose(p))),
-                             dtype=tensor.dtype, shape=ir.Shape([weight.shape[i] for i in perm]))
-        name, out.name = out.name, f"{out.name}_transposed"
-        folded = ir.Value(name=name, shape=lazy.shape, type=ir.TensorType(tensor.dtype), const_value=lazy)
-        model.graph.register_initializer(folded)
-        ir.convenience.replace_all_uses_with(out, folded)
-        model.graph.remove(node, safe=True)
-        model.graph.initializers.pop(weight.name)
-    onnxscript.optimizer.optimize_ir(model)
-    onnxscript.rewriter.onnx_fusions.fuse(model)
