@@ -29,6 +29,7 @@ import sys
 import tempfile
 
 import qcompile
+from qcompile import artifact
 from _results import RESULTS, meta, save
 
 SIZES = {  # LlamaConfig fields; tied embeddings like the real models
@@ -81,7 +82,7 @@ def run_size(size: str, work: pathlib.Path, calib_samples: int) -> dict:
     for stage, options in stages.items():
         out = work / stage.replace(" ", "-")
         row["stages"][stage] = timed(["model", str(exported / "model.onnx"), *options, "--no-eval", "-o", str(out)])
-        row["stages"][stage]["artifact_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+        row["stages"][stage]["artifact_bytes"] = artifact.model_bytes(out / "model.onnx")
     for stage in row["stages"].values():
         stage["rss_over_float_weights"] = round(stage["peak_rss_bytes"] / float_bytes, 3)
     print(json.dumps(row, indent=2))

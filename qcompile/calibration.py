@@ -160,8 +160,7 @@ def values(model: ir.Model, value: ir.Value, windows: np.ndarray, start: tuple[i
 
 def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian: bool = True,
             progress=None, label: str = "Calibrating", attention: dict[str, ir.Value] | None = None,
-            rows_per_window: int = 0, start: tuple[ir.Value, np.ndarray] | None = None,
-            keep: ir.Value | None = None) -> dict[str, TapStats]:
+            rows_per_window: int = 0, start: tuple[ir.Value, np.ndarray] | None = None) -> dict[str, TapStats]:
     """Statistics of `taps` (values of `model`) over `windows`; keyed by value name.
 
     `rows_per_window` > 0 also keeps that many randomly chosen token rows of each window (seeded), for
@@ -169,9 +168,14 @@ def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian:
 
     `attention` maps a tap name to attention probabilities [b, heads, q, k] over the same tokens: those
     taps also get attention-weighted statistics under `attention_key(name)`. ORT runs a pruned copy of
-    the model that computes only the taps (from `start`, as in `values`, when given). With `keep`, the same
-    run also returns that value for every window, stacked as `values` would: (stats, array).
+    the model that computes only the taps (from `start`, as in `values`, when given).
     """
+    return _collect(model, taps, windows, hessian, progress, label, attention, rows_per_window, start, None)[0]
+
+
+def _collect(model, taps, windows, hessian, progress, label, attention, rows_per_window, start, keep):
+    """`collect`, and with `keep` (a value) that value for every window from the same run, stacked as
+    `values` stacks it (else None)."""
     attention = attention or {}
     wanted = list(dict.fromkeys([*taps, *attention.values(), *([keep] if keep is not None else [])]))
     names = [t.name for t in wanted]
@@ -196,15 +200,16 @@ def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian:
             if keep is not None:
                 kept.append(out[keep.name][0])
             advance()
-    return (stats, np.stack(kept)) if keep is not None else stats
+    return stats, np.stack(kept) if keep is not None else None
 
 
 def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progress=None,
                       label: str = "Calibrating", start: tuple[ir.Value, np.ndarray] | None = None,
-                      keep: ir.Value | None = None):
-    """One calibration run for `linears` (analysis.Linear): (stats by input tap, Hessian by linear name),
-    and with `keep` also that value per window as a third item. `start`, `keep`: as in `collect` (GPTQ
-    runs one block at a time).
+                      keep: ir.Value | None = None,
+                      ) -> tuple[dict[str, TapStats], dict[str, np.ndarray], np.ndarray | None]:
+    """One calibration run for `linears` (analysis.Linear): (stats by input tap, Hessian by linear name,
+    `keep`'s value for every window or None). `start`: as in `collect` (GPTQ runs one block at a time);
+    `keep`: a value computed in the same run (GPTQ takes the float block's output from it).
 
     A v projection's Hessian is attention-weighted when its block's attention probabilities are known.
     """
@@ -212,11 +217,10 @@ def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progr
     attention = {lin.node.inputs[0].name: probs[lin.block] for lin in linears
                  if lin.role == Role.V and lin.block in probs}
     taps = list(dict.fromkeys(lin.node.inputs[0] for lin in linears))
-    stats = collect(model, taps, windows, progress=progress, label=label, attention=attention, start=start, keep=keep)
-    stats, kept = stats if keep is not None else (stats, None)
+    stats, kept = _collect(model, taps, windows, True, progress, label, attention, 0, start, keep)
     hessians = {}
     for lin in linears:
         tap = lin.node.inputs[0].name
         weighted = lin.role == Role.V and tap in attention
         hessians[lin.name] = stats[attention_key(tap) if weighted else tap].hessian
-    return (stats, hessians, kept) if keep is not None else (stats, hessians)
+    return stats, hessians, kept

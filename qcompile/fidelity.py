@@ -138,23 +138,29 @@ def decode_model(model: ir.Model) -> dict[str, Decoded]:
     return dict(_decoded(model))
 
 
+def _fingerprints(model: ir.Model) -> dict[str, tuple[str, str]]:
+    """name → (digest, tensor holding the integers), holding one decoded weight at a time."""
+    return {name: (d.digest(), d.tensor) for name, d in _decoded(model)}
+
+
 def digests(model: ir.Model) -> dict[str, str]:
     """name → digest of every quantized weight, holding one decoded weight at a time."""
-    return {name: d.digest() for name, d in _decoded(model)}
+    return {name: digest for name, (digest, _) in _fingerprints(model).items()}
 
 
 def compare_digests(expected: dict[str, str], model: ir.Model) -> list[str]:
     """Problems with `model`'s quantized weights against `expected` digests, one line each, naming the
     linear and the tensor; empty when bit-identical."""
-    found, tensors = {}, {}
-    for name, d in _decoded(model):
-        found[name], tensors[name] = d.digest(), d.tensor
+    return _problems(expected, _fingerprints(model))
+
+
+def _problems(expected: dict[str, str], found: dict[str, tuple[str, str]]) -> list[str]:
     problems = [f"{name}: quantized weights missing (a weight DequantizeLinear folded back to float? never run "
                 "onnxsim or ORT offline optimisation on an artifact)" for name in sorted(set(expected) - set(found))]
-    problems += [f"{name}: quantized here but not in the reference ({tensors[name]})"
+    problems += [f"{name}: quantized here but not in the reference ({found[name][1]})"
                  for name in sorted(set(found) - set(expected))]
-    problems += [f"{name}: integers or scales differ from the reference in tensor {tensors[name]}"
-                 for name in sorted(set(expected) & set(found)) if found[name] != expected[name]]
+    problems += [f"{name}: integers or scales differ from the reference in tensor {found[name][1]}"
+                 for name in sorted(set(expected) & set(found)) if found[name][0] != expected[name]]
     return problems
 
 
@@ -184,12 +190,12 @@ def verify(path: str | pathlib.Path, against: str | pathlib.Path | None = None) 
     expected = art.manifest.get("fidelity", {}).get("weights")
     if expected is None:
         raise errors.InputError(f"'{art.path}' records no weight digests (compiled by an older qcompile): recompile it")
-    model = load_onnx(art.model_path)
-    problems = compare_digests(expected, model)
-    report = {"artifact": str(art.path), "layers": len(expected), "problems": problems}
+    found = _fingerprints(load_onnx(art.model_path))
+    problems = _problems(expected, found)
+    report = {"artifact": str(art.path), "layers": len(found), "problems": problems}
     if against is not None:
         other = Artifact.load(against)
-        problems += [f"against {other.path}: {p}" for p in compare_digests(digests(load_onnx(other.model_path)), model)]
+        problems += [f"against {other.path}: {p}" for p in _problems(digests(load_onnx(other.model_path)), found)]
         report["against"] = str(other.path)
         report["logits"] = compare_logits(art.model_path, other.model_path)
         if report["logits"]["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:

@@ -92,7 +92,7 @@ def test_attention_weighted_hessian(tiny_export, tmp_path):
     tap = block.linears[analysis.Role.V].node.inputs[0]
     windows = np.random.default_rng(0).integers(0, 256, size=(2, 16))
     stats = calibration.collect(model, [tap], windows, attention={tap.name: block.attention_probs})
-    _, hessians = calibration.linear_statistics(model, list(block.linears.values()), windows)
+    _, hessians, _ = calibration.linear_statistics(model, list(block.linears.values()), windows)
     # the reference: read x and p straight from ORT and weight by hand
     model.graph.outputs.extend([tap, block.attention_probs])
     ir.save(model, tmp_path / "m.onnx", external_data="m.onnx.data")

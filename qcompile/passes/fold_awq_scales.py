@@ -42,7 +42,7 @@ class FoldAWQScales(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         mm = analysis.analyze(model)
         linears = [lin for lin in mm.linears() if bits_for(self.scheme, lin) is not None]
-        stats, self.hessians = calibration.linear_statistics(model, linears, self.windows, self.progress,
+        stats, self.hessians, _ = calibration.linear_statistics(model, linears, self.windows, self.progress,
                                                              "Calibrating (AWQ)")
         quantized = {lin.name for lin in linears}
         advance = self.progress.task("Searching AWQ scales", len(mm.blocks)) if self.progress else (lambda: None)

@@ -96,11 +96,9 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
             exit_ = None if last else model_map.blocks[index].mlp_residual.outputs[0]
             float_exit = None
             if linears:
-                if self.sequential or last:
-                    _, hessians = calibration.linear_statistics(model, linears, self.windows, start=(entry, hidden))
-                else:  # the float block's output comes from the same run
-                    _, hessians, float_exit = calibration.linear_statistics(model, linears, self.windows,
-                                                                            start=(entry, hidden), keep=exit_)
+                keep = None if self.sequential else exit_  # parallel: the float block's output, from the same run
+                _, hessians, float_exit = calibration.linear_statistics(model, linears, self.windows,
+                                                                        start=(entry, hidden), keep=keep)
                 chosen = {lin.name for lin in linears}
                 layers.update((r["name"], r) for r in self._quantize(model, hessians, chosen, "") if r["name"] in chosen)
             if not last:

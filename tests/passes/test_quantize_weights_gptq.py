@@ -17,7 +17,7 @@ def test_gptq_pass_beats_rtn_on_every_layer(tiny_export):
     linears = analysis.analyze(model).linears()
     floats = {lin.name: lin.float_weight().astype(np.float64) for lin in linears}
     windows = np.random.default_rng(0).integers(0, 256, size=(8, 64))
-    _, hessians = calibration.linear_statistics(model, linears, windows)
+    _, hessians, _ = calibration.linear_statistics(model, linears, windows)
     scheme = WeightScheme(bits=4, group_size=32, algorithm=Algorithm.GPTQ, lm_head_bits=4)
     p = QuantizeWeightsGPTQ(scheme, windows)
     assert p(model).modified
@@ -60,7 +60,7 @@ def test_sequential_gptq_measures_each_block_on_the_quantized_blocks_before_it(t
     by_hand = ir.load(path)
     QuantizeWeightsGPTQ(dataclasses.replace(scheme, skip=tuple(block1)), windows)(by_hand)
     block1_linears = [lin for lin in analysis.analyze(by_hand).linears() if lin.name in block1]
-    _, hessians = calibration.linear_statistics(by_hand, block1_linears, windows)
+    _, hessians, _ = calibration.linear_statistics(by_hand, block1_linears, windows)
     QuantizeWeightsGPTQ(dataclasses.replace(scheme, skip=tuple(block0)), None, hessians=hessians)(by_hand)
     hand = _codes(by_hand)
     for name in block1:
@@ -76,7 +76,7 @@ def test_parallel_gptq_block_by_block_equals_one_whole_model_calibration(tiny_ex
     scheme = WeightScheme(bits=4, group_size=32, algorithm=Algorithm.GPTQ, lm_head_bits=4)
     by_block, whole = ir.load(path), ir.load(path)
     QuantizeWeightsGPTQ(scheme, windows)(by_block)
-    _, hessians = calibration.linear_statistics(whole, analysis.analyze(whole).linears(), windows)
+    _, hessians, _ = calibration.linear_statistics(whole, analysis.analyze(whole).linears(), windows)
     QuantizeWeightsGPTQ(scheme, None, hessians=hessians)(whole)
     got, want = _codes(by_block), _codes(whole)
     assert got.keys() == want.keys() and len(got) == 15
