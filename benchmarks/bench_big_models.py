@@ -1,6 +1,6 @@
 """Streaming compiles of big models: wall time and peak RSS of export and quantization against model size.
 
-    python benchmarks/bench_big_models.py [--sizes 135m 1b 3b] [--calib-samples 8] [--work DIR]
+    python benchmarks/bench_big_models.py [--sizes 135m 1b 3b] [--stages export rtn gptq] [--calib-samples 8] [--work DIR]
 
 Each size is a randomly initialised Llama built from a transformers config (no download), shaped like
 SmolLM2-135M, Llama-3.2-1B and Llama-3.2-3B, with SmolLM2's tokenizer and vocabulary (49,152 tokens) so the
@@ -14,12 +14,15 @@ and the table reports wall time and peak RSS (maximum resident set, which counts
 pages a process touched) against the float weight bytes (the export's model.onnx.data). GPTQ calibrates on N
 windows of 512 tokens (default 8, not 128: the 1B GPTQ stage takes 21 min on 2 cores with 8; the windows
 only change the [N, 512, hidden] float32 hidden state GPTQ keeps between blocks).
-Rows accumulate across runs (one size per invocation is fine); writes benchmarks/results/big_models.{json,md}.
+Rows accumulate across runs (one size, or one stage, per invocation is fine): with `--work DIR` the random
+model and its export are kept in DIR/<size>/, so a later invocation can run only `--stages gptq` on them.
+Writes benchmarks/results/big_models.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import re
@@ -70,21 +73,32 @@ def timed(args: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_bytes": rss}
 
 
-def run_size(size: str, work: pathlib.Path, calib_samples: int) -> dict:
+STAGES = {"rtn": ("ort-int4 rtn", ["--target", "ort-int4"]),
+          "gptq": ("ort-int4 gptq", ["--target", "ort-int4", "--algo", "gptq"])}
+
+
+def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: int, row: dict | None) -> dict:
+    """Measure `stages` of `size` in `work`; `row` holds earlier stages of the same size (kept in `work`)."""
     hf, exported = work / "hf", work / "export"
-    params = build_hf(size, hf)
-    row = {"size": size, "params": params, "config": SIZES[size], "stages": {}}
-    row["stages"]["export"] = timed(["export", str(hf), "-o", str(exported)])
-    float_bytes = (exported / "model.onnx.data").stat().st_size
-    row["float_weight_bytes"] = float_bytes
-    stages = {"ort-int4 rtn": ["--target", "ort-int4"],
-              "ort-int4 gptq": ["--target", "ort-int4", "--algo", "gptq", "--calib-samples", str(calib_samples)]}
-    for stage, options in stages.items():
-        out = work / stage.replace(" ", "-")
-        row["stages"][stage] = timed(["model", str(exported / "model.onnx"), *options, "--no-eval", "-o", str(out)])
-        row["stages"][stage]["artifact_bytes"] = artifact.model_bytes(out / "model.onnx")
+    if "export" in stages or row is None or not (exported / "model.onnx").is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        row = {"size": size, "params": build_hf(size, hf), "config": SIZES[size], "stages": {}}
+        row["stages"]["export"] = timed(["export", str(hf), "-o", str(exported)])
+        row["float_weight_bytes"] = (exported / "model.onnx.data").stat().st_size
+    for stage in stages:
+        if stage == "export":
+            continue
+        name, options = STAGES[stage]
+        out = work / name.replace(" ", "-")
+        shutil.rmtree(out, ignore_errors=True)
+        if stage == "gptq":
+            options = [*options, "--calib-samples", str(calib_samples)]
+        row["stages"][name] = timed(["model", str(exported / "model.onnx"), *options, "--no-eval", "-o", str(out)])
+        row["stages"][name]["artifact_bytes"] = artifact.model_bytes(out / "model.onnx")
+        shutil.rmtree(out)
     for stage in row["stages"].values():
-        stage["rss_over_float_weights"] = round(stage["peak_rss_bytes"] / float_bytes, 3)
+        stage["rss_over_float_weights"] = round(stage["peak_rss_bytes"] / row["float_weight_bytes"], 3)
     print(json.dumps(row, indent=2))
     return row
 
@@ -106,14 +120,17 @@ def table(rows: list[dict], calib_samples: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--stages", nargs="+", choices=["export", *STAGES], default=["export", *STAGES])
     parser.add_argument("--calib-samples", type=int, default=8)
-    parser.add_argument("--work", type=pathlib.Path, default=None, help="Scratch folder [default: a temporary one]")
+    parser.add_argument("--work", type=pathlib.Path, default=None,
+                        help="Folder that keeps each size's model and export between runs [default: a temporary one]")
     args = parser.parse_args()
     previous = RESULTS / f"{NAME}.json"
     rows = {r["size"]: r for r in json.loads(previous.read_text())["rows"]} if previous.is_file() else {}
     for size in args.sizes:
-        with tempfile.TemporaryDirectory(prefix=f"qcompile-big-{size}-", dir=args.work) as work:
-            rows[size] = run_size(size, pathlib.Path(work), args.calib_samples)
+        with contextlib.ExitStack() as stack:
+            work = args.work or pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qcompile-big-")))
+            rows[size] = run_size(size, work / size, args.stages, args.calib_samples, rows.get(size))
         save(NAME, {**meta(calib_samples=args.calib_samples), "rows": list(rows.values())},
              table(list(rows.values()), args.calib_samples))
 

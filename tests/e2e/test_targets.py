@@ -18,13 +18,14 @@ WINDOWS = 4
 @pytest.fixture(scope="module")
 def artifacts(smollm2_export, tmp_path_factory):
     """trt-int4 (with its engine, built through the CLI), ort-int4 and edge-int4 of the same recipe
-    (TensorRT's positive scales)."""
+    (TensorRT's positive scales); ort-int4 at accuracy_level 0, so that its MatMulNBits computes in fp32 like
+    the trt graph's DequantizeLinear → MatMul does when ORT runs it at that level."""
     root = tmp_path_factory.mktemp("targets")
     assert main(["model", "smollm2-135m", "--target", "trt-int4", "--engine", "--no-eval", "--out", str(root / "trt")]) == 0
     return {
         "trt": qcompile.load(root / "trt"),
         "ort": qcompile.compile(smollm2_export / "model.onnx", "ort-int4", root / "ort", eval_windows=None,
-                                positive_scales=True),
+                                positive_scales=True, accuracy_level=0),
         "edge": qcompile.compile(smollm2_export / "model.onnx", "edge-int4", root / "edge", eval_windows=None,
                                  positive_scales=True, embedding_bits=None),
         "edge-default": qcompile.compile(smollm2_export / "model.onnx", "edge-int4", root / "edge-default",
@@ -45,11 +46,14 @@ def test_cli_builds_a_tensorrt_rtx_engine_for_trt_int4(artifacts):
 
 
 def test_trt_int4_perplexity_in_ort_equals_ort_int4(artifacts):
+    # Same integers and scales, both computed in fp32: only the kernels' accumulation order differs. (At ORT's
+    # default accuracy_level 4 each MatMulNBits rounds its input to int8, and the fused ort-int4 graph's
+    # last-bit differences move that rounding: 0.7 % apart in perplexity on these windows, measured in CI.)
     ppl = {}
-    for name in ("trt", "ort"):
-        decoder = runtime.Decoder(artifacts[name].path)
+    for name, config in (("trt", {"session.qdq_matmulnbits_accuracy_level": 0}), ("ort", None)):
+        decoder = runtime.Decoder(artifacts[name].path, session_config=config)
         ppl[name] = evaluation.perplexity(decoder, runtime.load_tokenizer(artifacts[name].path), WINDOWS).ppl
-    assert abs(ppl["trt"] / ppl["ort"] - 1) <= 0.005, ppl
+    assert abs(ppl["trt"] / ppl["ort"] - 1) <= 1e-4, ppl
 
 
 def test_verify_same_integers_in_every_target(artifacts, capsys):
