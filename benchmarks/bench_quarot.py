@@ -8,6 +8,9 @@ int4 per-token activations (clip ratio --clip) on every block linear, RTN unrota
 rotated; W4A4 KV4 (4-bit asymmetric KV cache, per token and head) GPTQ rotated and unrotated; W4A8 =
 ort-w4a8 (MatMulNBits accuracy_level 4: int8 activations) GPTQ unrotated and rotated. W4A4 rows run
 MatMulNBits at accuracy_level 0 so the int4 fake quantization is the only activation rounding.
+Each row is built as `qcompile model` builds it: rotated rows with int4 activations or a 4-bit cache also
+get the attention Hadamards (o_proj's input, post-RoPE queries and keys), and every row is lowered by
+the ort-w4a8 target's passes (attention and norm fusions included).
 The cost of the online Hadamards is the decode latency of W4A8 rotated over W4A8 unrotated (same
 weights format; they differ only by the Hadamard ops). Writes benchmarks/results/quarot.{json,md}.
 """
@@ -28,7 +31,6 @@ from qcompile import artifact, calibration, evaluation, pipeline, runtime
 from qcompile.passes import QuantizeActivations, QuantizeKVCache
 from qcompile.schemes import ActivationKind, Algorithm
 from qcompile.targets import get
-from qcompile.targets.ort import LowerToMatMulNBits
 from _results import meta, save
 
 # name: (rotate, algorithm, int4 activations, 4-bit KV cache, MatMulNBits accuracy_level)
@@ -44,11 +46,13 @@ ROWS = {
 }
 
 
-def canonical(float_dir: pathlib.Path, rotate: bool, algorithm: Algorithm, windows, out: pathlib.Path) -> tuple[pathlib.Path, float]:
-    """The float model (rotated or not) with 4-bit weights in the canonical form; returns (path, seconds)."""
+def canonical(float_dir: pathlib.Path, rotate: bool, attention: bool, algorithm: Algorithm, windows,
+              out: pathlib.Path) -> tuple[pathlib.Path, float]:
+    """The float model (rotated or not; with the attention Hadamards or not) with 4-bit weights in the
+    canonical form; returns (path, seconds)."""
     start = time.perf_counter()
     model = pipeline.load_onnx(float_dir / "model.onnx")
-    for rotation in pipeline._rotations(0) if rotate else []:
+    for rotation in pipeline._rotations(0, attention) if rotate else []:
         rotation(model)
     scheme = dataclasses.replace(get("ort-w4a8").scheme, algorithm=algorithm)
     pipeline._weight_pass(scheme, windows, None)(model)
@@ -63,7 +67,9 @@ def variant(canon: pathlib.Path, acts: bool, kv4: bool, accuracy_level: int, cli
         QuantizeActivations(ActivationKind.INT4_DYNAMIC, lm_head=False, clip=clip)(model)
     if kv4:
         QuantizeKVCache(4)(model)
-    LowerToMatMulNBits(accuracy_level)(model)
+    target = dataclasses.replace(get("ort-w4a8"), accuracy_level=accuracy_level)
+    for lower in target.lowering_passes(pipeline._context_length(float_dir)):
+        lower(model)
     out_dir.mkdir(parents=True)
     ir.save(model, out_dir / "model.onnx", external_data="model.onnx.data")
     artifact.copy_tokenizer(float_dir, out_dir)
@@ -85,14 +91,16 @@ def main() -> None:
     float_dir = qcompile.export(args.source)
     windows = calibration.calibration_windows(runtime.load_tokenizer(float_dir), None, args.calib_samples)
     rows: list[dict] = [{"name": "float (ORT fp32)", "path": float_dir / "model.onnx", "quantize_s": None}]
-    canonicals: dict[tuple[bool, Algorithm], tuple[pathlib.Path, float]] = {}
+    canonicals: dict[tuple[bool, bool, Algorithm], tuple[pathlib.Path, float]] = {}
     for i, (name, (rotate, algorithm, acts, kv4, level)) in enumerate(ROWS.items()):
         if args.rows and name not in args.rows:
             continue
-        if (rotate, algorithm) not in canonicals:
-            print(f"quantize: {'rotated' if rotate else 'unrotated'} {algorithm.value}", flush=True)
-            canonicals[rotate, algorithm] = canonical(float_dir, rotate, algorithm, windows, work / f"c{len(canonicals)}.onnx")
-        canon, seconds = canonicals[rotate, algorithm]
+        key = (rotate, rotate and (acts or kv4), algorithm)  # the pipeline's default attention Hadamards
+        if key not in canonicals:
+            print(f"quantize: {'rotated' if rotate else 'unrotated'}{' + attention' if key[1] else ''} "
+                  f"{algorithm.value}", flush=True)
+            canonicals[key] = canonical(float_dir, *key, windows, work / f"c{len(canonicals)}.onnx")
+        canon, seconds = canonicals[key]
         rows.append({"name": name, "path": variant(canon, acts, kv4, level, args.clip, work / f"v{i}", float_dir),
                      "quantize_s": round(seconds, 1)})
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qcompile.algorithms.gptq import quantize_gptq
+from qcompile.algorithms.gptq import inverse_hessian_factor, quantize_gptq
 from qcompile.algorithms.rtn import quantize_rtn
 
 
@@ -16,6 +16,20 @@ def _layer(k=256, n=64, tokens=2048, seed=0):
 
 def _output_error(x, w, qw):
     return float(((x @ w - x @ qw.dequantize()) ** 2).sum())
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    x, _ = _layer(k=96, tokens=512)
+    h = x.T.astype(np.float64) @ x
+    h[:, 5] = h[5, :] = 0  # a dead channel
+    upper, dead = inverse_hessian_factor(h, damp=0.01)
+    damped = h.copy()
+    damped[5, 5] = 1.0
+    damped[np.diag_indices_from(damped)] += 0.01 * np.mean(np.diag(damped))
+    assert dead.tolist() == [i == 5 for i in range(96)]
+    assert np.array_equal(upper, np.triu(upper)) and (np.diag(upper) > 0).all()
+    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(damped), rtol=0, atol=1e-9 * np.abs(np.linalg.inv(damped)).max())
+    np.testing.assert_allclose(upper, np.linalg.cholesky(np.linalg.inv(damped)).T, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
