@@ -6,7 +6,8 @@ Rows: the float export (ORT fp32), and the same with qcompile's ORT fusions; onn
 accuracy_level 4, fused QKV, GroupQueryAttention, int4 lm_head tied to a GatherBlockQuantized embedding),
 built from a local HF folder saved from the same GGUF weights; qcompile ort-int4 (its defaults: RTN g128,
 lm_head int8, fused), the same with --no-fuse, and with a 4-bit lm_head and embedding table (g128);
-qcompile ort-w8a8, fused and not (for its decode speed against FP32). Each row: size, perplexity (pinned protocol, same
+qcompile ort-w8a8, fused and not (for its decode speed against FP32); qcompile ort-w4a8 rotated and not (for
+its decode speed against FP32 and the online Hadamards' cost). Each row: size, perplexity (pinned protocol, same
 tokenizer), prefill-512 ms, decode ms/token after a 128- and a 1024-token prompt (rounds interleaved
 across rows, best round each), peak RSS of a process that loads the model and decodes at 1024 context,
 and the physical floor: the weight bytes a decode step reads / this machine's measured memory bandwidth.
@@ -36,6 +37,10 @@ VARIANTS = {  # qcompile rows: (target, compile() options)
     "qcompile ort-int4 --lm-head int4 --embeddings int4": ("ort-int4", {"lm_head_bits": 4, "embedding_bits": 4}),
     "qcompile ort-w8a8": ("ort-w8a8", {}),
     "qcompile ort-w8a8 --no-fuse": ("ort-w8a8", {"fuse": False}),
+    # QuaRot's W4A8 and the same GPTQ weights unrotated: the online Hadamards' decode cost (calibrated on
+    # 32 windows to keep the run short)
+    "qcompile ort-w4a8 --calib-samples 32": ("ort-w4a8", {"calib_samples": 32}),
+    "qcompile ort-w4a8 --no-rotate --calib-samples 32": ("ort-w4a8", {"rotate": False, "calib_samples": 32}),
 }
 
 
@@ -174,8 +179,8 @@ def main() -> None:
         ratios = [r[f"decode_ms_p{p}"] / peer[f"decode_ms_p{p}"] for p in PROMPTS]
         r.update({f"decode_ratio_p{p}": round(x, 3) for p, x in zip(PROMPTS, ratios)})
         lines.append(f"| {name} | {r['size_mb']:.0f} | {r['perplexity']:.2f} | {100 * (r['perplexity'] / float_ppl - 1):+.2f} % | "
-                     f"{r['prefill_512_ms']:.0f} | {r['decode_ms_p128']:.1f} | {ratios[0]:.2f}× | {r['decode_ms_p1024']:.1f} | "
-                     f"{ratios[1]:.2f}× | {r['peak_rss_mb']:.0f} | {r['weight_mb_per_token']:.0f} | {r['floor_ms_per_token']:.1f} |")
+                     f"{r['prefill_512_ms']:.0f} | {r['decode_ms_p128']:.1f} | {ratios[0]:.3f}× | {r['decode_ms_p1024']:.1f} | "
+                     f"{ratios[1]:.3f}× | {r['peak_rss_mb']:.0f} | {r['weight_mb_per_token']:.0f} | {r['floor_ms_per_token']:.1f} |")
     save("decode_peers", {**meta(windows=args.windows, rounds=args.rounds), "bandwidth_gbs": bandwidth, "rows": results}, lines)
 
 
