@@ -12,10 +12,11 @@ calibration text tokenizes. Per size, three processes run under `/usr/bin/time -
 
 and the table reports wall time and peak RSS (maximum resident set, which counts the memory-mapped weight
 pages a process touched) against the float weight bytes (the export's model.onnx.data). GPTQ calibrates on N
-windows of 512 tokens (default 8, not 128: the 1B GPTQ stage takes 21 min on 2 cores with 8; the windows
+windows of 512 tokens (default 8, not 128: the 1B GPTQ stage takes 19 min on 2 cores with 8; the windows
 only change the [N, 512, hidden] float32 hidden state GPTQ keeps between blocks).
 Rows accumulate across runs (one size, or one stage, per invocation is fine): with `--work DIR` the random
-model and its export are kept in DIR/<size>/, so a later invocation can run only `--stages gptq` on them.
+model and its export are kept in DIR/<size>/, so a later invocation can run only `--stages gptq` on them;
+a run that includes `export` builds a new model and starts that size's row afresh.
 Writes benchmarks/results/big_models.{json,md}.
 """
 
@@ -86,9 +87,7 @@ def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: in
         row = {"size": size, "params": build_hf(size, hf), "config": SIZES[size], "stages": {}}
         row["stages"]["export"] = timed(["export", str(hf), "-o", str(exported)])
         row["float_weight_bytes"] = (exported / "model.onnx.data").stat().st_size
-    for stage in stages:
-        if stage == "export":
-            continue
+    for stage in [s for s in stages if s != "export"]:
         name, options = STAGES[stage]
         out = work / name.replace(" ", "-")
         shutil.rmtree(out, ignore_errors=True)

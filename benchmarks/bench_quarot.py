@@ -95,7 +95,7 @@ def main() -> None:
     for i, (name, (rotate, algorithm, acts, kv4, level)) in enumerate(ROWS.items()):
         if args.rows and name not in args.rows:
             continue
-        key = (rotate, rotate and (acts or kv4), algorithm)  # the pipeline's default attention Hadamards
+        key = (rotate, pipeline.default_attention_hadamards(rotate, acts, kv4), algorithm)
         if key not in canonicals:
             print(f"quantize: {'rotated' if rotate else 'unrotated'}{' + attention' if key[1] else ''} "
                   f"{algorithm.value}", flush=True)

@@ -248,7 +248,8 @@ def compile(
     if tgt.edge and not (float_path.parent / "config.json").is_file():
         raise errors.InputError(f"no config.json beside '{float_path}': an edge package needs the model's HF config")
     if attention_hadamards is None:
-        attention_hadamards = tgt.rotate and (act.kind == ActivationKind.INT4_DYNAMIC or kv_cache_bits is not None)
+        attention_hadamards = default_attention_hadamards(tgt.rotate, act.kind == ActivationKind.INT4_DYNAMIC,
+                                                          kv_cache_bits is not None)
     if attention_hadamards and not tgt.rotate:
         raise errors.InputError("attention Hadamards are part of QuaRot's rotations: add --rotate or drop --attention-hadamards")
     rotations = _rotations(rotation_seed, attention_hadamards) if tgt.rotate else []
@@ -331,6 +332,12 @@ def _context_length(folder: pathlib.Path) -> int | None:
     """max_position_embeddings from the HF config beside the float model (None if there is none)."""
     config = folder / "config.json"
     return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+
+
+def default_attention_hadamards(rotate: bool, int4_activations: bool, quantized_cache: bool) -> bool:
+    """Whether rotations include the attention Hadamards unless asked otherwise: for 4-bit activations or a
+    quantized KV cache, whose outliers they spread."""
+    return rotate and (int4_activations or quantized_cache)
 
 
 def _rotations(seed: int, attention: bool) -> list[ir.passes.PassBase]:
