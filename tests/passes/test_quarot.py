@@ -143,3 +143,21 @@ def test_query_key_hadamard_needs_a_kv_cache_concat(tiny_export):
     model.graph.outputs.append(logits)  # no present.* outputs: attention without a cache
     with pytest.raises(errors.UnsupportedModelError, match="KV-cache Concat"):
         InsertQueryKeyHadamard()(model)
+
+
+def test_value_rotation_and_o_hadamard_together_mix_every_channel(tiny_export):
+    """o_proj's input is rotated by M = diag(H_g…)·H_online. A Sylvester per-head H shared by all heads
+    cancels against the Sylvester factor of H_online (M = H_4 ⊗ I here: each channel reaches 4 of 64);
+    the per-KV-head signs make M dense, as a random rotation is (row Σ m⁴·n: 1 flat, 3 Gaussian, 16 here
+    without the signs)."""
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    o = analysis.analyze(model).blocks[0].linears[R.O]
+    before = o.float_weight().astype(np.float64)
+    RotateValueOutput()(model)
+    InsertOnlineHadamard((R.DOWN, R.O))(model)
+    after = analysis.analyze(model).blocks[0].linears[R.O].float_weight().astype(np.float64)
+    m = (after @ np.linalg.inv(before)).T  # after = Mᵀ·before
+    np.testing.assert_allclose(m @ m.T, np.eye(len(m)), atol=1e-5)
+    assert (np.abs(m) > 1e-6).mean() > 0.5
+    assert ((m**4).sum(axis=1) * len(m)).mean() < 4.0
