@@ -1,6 +1,6 @@
 """QuaRot on SmolLM2: W4A4, W4A4 + 4-bit KV cache and W4A8, unrotated against rotated, one run.
 
-    python benchmarks/bench_quarot.py [--windows 128] [--calib-samples 128] [--clip 0.9]
+    python benchmarks/bench_quarot.py [--windows 128] [--calib-samples 128] [--clip 0.75]
 
 Weights: 4-bit, group 128, symmetric (lm_head 8-bit, weight-only), by RTN or GPTQ (parallel), quantized
 once per (rotation, algorithm) and shared by the rows built on them. Rows: float; ort-int4 (RTN); W4A4 =
@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
     parser.add_argument("--calib-samples", type=int, default=calibration.DEFAULT_SAMPLES)
-    parser.add_argument("--clip", type=float, default=0.9)
+    parser.add_argument("--clip", type=float, default=pipeline.INT4_CLIP)
     parser.add_argument("--source", default="smollm2-135m")
     parser.add_argument("--rows", nargs="*", help="only these rows (names as in the table)")
     parser.add_argument("--keep", type=pathlib.Path, help="keep the models in this new folder (e.g. for bench_latency.py)")

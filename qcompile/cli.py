@@ -61,7 +61,7 @@ def model(
     lm_head: Width = typer.Option(Width.default, "--lm-head", help="lm_head precision [default: the target's, int8]."),
     embeddings: Width = typer.Option(Width.default, "--embeddings", help="Token-embedding table precision, ONNX Runtime targets (GatherBlockQuantized) [default: the target's, float]."),
     activations: Optional[str] = typer.Option(None, "--activations", help="Activation quantization: none, int8-static, int8-dynamic, int4-dynamic or fp8-static [default: the target's]."),
-    activation_clip: Optional[float] = typer.Option(None, "--activation-clip", help="Dynamic per-token activations: scale = clip · max|x| / qmax, clip in 0.5..1 [default: 1]."),
+    activation_clip: Optional[float] = typer.Option(None, "--activation-clip", help="Dynamic per-token activations: scale = clip · max|x| / qmax, clip in 0.5..1 [default: 0.75 for int4-dynamic, else 1]."),
     kv_cache: Width = typer.Option(Width.default, "--kv-cache", help="KV-cache precision (per token and head, asymmetric) [default: float]."),
     smoothquant: Optional[bool] = typer.Option(None, "--smoothquant/--no-smoothquant", help="Fold SmoothQuant scales into the norms before quantizing [default: on for W8A8 targets]."),
     alpha: Optional[str] = typer.Option(None, "--alpha", help="SmoothQuant migration strength 0..1, or auto (searched per layer) [default: the target's]."),

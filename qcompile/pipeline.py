@@ -25,6 +25,9 @@ from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, Weight
 from qcompile.targets.trt import check_tensorrt
 
 DEFAULT_OUT_ROOT = pathlib.Path("qcompile-out")
+# The default clip ratio of per-token int4 activations. Measured on SmolLM2, rotated, GPTQ weights, 8 windows
+# (ppl × float): clip 0.65 1.83, 0.7 1.69, 0.75 1.58, 0.8 1.66, 1.0 worse than all (RTN: 3.98 against 3.22).
+INT4_CLIP = 0.75
 
 
 def cache_root() -> pathlib.Path:
@@ -204,6 +207,8 @@ def compile(
     if activation_clip is not None:
         act_changes["clip"] = activation_clip
     act = dataclasses.replace(tgt.activations, **act_changes)
+    if activation_clip is None and act.kind == ActivationKind.INT4_DYNAMIC:
+        act = dataclasses.replace(act, clip=INT4_CLIP)
     if rotate is not None:
         tgt = dataclasses.replace(tgt, rotate=rotate)
     if fuse is not None:
