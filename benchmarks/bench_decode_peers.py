@@ -11,6 +11,9 @@ its decode speed against FP32 and the online Hadamards' cost). Each row: size, p
 tokenizer), prefill-512 ms, decode ms/token after a 128- and a 1024-token prompt (rounds interleaved
 across rows, best round each), peak RSS of a process that loads the model and decodes at 1024 context,
 and the physical floor: the weight bytes a decode step reads / this machine's measured memory bandwidth.
+Every row decodes through qcompile's runtime (`Decoder.sequence`: where GroupQueryAttention writes the
+cache, the builder's model included, past and present are one buffer appended in place); one more row
+decodes the builder's model with onnxruntime-genai's own generator, its real client.
 Writes benchmarks/results/decode_peers.{json,md}.
 """
 
@@ -31,6 +34,8 @@ from qcompile import artifact, evaluation, runtime, sources
 from _results import meta, save
 
 PROMPTS = (128, 1024)
+PEER = "onnxruntime-genai builder int4"
+PEER_NATIVE = "onnxruntime-genai builder int4, decoded by onnxruntime-genai's generator"
 VARIANTS = {  # qcompile rows: (target, compile() options)
     "qcompile ort-int4": ("ort-int4", {}),
     "qcompile ort-int4 --no-fuse": ("ort-int4", {"fuse": False}),
@@ -118,13 +123,30 @@ def peak_rss_mb(path: pathlib.Path) -> float:
         "from qcompile import runtime\n"
         f"d = runtime.Decoder({str(path)!r})\n"
         "ids = np.random.default_rng(0).integers(100, 1000, size=(1, 1024))\n"
-        "logits, cache = d.forward(ids, d.empty_cache(), 0)\n"
+        "s = d.sequence(1032)\n"
+        "logits = s.prefill(ids[0])\n"
         "for i in range(8):\n"
-        "    logits, cache = d.forward(logits[:, -1:].argmax(-1), cache, 1024 + i)\n"
+        "    logits = s.step(int(logits.argmax()))\n"
         "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
     )  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across exec
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return round(int(out.stdout.split()[-1]) / 1024, 0)
+
+
+def genai_decode_ms(generator_model, prompt_len: int, steps: int = 32) -> float:
+    """Median ms per token of onnxruntime-genai's own generator (greedy) after a `prompt_len` prompt."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(generator_model)
+    params.set_search_options(max_length=prompt_len + steps + 1, do_sample=False)
+    generator = og.Generator(generator_model, params)
+    generator.append_tokens(np.random.default_rng(0).integers(100, 1000, size=(1, prompt_len)).astype(np.int32))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        generator.generate_next_token()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
 
 
 def main() -> None:
@@ -137,7 +159,7 @@ def main() -> None:
         work = pathlib.Path(tmp)
         float_dir = qcompile.export("smollm2-135m")
         rows = {"float (ORT fp32)": float_dir, "float fused (ORT fp32)": fuse_float(float_dir, work / "float-fused"),
-                "onnxruntime-genai builder int4": build_genai(work)}
+                PEER: build_genai(work)}
         for name, (target, options) in VARIANTS.items():
             started = time.perf_counter()
             qcompile.compile(float_dir, target, work / name.replace(" ", "_"), eval_windows=None, **options)
@@ -157,9 +179,15 @@ def main() -> None:
             print(name, results[name], flush=True)
             del decoder
 
+        import onnxruntime_genai as og
+
         decoders = {name: runtime.Decoder(folder) for name, folder in rows.items()}
         best = {name: {"prefill_512_ms": float("inf"), **{f"decode_ms_p{p}": float("inf") for p in PROMPTS}} for name in rows}
+        genai_model = og.Model(str(rows[PEER]))
+        native = {p: float("inf") for p in PROMPTS}
         for _ in range(args.rounds):  # interleaved, so that machine noise hits every row alike
+            for p in PROMPTS:
+                native[p] = min(native[p], genai_decode_ms(genai_model, p))
             for name, decoder in decoders.items():
                 r = evaluation.latency(decoder, prompt_len=512, decode_steps=1, rounds=1)
                 best[name]["prefill_512_ms"] = min(best[name]["prefill_512_ms"], r["prefill_ms"])
@@ -168,9 +196,10 @@ def main() -> None:
                     best[name][f"decode_ms_p{p}"] = min(best[name][f"decode_ms_p{p}"], r["decode_ms_per_token"])
         for name in rows:
             results[name].update(best[name])
+        results[PEER_NATIVE] = {f"decode_ms_p{p}": round(native[p], 2) for p in PROMPTS}
 
     float_ppl = results["float (ORT fp32)"]["perplexity"]
-    peer = results["onnxruntime-genai builder int4"]
+    peer = results[PEER]
     lines = [f"Memory bandwidth (numpy copy, read + write): {bandwidth} GB/s. Decode ratio: ms/token over the "
              f"genai builder's at the same prompt length. Perplexity: {args.windows} windows.", "",
              "| model | size MB | perplexity | Δ vs float | prefill 512 ms | decode ms/tok p128 | ratio | decode ms/tok p1024 | ratio | peak RSS MB | weights read MB/tok | floor ms/tok |",
@@ -178,6 +207,10 @@ def main() -> None:
     for name, r in results.items():
         ratios = [r[f"decode_ms_p{p}"] / peer[f"decode_ms_p{p}"] for p in PROMPTS]
         r.update({f"decode_ratio_p{p}": round(x, 3) for p, x in zip(PROMPTS, ratios)})
+        if name == PEER_NATIVE:
+            lines.append(f"| {name} | – | – | – | – | {r['decode_ms_p128']:.1f} | {ratios[0]:.3f}× | {r['decode_ms_p1024']:.1f} | "
+                         f"{ratios[1]:.3f}× | – | – | – |")
+            continue
         lines.append(f"| {name} | {r['size_mb']:.0f} | {r['perplexity']:.2f} | {100 * (r['perplexity'] / float_ppl - 1):+.2f} % | "
                      f"{r['prefill_512_ms']:.0f} | {r['decode_ms_p128']:.1f} | {ratios[0]:.3f}× | {r['decode_ms_p1024']:.1f} | "
                      f"{ratios[1]:.3f}× | {r['peak_rss_mb']:.0f} | {r['weight_mb_per_token']:.0f} | {r['floor_ms_per_token']:.1f} |")

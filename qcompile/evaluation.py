@@ -71,20 +71,20 @@ def latency(decoder: Decoder, prompt_len: int = SEQ_LEN, decode_steps: int = 32,
     Each round is one prefill and `decode_steps` cached decode steps; the best round is reported because
     interference from other processes only ever adds time.
     """
-    ids = np.random.default_rng(0).integers(100, 1000, size=(1, prompt_len))
-    decoder.forward(ids, decoder.empty_cache(), 0)  # warm-up
+    ids = np.random.default_rng(0).integers(100, 1000, size=(prompt_len,))
+    warm = decoder.sequence(prompt_len + 1)
+    warm.step(int(warm.prefill(ids).argmax()))
     prefill, decode = [], []
     for _ in range(rounds):
+        sequence = decoder.sequence(prompt_len + decode_steps)
         start = time.perf_counter()
-        logits, cache = decoder.forward(ids, decoder.empty_cache(), 0)
+        logits = sequence.prefill(ids)
         prefill.append(time.perf_counter() - start)
         steps = []
-        token = logits[:, -1:].argmax(-1)
-        for i in range(decode_steps):
+        for _ in range(decode_steps):
             start = time.perf_counter()
-            logits, cache = decoder.forward(token, cache, prompt_len + i)
+            logits = sequence.step(int(logits.argmax()))
             steps.append(time.perf_counter() - start)
-            token = logits[:, -1:].argmax(-1)
         decode.append(statistics.median(steps))
     return {
         "prefill_ms": round(1000 * min(prefill), 2),

@@ -27,15 +27,15 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids one at a time: one prefill of the prompt, then 1-token steps on the cache."""
     rng = np.random.default_rng(seed)
-    logits, cache = decoder.forward(np.array([prompt_ids]), decoder.empty_cache(), 0)
-    length = len(prompt_ids)
-    for _ in range(max_new_tokens):
-        token = sample(logits[0, -1], temperature, top_p, rng)
+    sequence = decoder.sequence(len(prompt_ids) + max_new_tokens)
+    logits = sequence.prefill(prompt_ids)
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, rng)
         if token in stop_ids:
             return
         yield token
-        logits, cache = decoder.forward(np.array([[token]]), cache, length)
-        length += 1
+        if i + 1 < max_new_tokens:
+            logits = sequence.step(token)
 
 
 def stream_text(tokenizer, prompt_ids: list[int], tokens: Iterator[int], write: Callable[[str], None]) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -93,3 +94,75 @@ class Decoder:
         """Run `ids` [b, s] after `past_len` cached tokens; returns (logits [b, s, vocab], new cache)."""
         out = self.session.run(["logits", *self.present_names], self.feeds(ids, cache, past_len))
         return out[0], dict(zip(self.past_names, out[1:]))
+
+    @functools.cached_property
+    def appends_in_place(self) -> bool:
+        """Whether every present.* output is written by a GroupQueryAttention node, which appends to its
+        cache in place when past and present are one buffer (ORT's CPU kernel compares the pointers)."""
+        import onnx
+
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        writers = {out: node.op_type for node in graph.node for out in node.output}
+        return bool(self.present_names) and all(writers.get(n) == "GroupQueryAttention" for n in self.present_names)
+
+    def sequence(self, capacity: int) -> "Sequence":
+        """A one-sequence decode of up to `capacity` tokens (prompt included) with the fastest cache handling."""
+        return Sequence(self, capacity)
+
+
+class Sequence:
+    """One sequence (batch 1): `prefill(ids)`, then `step(token)` per new token; both return the last
+    position's logits [vocab].
+
+    On graphs whose caches GroupQueryAttention writes (`Decoder.appends_in_place`: qcompile's fused ORT
+    targets, onnxruntime-genai's models) the cache lives in two buffers per layer of `capacity` tokens,
+    bound through IOBinding as both past and present: a step writes only the new token's keys and values
+    where a plain run copies the whole past into a new present. Elsewhere it is `Decoder.forward` on a
+    growing cache.
+    """
+
+    def __init__(self, decoder: Decoder, capacity: int):
+        self.decoder, self.capacity, self.length = decoder, capacity, 0
+        self.cache: dict[str, np.ndarray] = decoder.empty_cache()
+        self.binding = None
+        if decoder.appends_in_place:
+            import onnxruntime as ort
+
+            self.buffers = {n: np.zeros((1, s[1], capacity, decoder.head_dim), np.float32) for n, s in decoder.cache_shapes.items()}
+            self.binding = decoder.session.io_binding()
+            self.binding.bind_output("logits")  # first: the only output read back
+            for past, present in zip(decoder.past_names, decoder.present_names):
+                value = ort.OrtValue.ortvalue_from_numpy(self.buffers[past])
+                self.binding.bind_ortvalue_input(past, value)
+                self.binding.bind_ortvalue_output(present, value)
+
+    def prefill(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        self._check(ids.shape[1])
+        logits, cache = self.decoder.forward(ids, self.decoder.empty_cache(), 0)
+        if self.binding is None:
+            self.cache = cache
+        else:
+            for name, value in cache.items():
+                self.buffers[name][:, :, : value.shape[2]] = value
+        self.length = ids.shape[1]
+        return logits[0, -1]
+
+    def step(self, token: int) -> np.ndarray:
+        self._check(1)
+        ids = np.array([[token]], dtype=np.int64)
+        if self.binding is None:
+            logits, self.cache = self.decoder.forward(ids, self.cache, self.length)
+        else:
+            feeds = self.decoder.feeds(ids, {}, self.length)
+            for name, value in feeds.items():
+                self.binding.bind_cpu_input(name, value)
+            self.decoder.session.run_with_iobinding(self.binding)
+            logits = self.binding.get_outputs()[0].numpy()  # a view of a buffer the next run reuses
+        self.length += 1
+        return logits[0, -1].copy()
+
+    def _check(self, new: int) -> None:
+        if self.length + new > self.capacity:
+            raise errors.InputError(f"the sequence would hold {self.length + new} tokens, more than its capacity "
+                                    f"{self.capacity}: ask for a larger capacity (or fewer new tokens)")
