@@ -103,7 +103,8 @@ class Decoder:
 
         graph = onnx.load(str(self.path), load_external_data=False).graph
         writers = {out: node.op_type for node in graph.node for out in node.output}
-        return bool(self.present_names) and all(writers.get(n) == "GroupQueryAttention" for n in self.present_names)
+        pairs = {p.replace("past_key_values.", "present.", 1) for p in self.past_names} == set(self.present_names)
+        return pairs and bool(self.present_names) and all(writers.get(n) == "GroupQueryAttention" for n in self.present_names)
 
     def sequence(self, capacity: int) -> "Sequence":
         """A one-sequence decode of up to `capacity` tokens (prompt included) with the fastest cache handling."""
@@ -131,10 +132,10 @@ class Sequence:
             self.buffers = {n: np.zeros((1, s[1], capacity, decoder.head_dim), np.float32) for n, s in decoder.cache_shapes.items()}
             self.binding = decoder.session.io_binding()
             self.binding.bind_output("logits")  # first: the only output read back
-            for past, present in zip(decoder.past_names, decoder.present_names):
+            for past in decoder.past_names:
                 value = ort.OrtValue.ortvalue_from_numpy(self.buffers[past])
                 self.binding.bind_ortvalue_input(past, value)
-                self.binding.bind_ortvalue_output(present, value)
+                self.binding.bind_ortvalue_output(past.replace("past_key_values.", "present.", 1), value)
 
     def prefill(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
