@@ -103,8 +103,8 @@ class Decoder:
 
         graph = onnx.load(str(self.path), load_external_data=False).graph
         writers = {out: node.op_type for node in graph.node for out in node.output}
-        pairs = {p.replace("past_key_values.", "present.", 1) for p in self.past_names} == set(self.present_names)
-        return pairs and bool(self.present_names) and all(writers.get(n) == "GroupQueryAttention" for n in self.present_names)
+        paired = {p.replace("past_key_values.", "present.", 1) for p in self.past_names} == set(self.present_names)
+        return bool(self.present_names) and paired and all(writers.get(n) == "GroupQueryAttention" for n in self.present_names)
 
     def sequence(self, capacity: int) -> "Sequence":
         """A one-sequence decode of up to `capacity` tokens (prompt included) with the fastest cache handling."""
