@@ -9,7 +9,9 @@ never from tensor names (the exporter names weights `val_76`):
            └─ MatMul(v) ─ ... ─── MatMul(context, input 1) ─ ... ─ MatMul(o) ─ Add(residual)
 
 A linear is a MatMul whose second input is a constant [K, N] weight, a DequantizeLinear of one (the
-canonical quantized form), a Transpose of one (a tied lm_head), or a com.microsoft.MatMulNBits.
+canonical quantized form), a Transpose of one (a tied lm_head), or a com.microsoft.MatMulNBits. An ORT
+target's packed QKV (one MatMulNBits whose output is a GroupQueryAttention's packed query-key-value input)
+gives three linears on one node, each with its `columns`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Linear:
     in_features: int
     out_features: int
     norm: Norm | None = None
+    columns: tuple[int, int] | None = None  # [start, stop) of `node`'s output columns, when it packs several linears
 
     @property
     def weight_input(self) -> ir.Value:
@@ -67,7 +70,7 @@ class Linear:
         if self.node.op_type == "MatMulNBits":
             a = self.node.attributes
             return (f"MatMulNBits {a['bits'].as_int()}-bit block {a['block_size'].as_int()} "
-                    f"acc{a.get_int('accuracy_level', 0)}")
+                    f"acc{a.get_int('accuracy_level', 0)}{' (packed qkv)' if self.columns else ''}")
         dq = self.weight_input.producer()
         if dq is not None and dq.op_type == "DequantizeLinear":
             block = dq.attributes.get_int("block_size", 0)
@@ -79,6 +82,8 @@ class Linear:
     def float_weight(self) -> np.ndarray:
         """The float weight as a [K, N] array (a tied lm_head's embedding is transposed)."""
         producer = self.weight_input.producer()
+        if self.node.op_type == "MatMulNBits":
+            raise errors.InputError(f"linear {self.name} is already quantized ({self.format()}): start from a float model")
         if producer is None:
             return self.weight_input.const_value.numpy()
         if producer.op_type == "Transpose":
@@ -201,11 +206,12 @@ def _rms_input(normed: ir.Value) -> ir.Value | None:
     return None
 
 
-_BETWEEN_NORM_AND_LINEAR = ("Pad", "QuantizeLinear", "DequantizeLinear", "QuantizeDequantizePerToken")
+_BETWEEN_NORM_AND_LINEAR = ("Pad", "QuantizeLinear", "DequantizeLinear", "QuantizeDequantizePerToken", "Hadamard")
 
 
 def match_norm(value: ir.Value) -> Norm | None:
-    """The norm producing `value` (through a TensorRT whole-block Pad and activation quantizers), or None."""
+    """The norm producing `value` (through a TensorRT whole-block Pad, activation quantizers and an online
+    Hadamard), or None."""
     value = _skip_back(value, ops=_BETWEEN_NORM_AND_LINEAR)
     out = value
     node = _skip_back(value).producer()
@@ -263,6 +269,17 @@ def _softmax_before(context: ir.Node, limit: int = 8) -> ir.Value | None:
     return None
 
 
+def _packed_qkv(node: ir.Node) -> ir.Node | None:
+    """The GroupQueryAttention reading `node`'s output as its packed query-key-value input, or None."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or uses[0].idx != 0:
+        return None
+    attention = uses[0].node
+    if attention.op_type != "GroupQueryAttention" or any(v is not None for v in attention.inputs[1:3]):
+        return None
+    return attention
+
+
 class _Analyzer:
     def __init__(self, model: ir.Model):
         self.graph = model.graph
@@ -314,7 +331,8 @@ class _Analyzer:
             if norm is not None:
                 groups[norm.node].append(node)
                 norms[norm.node] = norm
-        attention = sorted((n for n, ls in groups.items() if len(ls) == 3), key=self.order.get)
+        attention = sorted((n for n, ls in groups.items() if len(ls) == 3 or (len(ls) == 1 and _packed_qkv(ls[0]))),
+                           key=self.order.get)
         mlp = sorted((n for n, ls in groups.items() if len(ls) == 2), key=self.order.get)
         if not attention:
             raise self.fail("no norm feeding three linears (q, k, v) was found")
@@ -338,6 +356,8 @@ class _Analyzer:
         return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, norm)
 
     def attention_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> tuple[dict[Role, Linear], ir.Value | None]:
+        if len(nodes) == 1:
+            return self.packed_attention_roles(i, nodes[0], norm), None
         reached = {}
         for node in nodes:
             hit = _forward_first(node.outputs[0], self.is_dynamic_matmul)
@@ -360,6 +380,22 @@ class _Analyzer:
         out = {role: self.linear(i, role, node, norm) for role, node in roles.items()}
         out[Role.O] = self.linear(i, Role.O, o_hit[0], None)
         return out, _softmax_before(context)
+
+    def packed_attention_roles(self, i: int, node: ir.Node, norm: Norm) -> dict[Role, Linear]:
+        """q, k and v as column ranges of one packed-QKV MatMulNBits: [q heads | kv heads | kv heads] × head size."""
+        attention = _packed_qkv(node)
+        heads, kv_heads = (attention.attributes.get_int(a) for a in ("num_heads", "kv_num_heads"))
+        k, n = self.linear_nodes[node]
+        head = n // (heads + 2 * kv_heads)
+        bounds = {Role.Q: (0, heads * head), Role.K: (heads * head, (heads + kv_heads) * head),
+                  Role.V: ((heads + kv_heads) * head, n)}
+        out = {role: Linear(f"blocks.{i}.{role.value}", role, i, node, k, stop - start, norm, (start, stop))
+               for role, (start, stop) in bounds.items()}
+        o_hit = _forward_first(attention.outputs[0], lambda n: n in self.linear_nodes)
+        if o_hit is None:
+            raise self.fail(f"block {i}: no output projection after attention")
+        out[Role.O] = self.linear(i, Role.O, o_hit[0], None)
+        return out
 
     def mlp_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> dict[Role, Linear]:
         def only_mul(node):

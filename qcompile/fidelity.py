@@ -68,7 +68,12 @@ def decode(linear: Linear) -> Decoded | None:
     """The integers and scales of `linear` in canonical layout; None for a float weight."""
     node = linear.node
     if node.op_type == "MatMulNBits":
-        return _decode_nbits(node).one_block_if_uniform()
+        decoded = _decode_nbits(node)
+        if linear.columns is not None:  # one of a packed node's linears: its columns
+            cols = slice(*linear.columns)
+            zp = None if decoded.zero_point is None else decoded.zero_point[:, cols]
+            decoded = dataclasses.replace(decoded, q=decoded.q[:, cols], scale=decoded.scale[:, cols], zero_point=zp)
+        return decoded.one_block_if_uniform()
     dq = linear.weight_input.producer()
     if dq is None or dq.op_type != "DequantizeLinear":
         return None

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from qcompile import errors
 from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, WeightScheme
 from qcompile.passes import FuseGroupQueryAttention
-from qcompile.targets.ort import FuseNormalizations, LowerToMatMulNBits
+from qcompile.targets.ort import FuseNormalizations, LowerToMatMulNBits, PackQKV
 from qcompile.targets.trt import PadPartialBlocks
 
 
@@ -39,7 +39,7 @@ def _ort_nbits(target: Target, max_positions: int | None) -> list[ir.passes.Pass
     if not target.fuse:
         return [LowerToMatMulNBits(target.accuracy_level)]
     return [FuseGroupQueryAttention(max_positions, strict=False), LowerToMatMulNBits(target.accuracy_level),
-            FuseNormalizations()]
+            FuseNormalizations(), PackQKV()]
 
 
 def _trt(target: Target, max_positions: int | None) -> list[ir.passes.PassBase]:

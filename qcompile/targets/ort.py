@@ -205,7 +205,8 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
 class FuseNormalizations(ir.passes.InPlacePass):
     """x/√(mean(x²)+ε)·γ → com.microsoft.SimplifiedLayerNormalization, and s = x + r followed by that norm
     of s → SkipSimplifiedLayerNormalization (normed s, and s itself for the residual stream): the same
-    float computation in one kernel instead of six (onnxscript's ORT fusion rules)."""
+    float computation in one kernel instead of six (onnxscript's ORT fusion rules). The fused nodes' mean
+    and inverse-std outputs, which nothing reads, are dropped: the kernel then does not write them."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
@@ -214,7 +215,58 @@ class FuseNormalizations(ir.passes.InPlacePass):
         count += skip_normalization.fuse_skip_rms_normalization(model)
         if count:
             model.opset_imports.setdefault("com.microsoft", 1)
+        for node in model.graph:
+            if node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+                for value in node.outputs[1:3]:
+                    if not value.uses() and not value.is_graph_output():
+                        value.name = ""  # an omitted optional output
         return ir.passes.PassResult(model, modified=bool(count))
+
+
+class PackQKV(ir.passes.InPlacePass):
+    """The q, k and v MatMulNBits of one input that feed a GroupQueryAttention become one MatMulNBits over
+    the three weights stacked along N, feeding the attention's packed-QKV input: one pass over the block's
+    input and one kernel launch instead of three (onnxruntime-genai's builder does the same). Exact: every
+    output column is computed from the same integers, scales and input as before. `analysis` reads the
+    packed node back as three linears (`Linear.columns`)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        packed = [_pack_qkv(model.graph, node) for node in list(model.graph) if node.op_type == "GroupQueryAttention"]
+        return ir.passes.PassResult(model, modified=any(packed))
+
+
+def _pack_qkv(graph: ir.Graph, attention: ir.Node) -> bool:
+    """Pack `attention`'s q, k, v projections when all three are MatMulNBits of one input with the same
+    format (weights, scales and zero points, if any, stack along N; no g_idx or bias)."""
+    projections = [value.producer() if value is not None else None for value in attention.inputs[:3]]
+    if not all(p is not None and p.op_type == "MatMulNBits" and len(p.outputs[0].uses()) == 1 for p in projections):
+        return False
+    q, k, v = projections
+    attrs = lambda n: {a: n.attributes.get_int(a) for a in ("K", "bits", "block_size", "accuracy_level")}
+    if not (q.inputs[0] is k.inputs[0] is v.inputs[0] and attrs(q) == attrs(k) == attrs(v)
+            and len(q.inputs) == len(k.inputs) == len(v.inputs) in (3, 4)
+            and all(x is not None and x.const_value is not None for p in projections for x in p.inputs[1:])):
+        return False
+    stacked = []
+    for index, suffix in zip(range(1, len(q.inputs)), ("B", "scales", "zero_points")):
+        array = np.concatenate([p.inputs[index].const_value.numpy() for p in projections])
+        value = ir.Value(name=f"{q.name}_qkv_{suffix}", shape=ir.Shape(array.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array))
+        graph.register_initializer(value)
+        stacked.append(value)
+    node = ir.node("MatMulNBits", [q.inputs[0], *stacked], domain="com.microsoft", name=f"{q.name}_qkv",
+                   attributes={**attrs(q), "N": sum(p.attributes.get_int("N") for p in projections)})
+    node.outputs[0].name, node.outputs[0].dtype = f"{q.name}_qkv_output", q.outputs[0].dtype
+    graph.insert_before(q, [node])
+    for index, value in enumerate((node.outputs[0], None, None)):
+        attention.replace_input_with(index, value)
+    for p in projections:
+        stale = p.inputs[1:]
+        graph.remove(p, safe=True)
+        for value in stale:
+            if not value.uses() and value.name in graph.initializers:
+                del graph.initializers[value.name]
+    return True
 
 
 def _integer_linear(node: ir.Node) -> bool:

@@ -88,7 +88,42 @@ def test_lowered_model_matches_canonical(tiny_export, tmp_path):
 def test_registry_lists_ort_int4_with_its_defaults():
     target = get("ort-int4")
     assert target.scheme.bits == 4 and target.scheme.group_size == 128 and target.scheme.symmetric
-    assert [type(p).__name__ for p in target.lowering_passes()] == ["FuseGroupQueryAttention", "LowerToMatMulNBits", "FuseNormalizations"]
+    assert [type(p).__name__ for p in target.lowering_passes()] == ["FuseGroupQueryAttention", "LowerToMatMulNBits",
+                                                                    "FuseNormalizations", "PackQKV"]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_path, symmetric):
+    """q, k, v stacked into one MatMulNBits feeding GroupQueryAttention's packed input: the same logits and
+    cache as the three separate kernels, and the same integers for each linear (fidelity digests)."""
+    from qcompile import fidelity
+    from qcompile.targets.ort import FuseNormalizations, PackQKV
+    from tests.conftest import prompt_and_step
+
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, symmetric=symmetric, lm_head_bits=8))(model)
+    digests = fidelity.digests(model)
+    for lower in get("ort-int4").lowering_passes(256)[:-1]:
+        lower(model)
+    ir.save(model, tmp_path / "three.onnx", external_data="three.onnx.data")
+    assert PackQKV()(model).modified
+    ir.save(model, tmp_path / "packed.onnx", external_data="packed.onnx.data")
+    attention = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2 and all(n.inputs[1] is None and n.inputs[2] is None for n in attention)
+    assert [n.op_type for n in model.graph].count("MatMulNBits") == 2 * 5 + 1
+    mm = analysis.analyze(model)
+    q, k, v = (mm.blocks[0].linears[r] for r in (analysis.Role.Q, analysis.Role.K, analysis.Role.V))
+    assert q.node is k.node is v.node and q.columns[0] == 0 and k.columns[0] == q.columns[1] == q.in_features
+    assert fidelity.digests(model) == digests
+    ids = np.random.default_rng(5).integers(0, 256, size=(1, 12))
+    (p1, s1, c1), (p0, s0, c0) = prompt_and_step(tmp_path / "packed.onnx", ids), prompt_and_step(tmp_path / "three.onnx", ids)
+    np.testing.assert_allclose(p1, p0, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(s1, s0, atol=1e-6, rtol=0)
+    for name in c0:
+        np.testing.assert_allclose(c1[name], c0[name], atol=1e-6, rtol=0)
+    norms = [n for n in model.graph if n.op_type.endswith("SimplifiedLayerNormalization")]
+    assert norms and all(not out.name for n in norms for out in n.outputs[1:3])  # unread mean/inv-std dropped
 
 
 @pytest.mark.parametrize("bits", [4, 8])
