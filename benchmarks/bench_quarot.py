@@ -6,7 +6,10 @@ Weights: 4-bit, group 128, symmetric (lm_head 8-bit, weight-only), by RTN or GPT
 once per (rotation, algorithm) and shared by the rows built on them. Rows: float; ort-int4 (RTN); W4A4 =
 int4 per-token activations (clip ratio --clip) on every block linear, RTN unrotated / RTN rotated / GPTQ
 rotated; W4A4 KV4 (4-bit asymmetric KV cache, per token and head) GPTQ rotated and unrotated; W4A8 =
-ort-w4a8 (MatMulNBits accuracy_level 4: int8 activations) GPTQ unrotated and rotated. W4A4 rows run
+ort-w4a8 (MatMulNBits accuracy_level 4: int8 activations) GPTQ unrotated and rotated. Rotated W4A4 rows come
+in both rotations of the block norms' outputs: "residual" (QuaRot's residual-stream rotation) and
+"smoothed" (SmoothRotateNormOutputs: per-channel scales, then an online Hadamard; `qcompile`'s default for
+int4 activations), calibrated on the GPTQ windows. W4A4 rows run
 MatMulNBits at accuracy_level 0 so the int4 fake quantization is the only activation rounding.
 Each row is built as `qcompile model` builds it: rotated rows with int4 activations or a 4-bit cache also
 get the attention Hadamards (o_proj's input, post-RoPE queries and keys), and every row is lowered by
@@ -33,27 +36,31 @@ from qcompile.schemes import ActivationKind, Algorithm
 from qcompile.targets import get
 from _results import meta, save
 
-# name: (rotate, algorithm, int4 activations, 4-bit KV cache, MatMulNBits accuracy_level)
+# name: (rotation of the norm outputs or None, algorithm, int4 activations, 4-bit KV cache, MatMulNBits accuracy_level)
 ROWS = {
-    "ort-int4 (RTN g128, unrotated)": (False, Algorithm.RTN, False, False, 4),
-    "W4A4 RTN unrotated": (False, Algorithm.RTN, True, False, 0),
-    "W4A4 RTN rotated": (True, Algorithm.RTN, True, False, 0),
-    "W4A4 GPTQ rotated": (True, Algorithm.GPTQ, True, False, 0),
-    "W4A4 KV4 GPTQ unrotated": (False, Algorithm.GPTQ, True, True, 0),
-    "W4A4 KV4 GPTQ rotated": (True, Algorithm.GPTQ, True, True, 0),
-    "W4A8 GPTQ unrotated (ort-w4a8 --no-rotate)": (False, Algorithm.GPTQ, False, False, 4),
-    "W4A8 GPTQ rotated (ort-w4a8)": (True, Algorithm.GPTQ, False, False, 4),
+    "ort-int4 (RTN g128, unrotated)": (None, Algorithm.RTN, False, False, 4),
+    "W4A4 RTN unrotated": (None, Algorithm.RTN, True, False, 0),
+    "W4A4 RTN rotated (residual)": ("residual", Algorithm.RTN, True, False, 0),
+    "W4A4 RTN rotated (smoothed)": ("smoothed", Algorithm.RTN, True, False, 0),
+    "W4A4 GPTQ rotated (residual)": ("residual", Algorithm.GPTQ, True, False, 0),
+    "W4A4 GPTQ rotated (smoothed)": ("smoothed", Algorithm.GPTQ, True, False, 0),
+    "W4A4 KV4 GPTQ unrotated": (None, Algorithm.GPTQ, True, True, 0),
+    "W4A4 KV4 GPTQ rotated (residual)": ("residual", Algorithm.GPTQ, True, True, 0),
+    "W4A4 KV4 GPTQ rotated (smoothed)": ("smoothed", Algorithm.GPTQ, True, True, 0),
+    "W4A8 GPTQ unrotated (ort-w4a8 --no-rotate)": (None, Algorithm.GPTQ, False, False, 4),
+    "W4A8 GPTQ rotated (ort-w4a8)": ("residual", Algorithm.GPTQ, False, False, 4),
 }
 
 
-def canonical(float_dir: pathlib.Path, rotate: bool, attention: bool, algorithm: Algorithm, windows,
+def canonical(float_dir: pathlib.Path, rotation: str | None, attention: bool, algorithm: Algorithm, windows,
               out: pathlib.Path) -> tuple[pathlib.Path, float]:
     """The float model (rotated or not; with the attention Hadamards or not) with 4-bit weights in the
     canonical form; returns (path, seconds)."""
     start = time.perf_counter()
     model = pipeline.load_onnx(float_dir / "model.onnx")
-    for rotation in pipeline._rotations(0, attention) if rotate else []:
-        rotation(model)
+    smoothed = windows if rotation == "smoothed" else None
+    for step in pipeline._rotations(0, attention, smoothed) if rotation else []:
+        step(model)
     scheme = dataclasses.replace(get("ort-w4a8").scheme, algorithm=algorithm)
     pipeline._weight_pass(scheme, windows, None)(model)
     ir.save(model, out, external_data=f"{out.name}.data")
@@ -91,13 +98,13 @@ def main() -> None:
     float_dir = qcompile.export(args.source)
     windows = calibration.calibration_windows(runtime.load_tokenizer(float_dir), None, args.calib_samples)
     rows: list[dict] = [{"name": "float (ORT fp32)", "path": float_dir / "model.onnx", "quantize_s": None}]
-    canonicals: dict[tuple[bool, bool, Algorithm], tuple[pathlib.Path, float]] = {}
-    for i, (name, (rotate, algorithm, acts, kv4, level)) in enumerate(ROWS.items()):
+    canonicals: dict[tuple[str | None, bool, Algorithm], tuple[pathlib.Path, float]] = {}
+    for i, (name, (rotation, algorithm, acts, kv4, level)) in enumerate(ROWS.items()):
         if args.rows and name not in args.rows:
             continue
-        key = (rotate, pipeline.default_attention_hadamards(rotate, acts, kv4), algorithm)
+        key = (rotation, pipeline.default_attention_hadamards(rotation is not None, acts, kv4), algorithm)
         if key not in canonicals:
-            print(f"quantize: {'rotated' if rotate else 'unrotated'}{' + attention' if key[1] else ''} "
+            print(f"quantize: {f'rotated ({rotation})' if rotation else 'unrotated'}{' + attention' if key[1] else ''} "
                   f"{algorithm.value}", flush=True)
             canonicals[key] = canonical(float_dir, *key, windows, work / f"c{len(canonicals)}.onnx")
         canon, seconds = canonicals[key]

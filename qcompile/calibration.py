@@ -36,6 +36,7 @@ class TapStats:
     absmax: np.ndarray  # [K]
     abssum: np.ndarray  # [K], Σ|x| (float64)
     hessian: np.ndarray | None  # [K, K], Σ xᵀx (float64)
+    sqsum: np.ndarray  # [K], Σx² (float64)
     tokens: int = 0
     rows: list[np.ndarray] = dataclasses.field(default_factory=list)  # sampled token rows [r, K] per window
 
@@ -48,6 +49,7 @@ class TapStats:
         """The statistics of x / s (a per-channel scale folded into x's producer): exact, no new run."""
         self.absmax /= s
         self.abssum /= s
+        self.sqsum /= s * s
         if self.hessian is not None:
             self.hessian /= np.outer(s, s)
         self.rows = [r / s for r in self.rows]
@@ -56,6 +58,10 @@ class TapStats:
     def absmean(self) -> np.ndarray:
         return self.abssum / max(self.tokens, 1)
 
+    @property
+    def rms(self) -> np.ndarray:
+        return np.sqrt(self.sqsum / max(self.tokens, 1))
+
     def add(self, x: np.ndarray, token_weights: np.ndarray | None = None, rows: int = 0) -> None:
         x = x.reshape(-1, x.shape[-1])
         if rows:
@@ -63,6 +69,7 @@ class TapStats:
             self.rows.append(x[np.sort(pick)].copy())
         np.maximum(self.absmax, np.abs(x).max(axis=0), out=self.absmax)
         self.abssum += np.abs(x).sum(axis=0, dtype=np.float64)
+        self.sqsum += np.square(x).sum(axis=0, dtype=np.float64)
         if self.hessian is not None:
             weighted = x if token_weights is None else x * token_weights.reshape(-1, 1)
             self.hessian += (weighted.T @ x).astype(np.float64)  # one window in float32, the sum in float64
@@ -195,7 +202,7 @@ def _collect(model, taps, windows, hessian, progress, label, attention, rows_per
                     if key not in stats:
                         k = x.shape[-1]
                         stats[key] = TapStats(np.zeros(k, np.float32), np.zeros(k, np.float64),
-                                              np.zeros((k, k), np.float64) if hessian else None)
+                                              np.zeros((k, k), np.float64) if hessian else None, np.zeros(k, np.float64))
                     stats[key].add(x, weights, rows_per_window if weights is None else 0)
             if keep is not None:
                 kept.append(out[keep.name][0])

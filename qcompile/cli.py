@@ -73,6 +73,7 @@ def model(
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="QuaRot: rotate the residual stream and value heads, online Hadamard before down_proj [default: on for ort-w4a8]."),
     rotation_seed: int = typer.Option(0, "--rotation-seed", help="Seed of the residual stream's random Hadamard."),
     attention_hadamards: Optional[bool] = typer.Option(None, "--attention-hadamards/--no-attention-hadamards", help="QuaRot: online Hadamards also before o_proj and on post-RoPE queries/keys [default: on with --rotate when activations are int4 or the KV cache is quantized]."),
+    rotation: Optional[str] = typer.Option(None, "--rotation", help="QuaRot: how block norm outputs are rotated: residual (the residual stream, offline) or smoothed (each norm output scaled per channel, then an online Hadamard; calibrated) [default: smoothed for int4 activations, else residual]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --algo gptq compile of the same model and options from its last finished layer (state kept in .OUT.qcompile-state beside the output)."),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ONNX Runtime targets: fuse attention (GroupQueryAttention) and norms (SkipSimplifiedLayerNormalization) [default: on]."),
 ):
@@ -88,7 +89,7 @@ def model(
             alpha="default" if alpha is None else parse_alpha(alpha), smooth_up_down=smooth_up_down,
             accuracy_level=accuracy_level, act_order=act_order, gptq_mode=gptq_mode, positive_scales=positive_scales, calib=calib, calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, eval_windows=None if no_eval else eval_windows, engine=engine,
-            rotate=rotate, rotation_seed=rotation_seed, attention_hadamards=attention_hadamards, activation_clip=activation_clip, fuse=fuse, resume=resume,
+            rotate=rotate, rotation_seed=rotation_seed, attention_hadamards=attention_hadamards, rotation=rotation, activation_clip=activation_clip, fuse=fuse, resume=resume,
             kv_cache_bits=None if kv_cache.value == "default" else widths[kv_cache.value], progress=progress,
         )
     _print_summary(art)

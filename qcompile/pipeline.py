@@ -18,7 +18,7 @@ from qcompile import engine as engine_mod
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
 from qcompile.passes import (FoldSmoothQuantScales, FuseGroupQueryAttention, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
                              QuantizeEmbedding, QuantizeKVCache, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN,
-                             RotateResidualStream, RotateValueOutput)
+                             RotateResidualStream, RotateValueOutput, SmoothRotateNormOutputs)
 from qcompile.passes._canonical import bits_for
 from qcompile.runtime import Decoder, load_tokenizer
 from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, WeightScheme, parse_algorithm
@@ -164,6 +164,7 @@ def compile(
     rotate: bool | None = None,
     rotation_seed: int = 0,
     attention_hadamards: bool | None = None,
+    rotation: str | None = None,
     kv_cache_bits: int | None = None,
     activation_clip: float | None = None,
     fuse: bool | None = None,
@@ -180,7 +181,10 @@ def compile(
     when everything succeeded. `engine=True` (trt-* targets) also builds a TensorRT engine into it.
     `rotate` applies QuaRot's rotations (seeded by `rotation_seed`) to the float model before calibration;
     `attention_hadamards` adds online Hadamards on o_proj's input and on the post-RoPE queries and keys
-    (default: on with rotations when activations are 4-bit or the KV cache is quantized).
+    (default: on with rotations when activations are 4-bit or the KV cache is quantized). `rotation`: how the
+    block norms' outputs are rotated: "residual" (QuaRot: the residual stream, offline) or "smoothed" (each
+    norm output scaled per channel, then an online Hadamard; calibrated; see `SmoothRotateNormOutputs`);
+    default smoothed for 4-bit activations, residual otherwise.
     `kv_cache_bits` (4 or 8) quantizes the KV cache (per token and head, asymmetric); `activation_clip` is
     the clip ratio of dynamic per-token activation scales. `fuse` (ORT targets, default on) fuses each
     attention into com.microsoft.GroupQueryAttention and the norms into (Skip)SimplifiedLayerNormalization.
@@ -229,6 +233,10 @@ def compile(
         raise errors.InputError(f"quantized embeddings run on ONNX Runtime (GatherBlockQuantized): drop --embeddings for {tgt.name}")
     if engine and tgt.runtime != "tensorrt":
         raise errors.InputError(f"--engine builds TensorRT engines: {tgt.name} is an {tgt.runtime} target (use trt-int4, trt-int8 or trt-fp8)")
+    if rotation not in (None, "residual", "smoothed"):
+        raise errors.InputError(f"unknown rotation '{rotation}': use residual or smoothed")
+    if rotation is not None and not tgt.rotate:
+        raise errors.InputError(f"--rotation {rotation} chooses among QuaRot's rotations: add --rotate or drop --rotation")
     if resume and scheme.algorithm != Algorithm.GPTQ:
         raise errors.InputError(f"--resume continues GPTQ compiles (--algo gptq); --algo {scheme.algorithm.value} "
                                 "keeps no state to resume from")
@@ -257,20 +265,22 @@ def compile(
                                                           kv_cache_bits is not None)
     if attention_hadamards and not tgt.rotate:
         raise errors.InputError("attention Hadamards are part of QuaRot's rotations: add --rotate or drop --attention-hadamards")
-    rotations = _rotations(rotation_seed, attention_hadamards) if tgt.rotate else []
-    for rotation in rotations:
-        rotation(model)
+    rotation = rotation or ("smoothed" if act.kind == ActivationKind.INT4_DYNAMIC else "residual")
+    smoothed = tgt.rotate and rotation == "smoothed"
     windows, calib_record = None, None
-    if scheme.algorithm != Algorithm.RTN or act.smoothquant or act.static:
+    if scheme.algorithm != Algorithm.RTN or act.smoothquant or act.static or smoothed:
         windows = calibration.calibration_windows(load_tokenizer(float_path.parent), calib, calib_samples, calib_seqlen)
         calib_record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": calib_samples,
                         "seqlen": calib_seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
+    rotations = _rotations(rotation_seed, attention_hadamards, windows if smoothed else None, progress) if tgt.rotate else []
+    for step in rotations:
+        step(model)
     smooth, stats = _smooth(model, scheme, act, windows, progress) if act.smoothquant or act.static else (None, None)
     saved = None
     if scheme.algorithm == Algorithm.GPTQ:
         fingerprint = {"qcompile": __version__, "source": src.describe(), "target": tgt.name, "weights": scheme.to_dict(),
                        "activations": dataclasses.asdict(act), "calibration": calib_record,
-                       "rotation": [rotation_seed, attention_hadamards] if rotations else None}
+                       "rotation": [rotation_seed, attention_hadamards, rotation] if rotations else None}
         saved = checkpoint.Checkpoint(out, fingerprint, resume)
     quantize = _weight_pass(scheme, windows, progress, saved)
     quantize(model)
@@ -312,7 +322,8 @@ def compile(
             "recipe": {"weights": scheme.to_dict(), "activations": _activation_record(act, smooth, quantize_acts),
                        "calibration": calib_record,
                        "kv_cache": {"bits": kv_cache_bits, "symmetric": False, "group": "head_dim"} if kv_cache else None,
-                       "rotation": {"seed": rotation_seed, "online_hadamard": ["down", "o", "query", "key"] if attention_hadamards else ["down"]}
+                       "rotation": {"seed": rotation_seed, "norm_outputs": rotation,
+                                    "online_hadamard": (["norm outputs"] if smoothed else []) + (["down", "o", "query", "key"] if attention_hadamards else ["down"])}
                        if rotations else None,
                        "passes": [type(p).__name__ for p in (*rotations, smooth, quantize, quantize_acts, kv_cache, embed, *lowering)
                                   if p is not None]},
@@ -345,13 +356,15 @@ def default_attention_hadamards(rotate: bool, int4_activations: bool, quantized_
     return rotate and (int4_activations or quantized_cache)
 
 
-def _rotations(seed: int, attention: bool) -> list[ir.passes.PassBase]:
+def _rotations(seed: int, attention: bool, smoothed_windows: np.ndarray | None = None, progress=None) -> list[ir.passes.PassBase]:
     """QuaRot on the float graph, in order: γ into the readers, the residual stream by a seeded random
     Hadamard, each value head, and an online Hadamard before down_proj; with `attention` also before
-    o_proj and on the post-RoPE queries and keys (for 4-bit activations and KV cache). Float-equivalent."""
+    o_proj and on the post-RoPE queries and keys (for 4-bit activations and KV cache). Float-equivalent.
+    With `smoothed_windows` the first two become SmoothRotateNormOutputs, calibrated on those windows."""
     online = InsertOnlineHadamard((analysis.Role.DOWN, analysis.Role.O) if attention else (analysis.Role.DOWN,))
-    return [FuseNormGains(), RotateResidualStream(seed), RotateValueOutput(seed), online,
-            *([InsertQueryKeyHadamard()] if attention else [])]
+    norms = ([SmoothRotateNormOutputs(smoothed_windows, seed=seed, progress=progress)] if smoothed_windows is not None
+             else [FuseNormGains(), RotateResidualStream(seed)])
+    return [*norms, RotateValueOutput(seed), online, *([InsertQueryKeyHadamard()] if attention else [])]
 
 
 def _parse_activations(name: str) -> ActivationKind:

@@ -52,6 +52,8 @@ def bad_files(tmp_path):
     (["model", "{d}/notllm", "--target", "trt-int8", "--activations", "int8-dynamic"], "static per tensor"),
     (["model", "{d}/notllm", "--target", "trt-fp8", "--algo", "gptq"], "FP8 weights are rounded to nearest"),
     (["model", "{d}/notllm", "--resume"], "--resume continues GPTQ compiles"),
+    (["model", "{d}/notllm", "--rotation", "learned"], "unknown rotation 'learned'"),
+    (["model", "{d}/notllm", "--target", "ort-int4", "--rotation", "smoothed"], "add --rotate or drop --rotation"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(capsys, bad_files, args, match):
     args = [a.format(d=bad_files) for a in args] + ["-o", str(bad_files / "out")]

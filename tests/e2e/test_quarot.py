@@ -55,7 +55,8 @@ def compiled(smollm2_export, tmp_path_factory):
     return {
         "ort-int4": ppl("ort-int4", "ort-int4"),
         "ort-w4a8": ppl("ort-w4a8", "ort-w4a8"),
-        "w4a4-rotated": ppl("ort-w4a8", "w4a4-rotated", **w4a4),
+        "w4a4-rotated": ppl("ort-w4a8", "w4a4-rotated", **w4a4),  # smoothed: the default for int4 activations
+        "w4a4-residual": ppl("ort-w4a8", "w4a4-residual", rotation="residual", **w4a4),
         "w4a4-unrotated": ppl("ort-w4a8", "w4a4-unrotated", rotate=False, **w4a4),
     }
 
@@ -66,3 +67,7 @@ def test_ort_w4a8_rotated_gptq_beats_ort_int4_rtn(compiled):
 
 def test_rotation_is_what_makes_4bit_activations_work(compiled):
     assert compiled["w4a4-unrotated"] > 10 * compiled["w4a4-rotated"], compiled
+
+
+def test_smoothed_norm_rotation_beats_the_residual_rotation_for_4bit_activations(compiled):
+    assert compiled["w4a4-rotated"] < compiled["w4a4-residual"], compiled

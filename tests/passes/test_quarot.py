@@ -6,7 +6,8 @@ from onnx import reference
 
 from qcompile import analysis, custom_ops, errors
 from qcompile.algorithms.hadamard import kronecker_hadamard
-from qcompile.passes import FuseNormGains, InsertOnlineHadamard, RotateResidualStream, RotateValueOutput
+from qcompile.passes import (FuseNormGains, InsertOnlineHadamard, RotateResidualStream, RotateValueOutput,
+                             SmoothRotateNormOutputs)
 from tests.conftest import run_logits
 
 R = analysis.Role
@@ -161,3 +162,31 @@ def test_value_rotation_and_o_hadamard_together_mix_every_channel(tiny_export):
     np.testing.assert_allclose(m @ m.T, np.eye(len(m)), atol=1e-5)
     assert (np.abs(m) > 1e-6).mean() > 0.5
     assert ((m**4).sum(axis=1) * len(m)).mean() < 4.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_smoothed_norm_rotation_leaves_float_logits_unchanged(tiny_export, tmp_path, arch):
+    """Gain s and an online Hadamard after each block norm, Hᵀ·diag(γ/s) in its readers: same logits, and
+    the rest of QuaRot's online rotations compose with it."""
+    from qcompile.passes._fold import set_tensor
+    from qcompile.passes.fuse_norm_gains import norm_readers
+
+    _, path = tiny_export(arch)
+    model = ir.load(path)
+    rng = np.random.default_rng(0)
+    for norm, _ in norm_readers(analysis.analyze(model)):  # uneven gains, so that γ/s is not trivial
+        set_tensor(norm.gain, rng.uniform(0.2, 3.0, norm.gain.const_value.shape))
+    reference = tmp_path / "reference.onnx"
+    ir.save(model, reference, external_data="reference.onnx.data")
+    assert SmoothRotateNormOutputs(rng.integers(0, 256, size=(2, 16)))(model).modified
+    mm = analysis.analyze(model)  # the norms are still found, through the Hadamard
+    for block in mm.blocks:
+        for norm in (block.input_norm, block.post_attention_norm):
+            gain = norm.gain.const_value.numpy()
+            assert not np.allclose(np.abs(gain), 1.0)  # s, with its random signs
+            assert {u.node.op_type for u in norm.output.uses()} == {"Hadamard"}
+    assert RotateValueOutput()(model).modified and InsertOnlineHadamard((R.DOWN, R.O))(model).modified
+    assert [n.op_type for n in model.graph].count("Hadamard") == 4 * len(mm.blocks)
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 16))
+    got, want = _logits_after(model, tmp_path, reference, ids)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
