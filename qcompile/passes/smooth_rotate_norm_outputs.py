@@ -11,7 +11,8 @@ Over s this is smallest (Cauchy–Schwarz) at s_j = (‖γ_j·W_j‖ / rms(x̂_j
 concatenated, rms over calibration tokens: `alpha` = ½. With `alpha` = 0 (s = ±1) this is QuaRot's
 rotation of the norm outputs, online instead of folded into the residual stream: a residual rotation
 cannot carry s, which must act before the rotation, in the channels' own basis. On SmolLM2 the readers'
-relative output error drops 1.5–2× at ½ (per-token int4, clip 0.75; 5 blocks measured).
+relative output error drops 1.3–2.0× at ½ (per-token int4, clip 0.75; 5 blocks measured,
+benchmarks/bench_norm_rotation_error.py).
 """
 
 from __future__ import annotations
