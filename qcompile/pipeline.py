@@ -94,6 +94,12 @@ def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cach
     return _Evaluated({**ppl, **lat, "size_bytes": artifact.model_bytes(model_path)}, predictions)
 
 
+def _head_first(scheme: WeightScheme) -> bool:
+    """Whether a separate GPTQ pass quantizes lm_head before the others: a 4-bit lm_head is always GPTQ's
+    (group LM_HEAD_INT4_GROUP), and only GPTQ algorithms quantize it along with the blocks."""
+    return scheme.lm_head_bits == 4 and "lm_head" not in scheme.skip and scheme.algorithm in (Algorithm.RTN, Algorithm.AWQ)
+
+
 def _weight_pass(scheme: WeightScheme, windows: np.ndarray | None, progress, checkpoint=None):
     """The weight-quantization pass for `scheme.algorithm`."""
     if scheme.algorithm == Algorithm.RTN:
@@ -157,7 +163,7 @@ def compile(
     smooth_up_down: bool | None = None,
     alpha: float | None | str = "default",
     calib: str | pathlib.Path | None = None,
-    calib_samples: int = calibration.DEFAULT_SAMPLES,
+    calib_samples: int | None = None,
     calib_seqlen: int = calibration.DEFAULT_SEQLEN,
     eval_windows: int | None = 32,
     engine: bool = False,
@@ -177,7 +183,9 @@ def compile(
     None means float and `alpha` None means a per-layer search, so their "use the default" value is the
     string "default"). `gptq_mode`: "parallel" (default; all Hessians from the float model) or "sequential"
     (block by block on the partly quantized model). `activations`: none, int8-static, int8-dynamic, int4-dynamic or fp8-static. Calibration (GPTQ, AWQ)
-    reads WikiText-2 valid.txt unless `calib` names a text or JSONL file. The output folder appears only
+    reads WikiText-2 valid.txt unless `calib` names a text or JSONL file: `calib_samples` windows of
+    `calib_seqlen` tokens (at most the model's context; samples default to 128, or 32 when only a 4-bit lm_head
+    is calibrated). The output folder appears only
     when everything succeeded. `engine=True` (trt-* targets) also builds a TensorRT engine into it.
     `rotate` applies QuaRot's rotations (seeded by `rotation_seed`) to the float model before calibration;
     `attention_hadamards` adds online Hadamards on o_proj's input and on the post-RoPE queries and keys
@@ -268,7 +276,16 @@ def compile(
     rotation = rotation or ("smoothed" if act.kind == ActivationKind.INT4_DYNAMIC else "residual")
     smoothed = tgt.rotate and rotation == "smoothed"
     windows, calib_record = None, None
-    if scheme.algorithm != Algorithm.RTN or act.smoothquant or act.static or smoothed:
+    head_first = _head_first(scheme)
+    body_calibrated = scheme.algorithm != Algorithm.RTN or act.smoothquant or act.static or smoothed
+    if body_calibrated or head_first:
+        if not (float_path.parent / "tokenizer.json").is_file():
+            fix = " or pass --lm-head int8 (a 4-bit lm_head is calibrated)" if head_first else ""
+            raise errors.InputError(f"no tokenizer.json beside '{float_path}' to calibrate with: copy it there{fix}")
+        context = _context_length(float_path.parent)
+        calib_seqlen = min(calib_seqlen, context or calib_seqlen)  # windows past the model's context would fail
+        if calib_samples is None:
+            calib_samples = calibration.DEFAULT_SAMPLES if body_calibrated else calibration.LM_HEAD_SAMPLES
         windows = calibration.calibration_windows(load_tokenizer(float_path.parent), calib, calib_samples, calib_seqlen)
         calib_record = {"file": str(calib) if calib else "wikitext-2 valid.txt (packaged)", "samples": calib_samples,
                         "seqlen": calib_seqlen, "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()}
@@ -282,8 +299,17 @@ def compile(
                        "activations": dataclasses.asdict(act), "calibration": calib_record,
                        "rotation": [rotation_seed, attention_hadamards, rotation] if rotations else None}
         saved = checkpoint.Checkpoint(out, fingerprint, resume)
-    quantize = _weight_pass(scheme, windows, progress, saved)
+    head = None
+    if head_first:
+        head = QuantizeWeightsGPTQ(scheme, windows, scheme.act_order, scheme.damp, progress, names={"lm_head"})
+        head(model)
+    quantize = _weight_pass(dataclasses.replace(scheme, skip=(*scheme.skip, "lm_head")) if head else scheme,
+                            windows, progress, saved)
     quantize(model)
+    layers = quantize.layers
+    if head is not None:
+        head_record = next(r for r in head.layers if r["name"] == "lm_head")
+        layers = [head_record if r["name"] == "lm_head" else r for r in layers]
     quantize_acts = None
     if act.kind != ActivationKind.NONE:
         quantize_acts = QuantizeActivations(act.kind, stats, lm_head=act.lm_head, clip=act.clip)
@@ -325,9 +351,9 @@ def compile(
                        "rotation": {"seed": rotation_seed, "norm_outputs": rotation,
                                     "online_hadamard": (["norm outputs"] if smoothed else []) + (["down", "o", "query", "key"] if attention_hadamards else ["down"])}
                        if rotations else None,
-                       "passes": [type(p).__name__ for p in (*rotations, smooth, quantize, quantize_acts, kv_cache, embed, *lowering)
+                       "passes": [type(p).__name__ for p in (*rotations, smooth, head, quantize, quantize_acts, kv_cache, embed, *lowering)
                                   if p is not None]},
-            "layers": quantize.layers + ([embed.record] if embed else []),
+            "layers": layers + ([embed.record] if embed else []),
             "fidelity": {"weights": digests, **checks},
             "versions": artifact.package_versions(),
             "metrics": metrics,

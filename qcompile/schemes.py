@@ -20,7 +20,7 @@ class WeightScheme:
     """How linear weights are quantized.
 
     bits/group_size/symmetric apply to every block linear (group_size 0: one scale per output channel); `lm_head_bits` is the lm_head's width
-    (None keeps it float); `skip` names layers (ModelMap names, e.g. "blocks.0.down") left float.
+    (None keeps it float; a 4-bit lm_head is quantized in groups of 32, by GPTQ in `compile`); `skip` names layers (ModelMap names, e.g. "blocks.0.down") left float.
     `act_order`, `damp` and `sequential` are GPTQ's (visit channels by decreasing Hessian diagonal; Hessian
     damping; measure each block's Hessians on the model whose earlier blocks are already quantized).
     `positive_scales`: symmetric scales stay > 0, as TensorRT requires; otherwise ONNX Runtime's

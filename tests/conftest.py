@@ -40,9 +40,22 @@ def tiny_hf_model(arch: str):
     return model
 
 
+def write_byte_tokenizer(folder: pathlib.Path) -> None:
+    """A byte-level tokenizer.json with one token per byte (ids 0..255: within the tiny models' vocabulary),
+    so that tiny models calibrate and evaluate on real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """arch -> (hf model, path of its exported model.onnx); each arch exported once per session."""
+    """arch -> (hf model, path of its exported model.onnx, with a byte-level tokenizer.json beside it);
+    each arch exported once per session."""
     from qcompile.export import export_model
 
     cache = {}
@@ -51,7 +64,9 @@ def tiny_export(tmp_path_factory):
         if arch not in cache:
             model = tiny_hf_model(arch)
             folder = tmp_path_factory.mktemp(f"tiny-{arch}")
-            cache[arch] = (model, export_model(model, folder))
+            path = export_model(model, folder)
+            write_byte_tokenizer(folder)
+            cache[arch] = (model, path)
         return cache[arch]
 
     return get

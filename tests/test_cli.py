@@ -108,6 +108,11 @@ def test_compile_inspect_and_replace_on_a_tiny_model(capsys, tiny_export, tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["weights"]["group_size"] == 32
     assert len(manifest["layers"]) == 2 * 7 + 1
+    # ort-int4's lm_head is 4-bit GPTQ in groups of 32, calibrated first (windows capped at the 256-token context)
+    assert manifest["layers"][-1] == {"name": "lm_head", "role": "lm_head", "shape": [64, 256], "bits": 4,
+                                      "group_size": 32, "symmetric": True, "algorithm": "gptq"}
+    assert manifest["recipe"]["passes"][:2] == ["QuantizeWeightsGPTQ", "QuantizeWeightsRTN"]
+    assert manifest["recipe"]["calibration"]["seqlen"] == 256
     for name, entry in manifest["files"].items():
         assert artifact.file_sha256(out / name) == entry["sha256"]
     capsys.readouterr()

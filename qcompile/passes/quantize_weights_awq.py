@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.algorithms.awq import search_clip
-from qcompile.passes._canonical import quantize_linears
+from qcompile.passes._canonical import group_for, quantize_linears
 from qcompile.passes.fold_awq_scales import FoldAWQScales
 from qcompile.passes.quantize_weights_gptq import QuantizeWeightsGPTQ
 from qcompile.schemes import WeightScheme
@@ -37,6 +37,6 @@ class QuantizeWeightsAWQ(ir.passes.InPlacePass):
         s = self.scheme
         self.layers = quantize_linears(
             model, s, lambda linear, bits: search_clip(linear.float_weight(), fold.hessians[linear.name], bits,
-                                                       s.group_size, s.symmetric, positive=s.positive_scales),
+                                                       group_for(s, linear), s.symmetric, positive=s.positive_scales),
             "awq", self.progress, "Quantizing weights (AWQ clip)")
         return ir.passes.PassResult(model, modified=True)

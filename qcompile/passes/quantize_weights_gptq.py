@@ -8,7 +8,7 @@ import onnx_ir as ir
 from qcompile import analysis, calibration
 from qcompile.algorithms.gptq import quantize_gptq
 from qcompile.checkpoint import Checkpoint
-from qcompile.passes._canonical import bits_for, layer_record, quantize_linears
+from qcompile.passes._canonical import bits_for, group_for, layer_record, quantize_linears
 from qcompile.schemes import WeightScheme
 
 
@@ -26,14 +26,16 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     block runs twice (measure, then propagate through the quantized block): about two float passes.
     With `hessians` (linear name → H, as FoldAWQScales provides) no calibration runs at all.
     Requires a float model that `analysis.analyze` recognises.
-    Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `self.layers` records what was done.
+    Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `names`, if given, limits the pass to
+    those linears (the blocks before them are still walked one at a time, for their output).
+    `self.layers` records what was done.
     With a `checkpoint`, every finished linear and the hidden state entering the next block are saved, and
     a resumed checkpoint's saved linears are loaded instead of computed.
     """
 
     def __init__(self, scheme: WeightScheme, windows: np.ndarray | None, act_order: bool = False, damp: float = 0.01,
                  progress=None, hessians: dict[str, np.ndarray] | None = None, sequential: bool = False,
-                 checkpoint: Checkpoint | None = None):
+                 checkpoint: Checkpoint | None = None, names: set[str] | None = None):
         super().__init__()
         if sequential and hessians is not None:
             raise ValueError("sequential GPTQ measures its own Hessians: pass hessians only in parallel mode")
@@ -45,6 +47,7 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
         self.progress = progress
         self.sequential = sequential
         self.checkpoint = checkpoint
+        self.names = names
         self.layers: list[dict] = []
 
     def requires(self, model: ir.Model) -> None:
@@ -57,7 +60,7 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
             saved = self.checkpoint.load_weight(linear.name) if self.checkpoint else None
             if saved is not None:
                 return saved
-            qw = quantize_gptq(linear.float_weight(), hessians[linear.name], bits, s.group_size, s.symmetric,
+            qw = quantize_gptq(linear.float_weight(), hessians[linear.name], bits, group_for(s, linear), s.symmetric,
                                damp=self.damp, act_order=self.act_order, positive=s.positive_scales)
             if self.checkpoint:
                 self.checkpoint.save_weight(linear.name, qw)
@@ -66,11 +69,13 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
         return quantize_linears(model, s, quantize_one, "gptq", self.progress, label, names=names)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        quantized = [lin for lin in analysis.analyze(model).linears() if bits_for(self.scheme, lin) is not None]
+        quantized = [lin for lin in analysis.analyze(model).linears()
+                     if bits_for(self.scheme, lin) is not None and (self.names is None or lin.name in self.names)]
+        names = {lin.name for lin in quantized}
         if self.hessians is not None:
-            self.layers = self._quantize(model, self.hessians, None, "Quantizing weights (GPTQ)")
+            self.layers = self._quantize(model, self.hessians, names, "Quantizing weights (GPTQ)")
         else:
-            self.layers = self._by_block(model, {lin.name for lin in quantized})
+            self.layers = self._by_block(model, names)
         return ir.passes.PassResult(model, modified=bool(quantized))
 
     def _by_block(self, model: ir.Model, names: set[str]) -> list[dict]:

@@ -6,7 +6,7 @@ import onnx_ir as ir
 
 from qcompile import analysis
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
-from qcompile.passes._canonical import quantize_linears
+from qcompile.passes._canonical import group_for, quantize_linears
 from qcompile.schemes import WeightScheme
 
 
@@ -34,7 +34,7 @@ class QuantizeWeightsRTN(ir.passes.InPlacePass):
         def quantize_one(linear, bits):
             if s.fp8 and bits == 8:
                 return quantize_fp8(linear.float_weight())
-            return quantize_rtn(linear.float_weight(), bits, s.group_size, s.symmetric, positive=s.positive_scales)
+            return quantize_rtn(linear.float_weight(), bits, group_for(s, linear), s.symmetric, positive=s.positive_scales)
 
         self.layers = quantize_linears(
             model, s, quantize_one, "rtn", self.progress, "Quantizing weights (RTN)")

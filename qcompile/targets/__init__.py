@@ -51,9 +51,9 @@ _REGISTRY = {
     for t in [
         Target(
             "ort-int4",
-            "4-bit weights (RTN, group 128, symmetric; lm_head 8-bit) as com.microsoft.MatMulNBits for ONNX Runtime CPU/CUDA",
+            "4-bit weights (RTN, group 128, symmetric; lm_head 4-bit GPTQ, group 32) as com.microsoft.MatMulNBits for ONNX Runtime CPU/CUDA",
             "onnxruntime",
-            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8),
+            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=4),
             _ort_nbits,
         ),
         Target(

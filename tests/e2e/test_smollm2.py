@@ -71,8 +71,10 @@ def test_int4_artifact_quality_and_manifest(int4_artifact):
     assert m["size_ratio"] < 0.45
     manifest = int4_artifact.manifest
     assert manifest["source"]["sha256"] and manifest["versions"]["onnxruntime"]
-    assert {e["name"] for e in manifest["layers"] if e.get("bits") == 4} == {
+    assert {e["name"] for e in manifest["layers"] if e.get("bits") == 4} == {"lm_head"} | {
         f"blocks.{i}.{r}" for i in range(30) for r in ("q", "k", "v", "o", "gate", "up", "down")}
+    assert {e["algorithm"] for e in manifest["layers"] if e["name"] != "lm_head"} == {"rtn"}
+    assert manifest["layers"][-1]["algorithm"] == "gptq" and manifest["layers"][-1]["group_size"] == 32
     assert json.loads((int4_artifact.path / "manifest.json").read_text())["metrics"] == m
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"} <= set(manifest["files"])
     assert qcompile.load(int4_artifact.path).metrics == m
@@ -97,7 +99,9 @@ def test_eval_and_inspect_cli(int4_artifact, capsys):
     assert main(["inspect", str(int4_artifact.path)]) == 0
     text = capsys.readouterr().out
     assert "30 blocks, hidden 576" in text and "blocks.29.down" in text
-    assert "'com.microsoft.MatMulNBits': 211" in text
+    # Per block: packed q/k/v, o, gate, up, down; then the lm_head.
+    assert "'com.microsoft.MatMulNBits': 151" in text
+    assert "(packed qkv)" in text
 
 
 def test_gptq_beats_rtn(smollm2_export, int4_artifact, tmp_path):
@@ -140,5 +144,5 @@ def test_awq_scale_folding_is_float_equivalent(smollm2_export, tmp_path):
 def test_awq_beats_rtn(smollm2_export, int4_artifact, tmp_path):
     art = qcompile.compile(smollm2_export / "model.onnx", "ort-int4", tmp_path / "awq", algo="awq",
                            calib_samples=8, eval_windows=WINDOWS)
-    assert {e["algorithm"] for e in art.manifest["layers"]} == {"awq"}
+    assert {e["algorithm"] for e in art.manifest["layers"] if e["name"] != "lm_head"} == {"awq"}
     assert art.metrics["ppl_increase_pct"] < 0.8 * int4_artifact.metrics["ppl_increase_pct"]

@@ -18,14 +18,14 @@ WINDOWS = 4
 @pytest.fixture(scope="module")
 def artifacts(smollm2_export, tmp_path_factory):
     """trt-int4 (with its engine, built through the CLI), ort-int4 and edge-int4 of the same recipe
-    (TensorRT's positive scales); ort-int4 at accuracy_level 0, so that its MatMulNBits computes in fp32 like
-    the trt graph's DequantizeLinear → MatMul does when ORT runs it at that level."""
+    (TensorRT's positive scales, trt-int4's 8-bit lm_head); ort-int4 at accuracy_level 0, so that its MatMulNBits
+    computes in fp32 like the trt graph's DequantizeLinear → MatMul does when ORT runs it at that level."""
     root = tmp_path_factory.mktemp("targets")
     assert main(["model", "smollm2-135m", "--target", "trt-int4", "--engine", "--no-eval", "--out", str(root / "trt")]) == 0
     return {
         "trt": qcompile.load(root / "trt"),
         "ort": qcompile.compile(smollm2_export / "model.onnx", "ort-int4", root / "ort", eval_windows=None,
-                                positive_scales=True, accuracy_level=0),
+                                positive_scales=True, accuracy_level=0, lm_head_bits=8),
         "edge": qcompile.compile(smollm2_export / "model.onnx", "edge-int4", root / "edge", eval_windows=None,
                                  positive_scales=True, embedding_bits=None),
         "edge-default": qcompile.compile(smollm2_export / "model.onnx", "edge-int4", root / "edge-default",

@@ -4,6 +4,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import analysis, calibration
+from qcompile.algorithms.gptq import quantize_gptq
 from qcompile.algorithms.rtn import quantize_rtn
 from qcompile.passes import QuantizeWeightsGPTQ
 from qcompile.schemes import Algorithm, WeightScheme
@@ -82,3 +83,26 @@ def test_parallel_gptq_block_by_block_equals_one_whole_model_calibration(tiny_ex
     assert got.keys() == want.keys() and len(got) == 15
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_4bit_lm_head_alone_is_gptq_in_groups_of_32(tiny_export):
+    """`names={"lm_head"}` quantizes only the lm_head (the blocks stay float), in groups of 32 whatever the
+    body's group, with the Hessian of its input on the float model (walked block by block, it equals one
+    whole-model run's); the tied embedding table stays float."""
+    _, path = tiny_export("llama")
+    windows = np.random.default_rng(2).integers(0, 256, size=(6, 64))
+    scheme = WeightScheme(bits=4, group_size=64, algorithm=Algorithm.RTN, lm_head_bits=4)
+    model = ir.load(path)
+    head = analysis.analyze(model).lm_head
+    weight = head.float_weight()
+    _, hessians, _ = calibration.linear_statistics(model, [head], windows)
+    p = QuantizeWeightsGPTQ(scheme, windows, names={"lm_head"})
+    p(model)
+    mm = analysis.analyze(model)
+    assert all(lin.weight_input.producer() is None for lin in mm.linears() if lin.name != "lm_head")
+    dq = mm.lm_head.weight_input.producer()
+    assert dq.op_type == "DequantizeLinear" and dq.attributes.get_int("block_size") == 32
+    want = quantize_gptq(weight, hessians["lm_head"], 4, 32, True)
+    np.testing.assert_array_equal(dq.inputs[0].const_value.numpy(), want.q.astype(np.int8))
+    assert [e["name"] for e in p.layers if "bits" in e] == ["lm_head"]
+    np.testing.assert_array_equal(mm.embedding.inputs[0].const_value.numpy(), weight.T)  # the table stays float

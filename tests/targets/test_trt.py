@@ -110,14 +110,14 @@ def test_trt_target_refuses_asymmetric_weights(tiny_export, tmp_path):
 def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, tmp_path):
     _, path = tiny_export("llama")
     trt = qcompile.compile(path, "trt-int4", tmp_path / "trt", eval_windows=None)
-    ort = qcompile.compile(path, "ort-int4", tmp_path / "ort", eval_windows=None, positive_scales=True)
+    ort = qcompile.compile(path, "ort-int4", tmp_path / "ort", eval_windows=None, positive_scales=True, lm_head_bits=8)
     assert trt.manifest["fidelity"]["tensorrt_check"] == "passed"
     report = fidelity.verify(trt.path, against=ort.path)
     assert report["passed"], report["problems"]
     assert report["layers"] == 2 * 7 + 1 and report["logits"]["argmax_agreement"] >= 0.95
 
     # ort-int4's default recipe (signed scales) is a different set of integers, and verify says so
-    signed = qcompile.compile(path, "ort-int4", tmp_path / "signed", eval_windows=None)
+    signed = qcompile.compile(path, "ort-int4", tmp_path / "signed", eval_windows=None, lm_head_bits=8)
     report = fidelity.verify(trt.path, against=signed.path)
     assert not report["passed"] and "integers or scales differ" in report["problems"][0]
 
