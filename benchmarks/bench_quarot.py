@@ -8,8 +8,8 @@ int4 per-token activations (clip ratio --clip) on every block linear, RTN unrota
 rotated; W4A4 KV4 (4-bit asymmetric KV cache, per token and head) GPTQ rotated and unrotated; W4A8 =
 ort-w4a8 (MatMulNBits accuracy_level 4: int8 activations) GPTQ unrotated and rotated. Rotated W4A4 rows come
 in both rotations of the block norms' outputs: "residual" (QuaRot's residual-stream rotation) and
-"smoothed" (SmoothRotateNormOutputs: per-channel scales, then an online Hadamard; `qcompile`'s default for
-int4 activations), calibrated on the GPTQ windows. W4A4 rows run
+"smoothed" (SmoothRotateNormOutputs: per-channel scales, then an online Hadamard, and down_proj's input scaled
+the same way before its Hadamard; `qcompile`'s default for int4 activations), calibrated on the GPTQ windows. W4A4 rows run
 MatMulNBits at accuracy_level 0 so the int4 fake quantization is the only activation rounding.
 Each row is built as `qcompile model` builds it: rotated rows with int4 activations or a 4-bit cache also
 get the attention Hadamards (o_proj's input, post-RoPE queries and keys), and every row is lowered by

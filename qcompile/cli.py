@@ -73,7 +73,7 @@ def model(
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="QuaRot: rotate the residual stream and value heads, online Hadamard before down_proj [default: on for ort-w4a8]."),
     rotation_seed: int = typer.Option(0, "--rotation-seed", help="Seed of the residual stream's random Hadamard."),
     attention_hadamards: Optional[bool] = typer.Option(None, "--attention-hadamards/--no-attention-hadamards", help="QuaRot: online Hadamards also before o_proj and on post-RoPE queries/keys [default: on with --rotate when activations are int4 or the KV cache is quantized]."),
-    rotation: Optional[str] = typer.Option(None, "--rotation", help="QuaRot: how block norm outputs are rotated: residual (the residual stream, offline) or smoothed (each norm output scaled per channel, then an online Hadamard; calibrated) [default: smoothed for int4 activations, else residual]."),
+    rotation: Optional[str] = typer.Option(None, "--rotation", help="QuaRot: how block norm outputs are rotated: residual (the residual stream, offline) or smoothed (each norm output, and down_proj's input, scaled per channel before an online Hadamard; calibrated) [default: smoothed for int4 activations, else residual]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --algo gptq compile of the same model and options from its last finished layer (state kept in .OUT.qcompile-state beside the output)."),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ONNX Runtime targets: fuse attention (GroupQueryAttention) and norms (SkipSimplifiedLayerNormalization) [default: on]."),
 ):

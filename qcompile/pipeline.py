@@ -191,8 +191,9 @@ def compile(
     `attention_hadamards` adds online Hadamards on o_proj's input and on the post-RoPE queries and keys
     (default: on with rotations when activations are 4-bit or the KV cache is quantized). `rotation`: how the
     block norms' outputs are rotated: "residual" (QuaRot: the residual stream, offline) or "smoothed" (each
-    norm output scaled per channel, then an online Hadamard; calibrated; see `SmoothRotateNormOutputs`);
-    default smoothed for 4-bit activations, residual otherwise.
+    norm output scaled per channel, then an online Hadamard; calibrated; see `SmoothRotateNormOutputs`; down_proj's
+    input is then scaled per channel too, through up_proj, before its Hadamard); default smoothed for 4-bit
+    activations, residual otherwise.
     `kv_cache_bits` (4 or 8) quantizes the KV cache (per token and head, asymmetric); `activation_clip` is
     the clip ratio of dynamic per-token activation scales. `fuse` (ORT targets, default on) fuses each
     attention into com.microsoft.GroupQueryAttention and the norms into (Skip)SimplifiedLayerNormalization.
@@ -348,7 +349,7 @@ def compile(
             "recipe": {"weights": scheme.to_dict(), "activations": _activation_record(act, smooth, quantize_acts),
                        "calibration": calib_record,
                        "kv_cache": {"bits": kv_cache_bits, "symmetric": False, "group": "head_dim"} if kv_cache else None,
-                       "rotation": {"seed": rotation_seed, "norm_outputs": rotation,
+                       "rotation": {"seed": rotation_seed, "norm_outputs": rotation, "smoothed_down_inputs": smoothed,
                                     "online_hadamard": (["norm outputs"] if smoothed else []) + (["down", "o", "query", "key"] if attention_hadamards else ["down"])}
                        if rotations else None,
                        "passes": [type(p).__name__ for p in (*rotations, smooth, head, quantize, quantize_acts, kv_cache, embed, *lowering)
@@ -386,8 +387,10 @@ def _rotations(seed: int, attention: bool, smoothed_windows: np.ndarray | None =
     """QuaRot on the float graph, in order: γ into the readers, the residual stream by a seeded random
     Hadamard, each value head, and an online Hadamard before down_proj; with `attention` also before
     o_proj and on the post-RoPE queries and keys (for 4-bit activations and KV cache). Float-equivalent.
-    With `smoothed_windows` the first two become SmoothRotateNormOutputs, calibrated on those windows."""
-    online = InsertOnlineHadamard((analysis.Role.DOWN, analysis.Role.O) if attention else (analysis.Role.DOWN,))
+    With `smoothed_windows` the first two become SmoothRotateNormOutputs, and down_proj's input is smoothed the
+    same way before its Hadamard, both calibrated on those windows."""
+    roles = (analysis.Role.DOWN, analysis.Role.O) if attention else (analysis.Role.DOWN,)
+    online = InsertOnlineHadamard(roles, smooth_windows=smoothed_windows, progress=progress)
     norms = ([SmoothRotateNormOutputs(smoothed_windows, seed=seed, progress=progress)] if smoothed_windows is not None
              else [FuseNormGains(), RotateResidualStream(seed)])
     return [*norms, RotateValueOutput(seed), online, *([InsertQueryKeyHadamard()] if attention else [])]

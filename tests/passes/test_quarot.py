@@ -166,8 +166,9 @@ def test_value_rotation_and_o_hadamard_together_mix_every_channel(tiny_export):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_smoothed_norm_rotation_leaves_float_logits_unchanged(tiny_export, tmp_path, arch):
-    """Gain s and an online Hadamard after each block norm, Hᵀ·diag(γ/s) in its readers: same logits, and
-    the rest of QuaRot's online rotations compose with it."""
+    """Gain s and an online Hadamard after each block norm, Hᵀ·diag(γ/s) in its readers; down_proj's input
+    scaled by t through up_proj's columns before its Hadamard: same logits, and the rest of QuaRot's online
+    rotations compose with them."""
     from qcompile.passes._fold import set_tensor
     from qcompile.passes.fuse_norm_gains import norm_readers
 
@@ -185,7 +186,14 @@ def test_smoothed_norm_rotation_leaves_float_logits_unchanged(tiny_export, tmp_p
             gain = norm.gain.const_value.numpy()
             assert not np.allclose(np.abs(gain), 1.0)  # s, with its random signs
             assert {u.node.op_type for u in norm.output.uses()} == {"Hadamard"}
-    assert RotateValueOutput()(model).modified and InsertOnlineHadamard((R.DOWN, R.O))(model).modified
+    up_before = [b.linears[R.UP].float_weight() for b in mm.blocks]
+    windows = rng.integers(0, 256, size=(2, 16))
+    assert RotateValueOutput()(model).modified
+    assert InsertOnlineHadamard((R.DOWN, R.O), smooth_windows=windows)(model).modified
+    for block, before in zip(analysis.analyze(model).blocks, up_before):
+        t = block.linears[R.UP].float_weight() / before  # up's columns scaled by t
+        np.testing.assert_allclose(t, np.broadcast_to(t[:1], t.shape), rtol=1e-5)
+        assert t.min() < 0.9 and t.max() > 1.1
     assert [n.op_type for n in model.graph].count("Hadamard") == 4 * len(mm.blocks)
     ids = np.random.default_rng(1).integers(0, 256, size=(2, 16))
     got, want = _logits_after(model, tmp_path, reference, ids)
