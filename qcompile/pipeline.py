@@ -263,10 +263,8 @@ def compile(
         float_path, float_cache = float_dir / export_mod.MODEL_FILE, float_dir
     model = load_onnx(float_path)
     analysis.analyze(model)  # fail early, before any work, on an unsupported graph
-    if eval_windows is not None and not (float_path.parent / "tokenizer.json").is_file():
-        raise errors.InputError(
-            f"no tokenizer.json beside '{float_path}' to evaluate with: copy it there or pass --no-eval"
-        )
+    if eval_windows is not None:
+        _require_tokenizer(float_path, "evaluate with", " or pass --no-eval")
     if tgt.edge and not (float_path.parent / "config.json").is_file():
         raise errors.InputError(f"no config.json beside '{float_path}': an edge package needs the model's HF config")
     if attention_hadamards is None:
@@ -280,9 +278,8 @@ def compile(
     head_first = _head_first(scheme)
     body_calibrated = scheme.algorithm != Algorithm.RTN or act.smoothquant or act.static or smoothed
     if body_calibrated or head_first:
-        if not (float_path.parent / "tokenizer.json").is_file():
-            fix = " or pass --lm-head int8 (a 4-bit lm_head is calibrated)" if head_first else ""
-            raise errors.InputError(f"no tokenizer.json beside '{float_path}' to calibrate with: copy it there{fix}")
+        _require_tokenizer(float_path, "calibrate with", " or pass --lm-head int8 (a 4-bit lm_head is calibrated)"
+                           if head_first and not body_calibrated else "")
         context = _context_length(float_path.parent)
         calib_seqlen = min(calib_seqlen, context or calib_seqlen)  # windows past the model's context would fail
         if calib_samples is None:
@@ -349,7 +346,7 @@ def compile(
             "recipe": {"weights": scheme.to_dict(), "activations": _activation_record(act, smooth, quantize_acts),
                        "calibration": calib_record,
                        "kv_cache": {"bits": kv_cache_bits, "symmetric": False, "group": "head_dim"} if kv_cache else None,
-                       "rotation": {"seed": rotation_seed, "norm_outputs": rotation, "smoothed_down_inputs": smoothed,
+                       "rotation": {"seed": rotation_seed, "norm_outputs": rotation,
                                     "online_hadamard": (["norm outputs"] if smoothed else []) + (["down", "o", "query", "key"] if attention_hadamards else ["down"])}
                        if rotations else None,
                        "passes": [type(p).__name__ for p in (*rotations, smooth, head, quantize, quantize_acts, kv_cache, embed, *lowering)
@@ -371,6 +368,11 @@ def compile(
     return artifact.Artifact.load(out)
 
 
+def _require_tokenizer(float_path: pathlib.Path, purpose: str, fix: str) -> None:
+    if not (float_path.parent / "tokenizer.json").is_file():
+        raise errors.InputError(f"no tokenizer.json beside '{float_path}' to {purpose}: copy it there{fix}")
+
+
 def _context_length(folder: pathlib.Path) -> int | None:
     """max_position_embeddings from the HF config beside the float model (None if there is none)."""
     config = folder / "config.json"
@@ -389,9 +391,9 @@ def _rotations(seed: int, attention: bool, smoothed_windows: np.ndarray | None =
     o_proj and on the post-RoPE queries and keys (for 4-bit activations and KV cache). Float-equivalent.
     With `smoothed_windows` the first two become SmoothRotateNormOutputs, and down_proj's input is smoothed the
     same way before its Hadamard, both calibrated on those windows."""
-    roles = (analysis.Role.DOWN, analysis.Role.O) if attention else (analysis.Role.DOWN,)
-    online = InsertOnlineHadamard(roles, smooth_windows=smoothed_windows, progress=progress)
-    norms = ([SmoothRotateNormOutputs(smoothed_windows, seed=seed, progress=progress)] if smoothed_windows is not None
+    online = InsertOnlineHadamard((analysis.Role.DOWN, analysis.Role.O) if attention else (analysis.Role.DOWN,))
+    norms = ([SmoothRotateNormOutputs(smoothed_windows, seed=seed, progress=progress, down_inputs=True)]
+             if smoothed_windows is not None
              else [FuseNormGains(), RotateResidualStream(seed)])
     return [*norms, RotateValueOutput(seed), online, *([InsertQueryKeyHadamard()] if attention else [])]
 

@@ -13,6 +13,11 @@ rotation of the norm outputs, online instead of folded into the residual stream:
 cannot carry s, which must act before the rotation, in the channels' own basis. On SmolLM2 the readers'
 relative output error drops 1.3–2.0× at ½ (per-token int4, clip 0.75; 5 blocks measured,
 benchmarks/bench_norm_rotation_error.py).
+
+With `down_inputs`, down_proj's input x (the gated product, whose online Hadamard InsertOnlineHadamard adds
+later) gets the same choice of scale from the same calibration run: down(x) = (x·diag(t))·(diag(1/t)·W_down)
+with t_j = (‖W_down,j‖ / rms(x_j))^½, and x·diag(t) = act(gate)·(y·W_up·diag(t)), so t goes into up_proj's
+columns offline. Float-equivalent.
 """
 
 from __future__ import annotations
@@ -30,16 +35,25 @@ from qcompile.passes.insert_online_hadamard import hadamard_factors
 class SmoothRotateNormOutputs(ir.passes.InPlacePass):
     """`windows`: calibration token windows (the per-channel rms of each norm's output); `seed`: the signs."""
 
-    def __init__(self, windows: np.ndarray, alpha: float = 0.5, seed: int = 0, progress=None):
+    def __init__(self, windows: np.ndarray, alpha: float = 0.5, seed: int = 0, progress=None, down_inputs: bool = False):
         super().__init__()
         self.windows, self.alpha, self.seed, self.progress = windows, alpha, seed, progress
+        self.down_inputs = down_inputs
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model_map = analysis.analyze(model)
         check_rms_norms(model_map, "SmoothRotateNormOutputs")
         groups = [(norm, readers) for norm, readers in norm_readers(model_map) if norm is not model_map.final_norm]
-        stats = calibration.collect(model, [norm.output for norm, _ in groups], self.windows, hessian=False,
-                                    progress=self.progress, label="Calibrating (norm outputs)")
+        downs = [block.linears[analysis.Role.DOWN] for block in model_map.blocks] if self.down_inputs else []
+        taps = [norm.output for norm, _ in groups] + [down.node.inputs[0] for down in downs]
+        stats = calibration.collect(model, taps, self.windows, hessian=False, progress=self.progress,
+                                    label="Calibrating (norm outputs)")
+        for block, down in zip(model_map.blocks, downs):
+            w = down.float_weight().astype(np.float64)
+            t = self._scales(np.linalg.norm(w, axis=1), stats[down.node.inputs[0].name].rms)
+            up = block.linears[analysis.Role.UP]
+            set_weight(up, up.float_weight().astype(np.float64) * t[None, :])
+            set_weight(down, w / t[:, None])
         graph, factors = model.graph, {}
         rng = np.random.default_rng([self.seed, 2])
         for norm, readers in groups:
@@ -47,8 +61,7 @@ class SmoothRotateNormOutputs(ir.passes.InPlacePass):
             weights = [lin.float_weight().astype(np.float64) for lin in readers]
             row_norms = np.linalg.norm(gain[:, None] * np.concatenate(weights, axis=1), axis=1)
             rms_x = stats[norm.output.name].rms / np.maximum(np.abs(gain), 1e-12)  # the output is x̂·γ
-            s = (np.maximum(row_norms, 1e-12) / np.maximum(rms_x, 1e-12)) ** self.alpha
-            s = s / np.exp(np.log(s).mean()) * rng.choice([-1.0, 1.0], size=s.shape)
+            s = self._scales(row_norms, rms_x) * rng.choice([-1.0, 1.0], size=len(row_norms))
             left, right, h = hadamard_factors(graph, factors, len(s))
             new_gain = _initializer(graph, f"{norm.output.name}.smoothed_gain", s.astype(np.float32))
             norm.node.replace_input_with(list(norm.node.inputs).index(norm.gain), new_gain)
@@ -60,3 +73,8 @@ class SmoothRotateNormOutputs(ir.passes.InPlacePass):
                 set_weight(linear, h.T @ ((gain / s)[:, None] * w))
         custom_ops.register(model, custom_ops.HADAMARD)
         return ir.passes.PassResult(model, modified=bool(groups))
+
+    def _scales(self, row_norms: np.ndarray, rms_x: np.ndarray) -> np.ndarray:
+        """(‖W_j‖ / rms(x_j))^α per input channel j, normalised to a geometric mean of 1."""
+        s = (np.maximum(row_norms, 1e-12) / np.maximum(rms_x, 1e-12)) ** self.alpha
+        return s / np.exp(np.log(s).mean())

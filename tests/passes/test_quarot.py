@@ -179,21 +179,19 @@ def test_smoothed_norm_rotation_leaves_float_logits_unchanged(tiny_export, tmp_p
         set_tensor(norm.gain, rng.uniform(0.2, 3.0, norm.gain.const_value.shape))
     reference = tmp_path / "reference.onnx"
     ir.save(model, reference, external_data="reference.onnx.data")
-    assert SmoothRotateNormOutputs(rng.integers(0, 256, size=(2, 16)))(model).modified
+    down_before = [b.linears[R.DOWN].float_weight() for b in analysis.analyze(model).blocks]
+    assert SmoothRotateNormOutputs(rng.integers(0, 256, size=(2, 16)), down_inputs=True)(model).modified
     mm = analysis.analyze(model)  # the norms are still found, through the Hadamard
     for block in mm.blocks:
         for norm in (block.input_norm, block.post_attention_norm):
             gain = norm.gain.const_value.numpy()
             assert not np.allclose(np.abs(gain), 1.0)  # s, with its random signs
             assert {u.node.op_type for u in norm.output.uses()} == {"Hadamard"}
-    up_before = [b.linears[R.UP].float_weight() for b in mm.blocks]
-    windows = rng.integers(0, 256, size=(2, 16))
-    assert RotateValueOutput()(model).modified
-    assert InsertOnlineHadamard((R.DOWN, R.O), smooth_windows=windows)(model).modified
-    for block, before in zip(analysis.analyze(model).blocks, up_before):
-        t = block.linears[R.UP].float_weight() / before  # up's columns scaled by t
-        np.testing.assert_allclose(t, np.broadcast_to(t[:1], t.shape), rtol=1e-5)
+    for block, before in zip(mm.blocks, down_before):  # down's rows divided by t (and up's columns multiplied)
+        t = before / block.linears[R.DOWN].float_weight()
+        np.testing.assert_allclose(t, np.broadcast_to(t[:, :1], t.shape), rtol=1e-5)
         assert t.min() < 0.9 and t.max() > 1.1
+    assert RotateValueOutput()(model).modified and InsertOnlineHadamard((R.DOWN, R.O))(model).modified
     assert [n.op_type for n in model.graph].count("Hadamard") == 4 * len(mm.blocks)
     ids = np.random.default_rng(1).integers(0, 256, size=(2, 16))
     got, want = _logits_after(model, tmp_path, reference, ids)
