@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 import qcompile
-from qcompile import analysis, calibration, pipeline, runtime
+from qcompile import analysis, artifact, calibration, pipeline, runtime
 from qcompile.algorithms.hadamard import random_orthogonal
 from _results import meta, save
 
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     float_dir = qcompile.export("smollm2-135m")
-    model = pipeline.load_onnx(float_dir / "model.onnx")
+    model = artifact.load_onnx(float_dir / "model.onnx")
     mm = analysis.analyze(model)
     windows = calibration.calibration_windows(runtime.load_tokenizer(float_dir), None, args.windows)
     q = random_orthogonal(mm.hidden_size, 0)

@@ -57,7 +57,7 @@ def canonical(float_dir: pathlib.Path, rotation: str | None, attention: bool, al
     """The float model (rotated or not; with the attention Hadamards or not) with 4-bit weights in the
     canonical form; returns (path, seconds)."""
     start = time.perf_counter()
-    model = pipeline.load_onnx(float_dir / "model.onnx")
+    model = artifact.load_onnx(float_dir / "model.onnx")
     smoothed = windows if rotation == "smoothed" else None
     for step in pipeline._rotations(0, attention, smoothed) if rotation else []:
         step(model)

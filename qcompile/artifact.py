@@ -11,6 +11,8 @@ import pathlib
 import shutil
 import tempfile
 
+import onnx_ir as ir
+
 from qcompile import errors
 from qcompile.sources import file_sha256
 
@@ -43,6 +45,16 @@ class Artifact:
         if not manifest.is_file():
             raise errors.SourceNotFoundError(f"'{path}' is not a qcompile artifact (no {MANIFEST})")
         return cls(path, json.loads(manifest.read_text()))
+
+
+def load_onnx(path: pathlib.Path) -> ir.Model:
+    try:
+        return ir.load(path)
+    except Exception as e:  # protobuf DecodeError, missing external data, ...
+        raise errors.CorruptModelError(
+            f"cannot read ONNX model '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'corrupt'}): "
+            "check that the file (and its .data file) is complete"
+        ) from None
 
 
 def package_versions() -> dict[str, str]:

@@ -200,10 +200,10 @@ def run(
 @app.command()
 def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an export/artifact folder.")):
     """Print the structure qcompile finds: blocks, norms, linears with roles, shapes and formats."""
-    from qcompile import analysis, pipeline, runtime
+    from qcompile import analysis, artifact, runtime
 
     model_path = runtime.model_file(path)
-    graph_model = pipeline.load_onnx(model_path)
+    graph_model = artifact.load_onnx(model_path)
     mm = analysis.analyze(graph_model)
     table = Table(title=f"{model_path}: {len(mm.blocks)} blocks, hidden {mm.hidden_size}")
     for col in ("linear", "role", "in", "out", "fed by", "weights"):
@@ -232,13 +232,13 @@ def check(
 ):
     """Check an ONNX model against TensorRT's explicit-quantization rules (exit 1 on any violation); in an
     artifact, also that every weight its compile quantized is still quantized (not folded to float)."""
-    from qcompile import fidelity, pipeline, runtime, targets as registry
+    from qcompile import artifact, fidelity, runtime, targets as registry
     from qcompile.targets.trt import check_tensorrt
 
     if registry.get(target).runtime != "tensorrt":
         raise errors.InputError(f"`qcompile check` checks TensorRT rules: {target} is not a trt-* target")
     model_path = runtime.model_file(path)
-    model = pipeline.load_onnx(model_path)
+    model = artifact.load_onnx(model_path)
     manifest = model_path.parent / "manifest.json"
     expected = json.loads(manifest.read_text()).get("fidelity", {}).get("weights", {}) if manifest.is_file() else {}
     by_rule = collections.defaultdict(list)

@@ -188,8 +188,7 @@ def compare_logits(a: pathlib.Path, b: pathlib.Path, prompt: str = PROMPT) -> di
 def verify(path: str | pathlib.Path, against: str | pathlib.Path | None = None) -> dict:
     """Check an artifact's weights against the digests its compile recorded and, with `against`, against
     another artifact's weights and logits. Returns the report; `report['passed']` is the verdict."""
-    from qcompile.artifact import Artifact
-    from qcompile.pipeline import load_onnx
+    from qcompile.artifact import Artifact, load_onnx
 
     art = Artifact.load(path)
     expected = art.manifest.get("fidelity", {}).get("weights")

@@ -34,16 +34,6 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("QCOMPILE_CACHE_DIR", pathlib.Path.home() / ".cache" / "qcompile"))
 
 
-def load_onnx(path: pathlib.Path) -> ir.Model:
-    try:
-        return ir.load(path)
-    except Exception as e:  # protobuf DecodeError, missing external data, ...
-        raise errors.CorruptModelError(
-            f"cannot read ONNX model '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'corrupt'}): "
-            "check that the file (and its .data file) is complete"
-        ) from None
-
-
 def export(source: str | pathlib.Path = "smollm2-135m", out_dir: str | pathlib.Path | None = None, progress=None) -> pathlib.Path:
     """Export a HF folder / GGUF / alias to an fp32 ONNX KV-cache decoder folder; returns the folder.
 
@@ -261,7 +251,7 @@ def compile(
     else:
         float_dir = _export(src, None, progress)
         float_path, float_cache = float_dir / export_mod.MODEL_FILE, float_dir
-    model = load_onnx(float_path)
+    model = artifact.load_onnx(float_path)
     analysis.analyze(model)  # fail early, before any work, on an unsupported graph
     if eval_windows is not None:
         _require_tokenizer(float_path, "evaluate with", " or pass --no-eval")
