@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 import qcompile
-from qcompile import analysis, artifact, calibration, pipeline, runtime
+from qcompile import analysis, artifact, calibration, recipe, runtime
 from qcompile.algorithms.hadamard import random_orthogonal
 from _results import meta, save
 
@@ -33,7 +33,7 @@ def per_token_int4(v: np.ndarray, clip: float) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--clip", type=float, default=pipeline.INT4_CLIP)
+    parser.add_argument("--clip", type=float, default=recipe.INT4_CLIP)
     args = parser.parse_args()
 
     float_dir = qcompile.export("smollm2-135m")

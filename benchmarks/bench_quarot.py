@@ -21,7 +21,6 @@ weights format; they differ only by the Hadamard ops). Writes benchmarks/results
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 import shutil
 import tempfile
@@ -30,10 +29,9 @@ import time
 import onnx_ir as ir
 
 import qcompile
-from qcompile import artifact, calibration, evaluation, pipeline, runtime
+from qcompile import artifact, calibration, evaluation, pipeline, recipe, runtime, targets
 from qcompile.passes import QuantizeActivations, QuantizeKVCache
 from qcompile.schemes import ActivationKind, Algorithm
-from qcompile.targets import get
 from _results import meta, save
 
 # name: (rotation of the norm outputs or None, algorithm, int4 activations, 4-bit KV cache, MatMulNBits accuracy_level)
@@ -58,11 +56,9 @@ def canonical(float_dir: pathlib.Path, rotation: str | None, attention: bool, al
     canonical form; returns (path, seconds)."""
     start = time.perf_counter()
     model = artifact.load_onnx(float_dir / "model.onnx")
-    smoothed = windows if rotation == "smoothed" else None
-    for step in pipeline._rotations(0, attention, smoothed) if rotation else []:
-        step(model)
-    scheme = dataclasses.replace(get("ort-w4a8").scheme, algorithm=algorithm)
-    pipeline._weight_pass(scheme, windows, None)(model)
+    plan = recipe.resolve("ort-w4a8", None, {"algo": algorithm.value, "rotate": rotation is not None, "rotation": rotation,
+                                             "attention_hadamards": attention if rotation else None})
+    pipeline.run_passes(model, pipeline.build_passes(plan, windows))
     ir.save(model, out, external_data=f"{out.name}.data")
     return out, time.perf_counter() - start
 
@@ -74,9 +70,8 @@ def variant(canon: pathlib.Path, acts: bool, kv4: bool, accuracy_level: int, cli
         QuantizeActivations(ActivationKind.INT4_DYNAMIC, lm_head=False, clip=clip)(model)
     if kv4:
         QuantizeKVCache(4)(model)
-    target = dataclasses.replace(get("ort-w4a8"), accuracy_level=accuracy_level)
-    for lower in target.lowering_passes(pipeline._context_length(float_dir)):
-        lower(model)
+    plan = recipe.resolve("ort-w4a8", None, {"accuracy_level": accuracy_level})
+    pipeline.run_passes(model, targets.get("ort-w4a8").lowering_passes(plan, pipeline.context_length(float_dir)))
     out_dir.mkdir(parents=True)
     ir.save(model, out_dir / "model.onnx", external_data="model.onnx.data")
     artifact.copy_tokenizer(float_dir, out_dir)
@@ -87,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
     parser.add_argument("--calib-samples", type=int, default=calibration.DEFAULT_SAMPLES)
-    parser.add_argument("--clip", type=float, default=pipeline.INT4_CLIP)
+    parser.add_argument("--clip", type=float, default=recipe.INT4_CLIP)
     parser.add_argument("--source", default="smollm2-135m")
     parser.add_argument("--rows", nargs="*", help="only these rows (names as in the table)")
     parser.add_argument("--keep", type=pathlib.Path, help="keep the models in this new folder (e.g. for bench_latency.py)")
@@ -102,7 +97,9 @@ def main() -> None:
     for i, (name, (rotation, algorithm, acts, kv4, level)) in enumerate(ROWS.items()):
         if args.rows and name not in args.rows:
             continue
-        key = (rotation, pipeline.default_attention_hadamards(rotation is not None, acts, kv4), algorithm)
+        plan = recipe.resolve("ort-w4a8", None, {"rotate": rotation is not None, "kv_cache_bits": 4 if kv4 else None,
+                                                 "activations": "int4-dynamic" if acts else None})
+        key = (rotation, plan.rotation.attention_hadamards, algorithm)
         if key not in canonicals:
             print(f"quantize: {f'rotated ({rotation})' if rotation else 'unrotated'}{' + attention' if key[1] else ''} "
                   f"{algorithm.value}", flush=True)

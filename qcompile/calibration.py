@@ -27,9 +27,6 @@ from qcompile.analysis import Role, analyze
 from qcompile.runtime import Decoder
 
 DEFAULT_SAMPLES = 128
-# When the only calibrated step is a 4-bit lm_head's GPTQ: its one Hessian has settled by then (SmolLM2
-# ort-int4, 32 windows: 33.94 / 33.72 / 33.90 perplexity from 8 / 32 / 128 samples) at a quarter of the time.
-LM_HEAD_SAMPLES = 32
 DEFAULT_SEQLEN = 512
 START_INPUT = "qcompile_calibration_start"
 
@@ -168,25 +165,46 @@ def values(model: ir.Model, value: ir.Value, windows: np.ndarray, start: tuple[i
     return np.stack(out)
 
 
-def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian: bool = True,
-            progress=None, label: str = "Calibrating", attention: dict[str, ir.Value] | None = None,
-            rows_per_window: int = 0, start: tuple[ir.Value, np.ndarray] | None = None) -> dict[str, TapStats]:
-    """Statistics of `taps` (values of `model`) over `windows`; keyed by value name.
+@dataclasses.dataclass
+class Request:
+    """What one pass needs from a calibration run: statistics of `taps`, with Hessians if `hessian`, that
+    many sampled `rows` per window, and attention-weighted statistics for the taps `attention` maps to
+    attention probabilities (see the module docstring)."""
 
-    `rows_per_window` > 0 also keeps that many randomly chosen token rows of each window (seeded), for
-    searches that need real activations (SmoothQuant's α), not only their statistics.
-
-    `attention` maps a tap name to attention probabilities [b, heads, q, k] over the same tokens: those
-    taps also get attention-weighted statistics under `attention_key(name)`. ORT runs a pruned copy of
-    the model that computes only the taps (from `start`, as in `values`, when given).
-    """
-    return _collect(model, taps, windows, hessian, progress, label, attention, rows_per_window, start, None)[0]
+    taps: list[ir.Value]
+    hessian: bool = False
+    rows: int = 0
+    attention: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
 
 
-def _collect(model, taps, windows, hessian, progress, label, attention, rows_per_window, start, keep):
-    """`collect`, and with `keep` (a value) that value for every window from the same run, stacked as
-    `values` stacks it (else None)."""
-    attention = attention or {}
+def linear_request(model: ir.Model, linears: list) -> Request:
+    """Hessians of the inputs of `linears` (analysis.Linear); a v projection's attention-weighted when its
+    block's attention probabilities are known."""
+    probs = {b.index: b.attention_probs for b in analyze(model).blocks if b.attention_probs is not None}
+    attention = {lin.node.inputs[0].name: probs[lin.block] for lin in linears if lin.role == Role.V and lin.block in probs}
+    return Request(list(dict.fromkeys(lin.node.inputs[0] for lin in linears)), hessian=True, attention=attention)
+
+
+def linear_hessians(stats: dict[str, "TapStats"], linears: list, request: Request) -> dict[str, np.ndarray]:
+    """Hessian by linear name from the stats of a `linear_request` run."""
+    def key(lin) -> str:
+        tap = lin.node.inputs[0].name
+        return attention_key(tap) if lin.role == Role.V and tap in request.attention else tap
+
+    return {lin.name: stats[key(lin)].hessian for lin in linears}
+
+
+def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=None, label: str = "Calibrating",
+        start: tuple[ir.Value, np.ndarray] | None = None, keep: ir.Value | None = None,
+        ) -> tuple[dict[str, "TapStats"], np.ndarray | None]:
+    """One ORT run over `windows` serving every request: (stats keyed by tap name, and `keep`'s value for
+    every window stacked as `values` stacks it, or None). Taps shared by requests are measured once, with
+    the union of what they ask. ORT runs a pruned copy that computes only the taps (from `start`, as in
+    `values`, when given)."""
+    taps = list(dict.fromkeys(t for r in requests for t in r.taps))
+    hessian = {t.name for r in requests if r.hessian for t in r.taps}
+    rows = {t.name: max(r.rows for r in requests if t in r.taps) for t in taps}
+    attention = {k: v for r in requests for k, v in r.attention.items()}
     wanted = list(dict.fromkeys([*taps, *attention.values(), *([keep] if keep is not None else [])]))
     names = [t.name for t in wanted]
     start_value, start_arrays = start if start is not None else (None, None)
@@ -205,12 +223,21 @@ def _collect(model, taps, windows, hessian, progress, label, attention, rows_per
                     if key not in stats:
                         k = x.shape[-1]
                         stats[key] = TapStats(np.zeros(k, np.float32), np.zeros(k, np.float64),
-                                              np.zeros((k, k), np.float64) if hessian else None, np.zeros(k, np.float64))
-                    stats[key].add(x, weights, rows_per_window if weights is None else 0)
+                                              np.zeros((k, k), np.float64) if tap.name in hessian else None,
+                                              np.zeros(k, np.float64))
+                    stats[key].add(x, weights, rows[tap.name] if weights is None else 0)
             if keep is not None:
                 kept.append(out[keep.name][0])
             advance()
     return stats, np.stack(kept) if keep is not None else None
+
+
+def collect(model: ir.Model, taps: list[ir.Value], windows: np.ndarray, hessian: bool = True,
+            progress=None, label: str = "Calibrating", rows_per_window: int = 0) -> dict[str, TapStats]:
+    """Statistics of `taps` (values of `model`) over `windows`, keyed by value name: `run` for one request.
+    `rows_per_window` > 0 also keeps that many randomly chosen token rows of each window (seeded), for
+    searches that need real activations (SmoothQuant's α), not only their statistics."""
+    return run(model, [Request(taps, hessian, rows_per_window)], windows, progress, label)[0]
 
 
 def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progress=None,
@@ -218,19 +245,8 @@ def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progr
                       keep: ir.Value | None = None,
                       ) -> tuple[dict[str, TapStats], dict[str, np.ndarray], np.ndarray | None]:
     """One calibration run for `linears` (analysis.Linear): (stats by input tap, Hessian by linear name,
-    `keep`'s value for every window or None). `start`: as in `collect` (GPTQ runs one block at a time);
-    `keep`: a value computed in the same run (GPTQ takes the float block's output from it).
-
-    A v projection's Hessian is attention-weighted when its block's attention probabilities are known.
-    """
-    probs = {b.index: b.attention_probs for b in analyze(model).blocks if b.attention_probs is not None}
-    attention = {lin.node.inputs[0].name: probs[lin.block] for lin in linears
-                 if lin.role == Role.V and lin.block in probs}
-    taps = list(dict.fromkeys(lin.node.inputs[0] for lin in linears))
-    stats, kept = _collect(model, taps, windows, True, progress, label, attention, 0, start, keep)
-    hessians = {}
-    for lin in linears:
-        tap = lin.node.inputs[0].name
-        weighted = lin.role == Role.V and tap in attention
-        hessians[lin.name] = stats[attention_key(tap) if weighted else tap].hessian
-    return stats, hessians, kept
+    `keep`'s value for every window or None). `start`: as in `run` (GPTQ runs one block at a time);
+    `keep`: a value computed in the same run (GPTQ takes the float block's output from it)."""
+    request = linear_request(model, linears)
+    stats, kept = run(model, [request], windows, progress, label, start, keep)
+    return stats, linear_hessians(stats, linears, request), kept

@@ -47,10 +47,6 @@ class Checkpoint:
             _write_atomic(record, lambda f: f.write(json.dumps({"sha256": digest, "settings": fingerprint},
                                                                indent=2, default=str).encode()))
 
-    def done(self) -> list[str]:
-        """Names of the linears already saved."""
-        return sorted(p.stem for p in self.folder.glob("*.npz") if p.stem != "hidden")
-
     def load_weight(self, name: str) -> QuantizedWeight | None:
         path = self.folder / f"{name}.npz"
         if not path.is_file():

@@ -22,8 +22,15 @@ app = typer.Typer(
     "`qcompile SOURCE --target T` is short for `qcompile model SOURCE --target T`. Add --debug for tracebacks.",
     no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
-# tables stay readable when piped (rich would assume 80 columns)
-console = Console(width=shutil.get_terminal_size((160, 40)).columns)
+
+
+def _console() -> Console:
+    # tables stay readable when piped (rich would assume 80 columns); rich decides on colour when a Console
+    # is made (only for a terminal, unless FORCE_COLOR), so main() makes a fresh one for the streams of each run
+    return Console(width=shutil.get_terminal_size((160, 40)).columns)
+
+
+console = _console()
 
 
 class Width(str, enum.Enum):
@@ -46,14 +53,15 @@ def _progress():
 @app.command()
 def model(
     source: str = typer.Argument("smollm2-135m", help="HF model folder, .gguf file, .onnx file/folder, or alias smollm2-135m."),
-    target: str = typer.Option("ort-int4", "--target", "-t", help="Target name (see `qcompile targets`)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target name (see `qcompile targets`) [default: the recipe's, else ort-int4]."),
     out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Artifact folder [default: qcompile-out/<model>-<target>]."),
+    recipe: Optional[pathlib.Path] = typer.Option(None, "--recipe", help="A recipe file (TOML or JSON, see `qcompile recipe`) or an artifact's manifest.json, applied over the target's defaults; the options below override it."),
     algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn, gptq, awq or awq+gptq [default: the target's, rtn]."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit input channels by decreasing activation energy [default: off]."),
     gptq_mode: Optional[str] = typer.Option(None, "--gptq-mode", help="GPTQ: parallel (all Hessians from the float model, one calibration run) or sequential (block by block on the partly quantized model; each block runs twice: measure, then propagate) [default: parallel]."),
     calib: Optional[pathlib.Path] = typer.Option(None, "--calib", help="Calibration text or JSONL ({\"text\": ...} lines) [default: packaged WikiText-2 valid.txt]."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows [default: 128; 32 when only a 4-bit lm_head is calibrated]."),
-    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration window (at most the model's context)."),
+    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="Tokens per calibration window (at most the model's context) [default: 512]."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits for the block linears: 4 or 8 [default: the target's, 4]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Block size along K: 32, 64 or 128, or 0 for one scale per output channel [default: the target's]."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric (signed, no zero point) or asymmetric weights [default: the target's, symmetric]."),
@@ -71,7 +79,7 @@ def model(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity and latency measurement."),
     engine: bool = typer.Option(False, "--engine", help="trt-* targets: also build a TensorRT engine (see `qcompile build`)."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="QuaRot: rotate the residual stream and value heads, online Hadamard before down_proj [default: on for ort-w4a8]."),
-    rotation_seed: int = typer.Option(0, "--rotation-seed", help="Seed of the residual stream's random Hadamard."),
+    rotation_seed: Optional[int] = typer.Option(None, "--rotation-seed", help="Seed of the rotations' random signs [default: 0]."),
     attention_hadamards: Optional[bool] = typer.Option(None, "--attention-hadamards/--no-attention-hadamards", help="QuaRot: online Hadamards also before o_proj and on post-RoPE queries/keys [default: on with --rotate when activations are int4 or the KV cache is quantized]."),
     rotation: Optional[str] = typer.Option(None, "--rotation", help="QuaRot: how block norm outputs are rotated: residual (the residual stream, offline) or smoothed (each norm output, and down_proj's input, scaled per channel before an online Hadamard; calibrated) [default: smoothed for int4 activations, else residual]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --algo gptq compile of the same model and options from its last finished layer (state kept in .OUT.qcompile-state beside the output)."),
@@ -79,20 +87,60 @@ def model(
 ):
     """Compile a model for a target: export, quantize, lower, evaluate, write the artifact."""
     from qcompile import pipeline
-    from qcompile.schemes import parse_alpha
 
-    widths = {"default": "default", "float": None, "int8": 8, "int4": 4}
+    options = _recipe_options(locals())
     with _progress() as progress:
-        art = pipeline.compile(
-            source, target, out, algo=algo, bits=bits, group_size=group_size, symmetric=symmetric, lm_head_bits=widths[lm_head.value],
-            embedding_bits=widths[embeddings.value], activations=activations, smoothquant=smoothquant,
-            alpha="default" if alpha is None else parse_alpha(alpha), smooth_up_down=smooth_up_down,
-            accuracy_level=accuracy_level, act_order=act_order, gptq_mode=gptq_mode, positive_scales=positive_scales, calib=calib, calib_samples=calib_samples,
-            calib_seqlen=calib_seqlen, eval_windows=None if no_eval else eval_windows, engine=engine,
-            rotate=rotate, rotation_seed=rotation_seed, attention_hadamards=attention_hadamards, rotation=rotation, activation_clip=activation_clip, fuse=fuse, resume=resume,
-            kv_cache_bits=None if kv_cache.value == "default" else widths[kv_cache.value], progress=progress,
-        )
+        art = pipeline.compile(source, target, out, recipe, eval_windows=None if no_eval else eval_windows, engine=engine,
+                               resume=resume, progress=progress, **options)
     _print_summary(art)
+
+
+_WIDTHS = {"float": None, "int8": 8, "int4": 4}
+_WIDTH_OPTIONS = {"lm_head": "lm_head_bits", "embeddings": "embedding_bits", "kv_cache": "kv_cache_bits"}
+
+
+def _recipe_options(given: dict) -> dict:
+    """The recipe overrides among a command's parameters: those the user gave (`recipe.OPTIONS` names)."""
+    from qcompile.recipe import OPTIONS
+
+    options = {name: value for name, value in given.items() if name in OPTIONS and value is not None}
+    for param, option in _WIDTH_OPTIONS.items():
+        if given.get(param, Width.default) != Width.default:
+            options[option] = _WIDTHS[given[param].value]
+    if isinstance(options.get("alpha"), str):
+        from qcompile.schemes import parse_alpha
+
+        options["alpha"] = parse_alpha(options["alpha"])
+    if "calib" in options:
+        options["calib"] = str(options["calib"])
+    return options
+
+
+@app.command("recipe")
+def recipe_(
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target whose defaults to start from [default: the recipe file's, else ort-int4]."),
+    recipe: Optional[pathlib.Path] = typer.Option(None, "--recipe", help="A recipe file or artifact manifest.json to apply over the target's defaults."),
+    algo: Optional[str] = typer.Option(None, "--algo"), bits: Optional[int] = typer.Option(None, "--bits"),
+    group_size: Optional[int] = typer.Option(None, "--group-size"),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric"),
+    positive_scales: Optional[bool] = typer.Option(None, "--positive-scales/--signed-scales"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order"), gptq_mode: Optional[str] = typer.Option(None, "--gptq-mode"),
+    lm_head: Width = typer.Option(Width.default, "--lm-head"), embeddings: Width = typer.Option(Width.default, "--embeddings"),
+    activations: Optional[str] = typer.Option(None, "--activations"), activation_clip: Optional[float] = typer.Option(None, "--activation-clip"),
+    kv_cache: Width = typer.Option(Width.default, "--kv-cache"),
+    smoothquant: Optional[bool] = typer.Option(None, "--smoothquant/--no-smoothquant"), alpha: Optional[str] = typer.Option(None, "--alpha"),
+    smooth_up_down: Optional[bool] = typer.Option(None, "--smooth-up-down/--no-smooth-up-down"),
+    accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level"),
+    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate"), rotation_seed: Optional[int] = typer.Option(None, "--rotation-seed"),
+    attention_hadamards: Optional[bool] = typer.Option(None, "--attention-hadamards/--no-attention-hadamards"),
+    rotation: Optional[str] = typer.Option(None, "--rotation"),
+    calib: Optional[pathlib.Path] = typer.Option(None, "--calib"), calib_samples: Optional[int] = typer.Option(None, "--calib-samples"),
+    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen"), fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse"),
+):
+    """Print the resolved recipe as TOML (the options are those of `qcompile model`; see its --help)."""
+    from qcompile import recipe as recipe_mod
+
+    sys.stdout.write(recipe_mod.to_toml(recipe_mod.resolve(target, recipe, _recipe_options(locals()))))
 
 
 def _print_summary(art) -> None:
@@ -233,19 +281,19 @@ def check(
     """Check an ONNX model against TensorRT's explicit-quantization rules (exit 1 on any violation); in an
     artifact, also that every weight its compile quantized is still quantized (not folded to float)."""
     from qcompile import artifact, fidelity, runtime, targets as registry
-    from qcompile.targets.trt import check_tensorrt
 
-    if registry.get(target).runtime != "tensorrt":
-        raise errors.InputError(f"`qcompile check` checks TensorRT rules: {target} is not a trt-* target")
+    tgt = registry.get(target)
+    if tgt.rules is None:
+        raise errors.InputError(f"`qcompile check` checks a runtime's rules on a model; {target} is not a trt-* target")
     model_path = runtime.model_file(path)
     model = artifact.load_onnx(model_path)
     manifest = model_path.parent / "manifest.json"
     expected = json.loads(manifest.read_text()).get("fidelity", {}).get("weights", {}) if manifest.is_file() else {}
     by_rule = collections.defaultdict(list)
-    for v in check_tensorrt(model):
+    for v in tgt.check(model):
         by_rule[v.rule].append(v.node)
     if expected:
-        for problem in fidelity.compare_digests(expected, model):
+        for problem in fidelity.compare_digests(expected, model, tgt):
             layer, rule = problem.split(": ", 1)
             by_rule[rule].append(layer)
     violations = sum(len(where) for where in by_rule.values())
@@ -253,8 +301,8 @@ def check(
         more = f", … ({len(where)} in all)" if len(where) > 3 else ""
         console.print(f"[red]✗[/red] {rule}: {', '.join(where[:3])}{more}")
     if violations:
-        raise errors.QcompileError(f"{violations} TensorRT rule violation(s) in {model_path}")
-    console.print(f"[green]✓[/green] {model_path} conforms to {target}'s TensorRT rules")
+        raise errors.QcompileError(f"{violations} violation(s) of {tgt.rules} in {model_path}")
+    console.print(f"[green]✓[/green] {model_path} conforms to {target}'s {tgt.rules}")
 
 
 @app.command()
@@ -317,19 +365,21 @@ def verify(
 def list_targets():
     """List the available targets."""
     from qcompile import targets as registry
+    from qcompile.recipe import resolve
 
     table = Table(title="qcompile targets")
     for col in ("target", "runtime", "weights", "description"):
         table.add_column(col)
     for name in registry.names():
         t = registry.get(name)
-        s = t.scheme
+        plan = resolve(name)
+        s, act = plan.weights, plan.activations
         layout = f"g{s.group_size}" if s.group_size else "per-channel"
         width = "fp8" if s.fp8 else f"{s.bits}-bit"
         weights = f"{s.algorithm.value} {width} {layout} {('sym' + (' (scales > 0)' if s.positive_scales else '')) if s.symmetric else 'asym'}"
-        if t.activations.kind.value != "none":
-            weights += f"; activations {t.activations.kind.value}{' + SmoothQuant' if t.activations.smoothquant else ''}"
-        if t.rotate:
+        if act.kind.value != "none":
+            weights += f"; activations {act.kind.value}{' + SmoothQuant' if act.smoothquant else ''}"
+        if plan.rotation.enabled:
             weights = f"QuaRot rotations; {weights}"
         table.add_row(name, t.runtime, weights, t.description)
     console.print(table)
@@ -337,18 +387,54 @@ def list_targets():
 
 # typer may vendor click: take its usage-error base class from typer's own BadParameter
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-_COMMANDS = {"model", "export", "eval", "run", "inspect", "targets", "check", "build", "package", "verify"}
+_COMMANDS = {"model", "recipe", "export", "eval", "run", "inspect", "targets", "check", "build", "package", "verify"}
 _TOP_LEVEL = {"--help", "-h", "--install-completion", "--show-completion"}
 
 
+_INTERRUPTED = 130  # 128 + SIGINT
+_WRITES = {"model": "no artifact", "export": "no export", "build": "no engine", "package": "no package"}
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _interrupted(args: list[str]) -> int:
+    """Ctrl-C: one line naming the stage it stopped and what that leaves behind."""
+    from qcompile.progress import RichProgress
+
+    stage = RichProgress.stage
+    line = "interrupted" + (f" {'after' if RichProgress.stage_done else 'during'} {stage}" if stage else "")
+    command = args[0] if args else ""
+    if command in _WRITES:
+        line += f": {_WRITES[command]} was written"
+    algo = (_option(args, "--algo") or "").lower()
+    if command == "model" and stage and "GPTQ" in stage and algo == "gptq":  # only --algo gptq keeps state
+        line += "; rerun with --resume to continue from the last finished layer"
+    print(line, file=sys.stderr)
+    return _INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
+    from qcompile.progress import RichProgress
+
+    global console
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     if args and args[0] not in _COMMANDS and args[0] not in _TOP_LEVEL:
         args.insert(0, "model")  # `qcompile SOURCE --target T` == `qcompile model SOURCE --target T`
+    console = _console()  # colour only if this run's stdout is a terminal
+    RichProgress.stage, RichProgress.stage_done = None, False
     try:
         result = app(args=args, prog_name="qcompile", standalone_mode=False)
+        if result == _INTERRUPTED:  # typer turns Ctrl-C in a command into Exit(130) and returns its code here
+            return _interrupted(args)
         return result if isinstance(result, int) else 0
     except errors.QcompileError as e:
         if debug:
@@ -358,9 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     except _ClickException as e:
         e.show()
         return 2
-    except (typer.Abort, KeyboardInterrupt):
-        print("interrupted: no artifact was written (an interrupted --algo gptq compile continues with --resume)", file=sys.stderr)
-        return 130
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command's body (or typer raising Abort for it)
+        return _interrupted(args)
     except Exception as e:  # an internal error: one line unless --debug
         if debug:
             raise

@@ -57,8 +57,10 @@ class Profiles:
 
 def build(path: str | pathlib.Path, profiles: Profiles = Profiles(), progress=None) -> dict:
     """Build `model.engine` inside the trt-* artifact at `path`; returns the manifest's engine record."""
+    from qcompile import targets
+
     art = artifact.Artifact.load(path)
-    if art.manifest.get("target", {}).get("runtime") != "tensorrt":
+    if not targets.of(art.manifest).builds_engines:
         raise errors.InputError(f"'{art.path}' is not a TensorRT artifact: compile it with --target trt-int4, trt-int8 or trt-fp8")
     trt, package = tensorrt_module()
     logger = trt.Logger(trt.Logger.ERROR)

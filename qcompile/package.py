@@ -142,11 +142,13 @@ def zip_folder(folder: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 
 def package(path: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
     """Make an edge package (folder + zip) from an ONNX Runtime artifact; returns the folder."""
+    from qcompile import targets
+
     art = artifact.Artifact.load(path)
-    runtime = art.manifest.get("target", {}).get("runtime")
-    if runtime != "onnxruntime":
+    tgt = targets.of(art.manifest)
+    if not tgt.packages_edge:
         raise errors.InputError(
-            f"'{art.path}' targets {runtime}, not ONNX Runtime: compile with --target edge-int4 (or ort-int4) to package it"
+            f"'{art.path}' targets {tgt.runtime}, not ONNX Runtime: compile with --target edge-int4 (or ort-int4) to package it"
         )
     out = pathlib.Path(out) if out is not None else art.path.with_name(f"{art.path.name}-edge")
     if out.resolve() == art.path.resolve():

@@ -7,7 +7,15 @@ from typing import Callable
 
 
 class RichProgress:
-    """Rich progress bars with counts, elapsed time and ETA."""
+    """Rich progress bars with counts, elapsed time and ETA.
+
+    `RichProgress.stage` is the label of the task any reporter started last and `stage_done` whether it is
+    complete: what the CLI names when Ctrl-C stops a command.
+    """
+
+    stage: str | None = None
+    stage_done: bool = False
+    _stage_token: object = None
 
     def __init__(self, console=None):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
@@ -29,4 +37,15 @@ class RichProgress:
         if not self._progress.live.is_started:
             self._progress.start()
         task_id = self._progress.add_task(description, total=total)
-        return lambda: self._progress.advance(task_id)
+        token = object()
+        RichProgress.stage, RichProgress.stage_done, RichProgress._stage_token = description, False, token
+        left = [total]
+
+        def advance() -> None:
+            self._progress.advance(task_id)
+            if left[0] is not None:
+                left[0] -= 1
+                if left[0] <= 0 and RichProgress._stage_token is token:
+                    RichProgress.stage_done = True
+
+        return advance

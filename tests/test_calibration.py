@@ -46,8 +46,9 @@ def test_statistics_from_a_fed_hidden_state_equal_the_full_run(tiny_export):
     entry = block.input_norm.input
     hidden = calibration.values(model, entry, windows)
     assert hidden.shape == (3, 24, 64)
-    full = calibration.collect(model, taps, windows, attention={v_tap.name: block.attention_probs})
-    fed = calibration.collect(model, taps, windows, attention={v_tap.name: block.attention_probs}, start=(entry, hidden))
+    request = calibration.Request(taps, hessian=True, attention={v_tap.name: block.attention_probs})
+    full, _ = calibration.run(model, [request], windows)
+    fed, _ = calibration.run(model, [request], windows, start=(entry, hidden))
     assert set(fed) == set(full) and len(full) == len(taps) + 1
     for key in full:
         np.testing.assert_allclose(fed[key].hessian, full[key].hessian, rtol=1e-6, atol=1e-8)
@@ -91,7 +92,7 @@ def test_attention_weighted_hessian(tiny_export, tmp_path):
     assert block.attention_probs is not None and block.attention_probs.producer().op_type == "Softmax"
     tap = block.linears[analysis.Role.V].node.inputs[0]
     windows = np.random.default_rng(0).integers(0, 256, size=(2, 16))
-    stats = calibration.collect(model, [tap], windows, attention={tap.name: block.attention_probs})
+    stats, _ = calibration.run(model, [calibration.Request([tap], hessian=True, attention={tap.name: block.attention_probs})], windows)
     _, hessians, _ = calibration.linear_statistics(model, list(block.linears.values()), windows)
     # the reference: read x and p straight from ORT and weight by hand
     model.graph.outputs.extend([tap, block.attention_probs])
@@ -107,3 +108,22 @@ def test_attention_weighted_hessian(tiny_export, tmp_path):
     np.testing.assert_allclose(weighted, expected, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(hessians["blocks.0.v"], weighted)
     np.testing.assert_array_equal(hessians["blocks.0.q"], stats[tap.name].hessian)
+
+
+def test_one_run_serves_several_requests_as_separate_runs_would(tiny_export):
+    """Requests sharing a tap get one TapStats with the union of what they ask (a Hessian, sampled rows),
+    equal to what each would get from a run of its own."""
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    mm = analysis.analyze(model)
+    q, down = mm.blocks[0].linears[analysis.Role.Q], mm.blocks[0].linears[analysis.Role.DOWN]
+    windows = np.random.default_rng(2).integers(0, 256, size=(3, 24))
+    rows = calibration.Request([q.node.inputs[0]], rows=4)
+    hessians = calibration.linear_request(model, [q, down])
+    shared, _ = calibration.run(model, [rows, hessians], windows)
+    alone_rows, _ = calibration.run(model, [rows], windows)
+    alone_hessians, _ = calibration.run(model, [hessians], windows)
+    tap = q.node.inputs[0].name
+    np.testing.assert_array_equal(shared[tap].samples, alone_rows[tap].samples)
+    np.testing.assert_array_equal(shared[tap].hessian, alone_hessians[tap].hessian)
+    assert alone_rows[tap].hessian is None and shared[down.node.inputs[0].name].rows == []

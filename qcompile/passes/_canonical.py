@@ -10,9 +10,15 @@ Per-channel weights (one block spanning K; W8A8 and FP8) are DequantizeLinear(ax
 Standard ops rather than a custom op because this form already says everything a weight-only scheme
 needs: ONNX Runtime fuses it into MatMulNBits, TensorRT reads it as is, and any ONNX runtime (or
 onnx.reference) executes it, so the canonical model is the numerical reference for every target.
+
+This module both writes the form (`attach_quantized_weight`) and reads it back (`read_weight`,
+`read_embedding`) as `Decoded` arrays, the layout every target's reader returns for its own lowered form.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import hashlib
 
 import ml_dtypes
 import numpy as np
@@ -23,12 +29,84 @@ from qcompile import analysis
 from qcompile.analysis import Linear, Role
 from qcompile.schemes import WeightScheme
 
+# The integer weight types, the one table: (bits, signed) → (numpy storage type, ONNX type).
 _STORAGE = {
     (4, True): (ml_dtypes.int4, ir.DataType.INT4),
     (4, False): (ml_dtypes.uint4, ir.DataType.UINT4),
     (8, True): (np.int8, ir.DataType.INT8),
     (8, False): (np.uint8, ir.DataType.UINT8),
 }
+# The same table read backwards: ONNX type → (bits, signed).
+_INT_TYPES = {onnx_type: key for key, (_, onnx_type) in _STORAGE.items()}
+
+
+@dataclasses.dataclass
+class Decoded:
+    """A quantized weight in canonical layout, whatever form stored it: signed q [K, N] (or unsigned q with a
+    zero point; FP8 E4M3 bit patterns), float32 scales [G, N]. An embedding table is q [V, H], scales [V, G]."""
+
+    q: np.ndarray  # [K, N] int16: signed values, or unsigned codes when zero_point is set
+    scale: np.ndarray  # [G, N] float32
+    zero_point: np.ndarray | None  # [G, N] int16
+    bits: int
+    block_size: int
+    tensor: str  # the initializer that holds the integers (named in error messages)
+    fp8: bool = False  # q holds FLOAT8E4M3FN bit patterns
+
+    def one_block_if_uniform(self) -> "Decoded":
+        """A linear's weight whose every block of a column has the same scale (and zero point), or that has
+        no block size (per-channel), as one block spanning K: same numbers, one form (MatMulNBits must spell a
+        per-channel weight in blocks)."""
+        k = self.q.shape[0]
+        same = np.all(self.scale == self.scale[:1]) and (
+            self.zero_point is None or np.all(self.zero_point == self.zero_point[:1]))
+        if same or self.block_size == 0:
+            zp = None if self.zero_point is None else self.zero_point[:1]
+            return dataclasses.replace(self, scale=self.scale[:1], zero_point=zp, block_size=k)
+        return self
+
+    def digest(self) -> str:
+        kind = "fp8/" if self.fp8 else ""
+        h = hashlib.sha256(f"{kind}{self.bits}/{self.block_size}/{list(self.q.shape)}".encode())
+        for a in (self.q, self.scale, self.zero_point):
+            if a is not None:
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+def read_weight(linear: Linear) -> Decoded | None:
+    """The integers and scales of `linear` when its weight is DequantizeLinear(q, scale[, zp]) → MatMul;
+    None otherwise (a float weight, or a form only a target can read)."""
+    dq = linear.weight_input.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    return read_dequantize_linear(dq).one_block_if_uniform()
+
+
+def read_dequantize_linear(dq: ir.Node) -> Decoded:
+    """A weight DequantizeLinear's arrays as stored (not yet `one_block_if_uniform`; a target that pads q
+    trims it first)."""
+    fp8 = dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
+    q = (_array(dq.inputs[0]).view(np.uint8) if fp8 else _array(dq.inputs[0])).astype(np.int16)
+    zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    bits = 8 if fp8 else _INT_TYPES[dq.inputs[0].dtype][0]
+    scale = _array(dq.inputs[1]).astype(np.float32).reshape(-1, q.shape[1])  # per-channel [N] → [1, N]
+    zp = None if zp is None else _array(zp).astype(np.int16).reshape(-1, q.shape[1])
+    return Decoded(q, scale, zp, bits, dq.attributes.get_int("block_size", 0), dq.inputs[0].name, fp8)
+
+
+def read_embedding(gather: ir.Node) -> Decoded | None:
+    """A quantized embedding table's integers [V, H] and scales [V, G] when `gather` reads
+    DequantizeLinear(q, scale); None for a float table."""
+    dq = gather.inputs[0].producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    return Decoded(_array(dq.inputs[0]).astype(np.int16), _array(dq.inputs[1]).astype(np.float32), None,
+                   _INT_TYPES[dq.inputs[0].dtype][0], dq.attributes.get_int("block_size", 0), dq.inputs[0].name)
+
+
+def _array(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
 
 
 def attach_quantized_weight(graph: ir.Graph, linear: Linear, qw: QuantizedWeight) -> None:

@@ -9,9 +9,11 @@ import onnx_ir as ir
 
 from qcompile import analysis, errors
 from qcompile.algorithms.smoothquant import search_alpha, smoothing_scales
-from qcompile.calibration import TapStats
+from qcompile.calibration import Request, TapStats
+from qcompile.passes._canonical import bits_for
 from qcompile.passes._fold import scale_norm, set_weight
-from qcompile.schemes import ActivationScheme
+from qcompile.passes._result import Result
+from qcompile.schemes import ActivationScheme, WeightScheme
 
 R = analysis.Role
 
@@ -26,21 +28,28 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
     then gives the weights' fake quantization, and the stats must hold sampled rows).
 
     Preserves the logits up to float rounding. Afterwards `stats` describe the smoothed activations
-    (exactly: x/s per channel), so static activation scales need no second calibration run, and
-    `self.alphas` maps each group's first linear to its α.
+    (exactly: x/s per channel), so static activation scales need no second calibration run; the result's
+    record maps each group's first linear to its α. Handed to `Calibrate`, it asks for the inputs of the
+    linears `weights` quantizes (8 sampled rows per window when α is searched).
     """
 
-    def __init__(self, scheme: ActivationScheme, stats: dict[str, TapStats],
-                 quantize_weight: Callable[[np.ndarray], np.ndarray] | None = None, skip: tuple[str, ...] = ()):
+    def __init__(self, scheme: ActivationScheme, stats: dict[str, TapStats] | None = None,
+                 quantize_weight: Callable[[np.ndarray], np.ndarray] | None = None, skip: tuple[str, ...] = (),
+                 weights: WeightScheme | None = None):
         super().__init__()
         self.scheme = scheme
         self.stats = stats
         self.quantize_weight = quantize_weight
         self.skip = skip
-        self.alphas: dict[str, float] = {}
+        self.weights = weights
 
-    def check(self, model: ir.Model) -> None:
-        """Raise a clear error (not a wrapped precondition failure) on a graph this pass cannot rewrite."""
+    def calibration_request(self, model: ir.Model) -> Request:
+        return activation_request(model, self.weights, rows=8 if self.scheme.alpha is None else 0)
+
+    def calibrated(self, stats: dict[str, TapStats], request: Request) -> None:
+        self.stats = stats
+
+    def requires(self, model: ir.Model) -> None:
         for norm in [n for b in analysis.analyze(model).blocks for n in (b.input_norm, b.post_attention_norm)]:
             if norm.gain is None or norm.gain.const_value is None:
                 raise errors.UnsupportedModelError(
@@ -48,8 +57,8 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
                     "use --no-smoothquant"
                 )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.check(model)
+    def call(self, model: ir.Model) -> Result:
+        alphas: dict[str, float] = {}
         for block in analysis.analyze(model).blocks:
             lin = block.linears
             groups = [
@@ -61,14 +70,14 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
             for members, scale_input in groups:
                 if any(m.name in self.skip for m in members):
                     continue
-                s = self._scales(members)
+                s, alphas[members[0].name] = self._scales(members)
                 scale_input(1 / s)
                 for m in members:
                     set_weight(m, m.float_weight() * s[:, None])
                 self.stats[members[0].node.inputs[0].name].scale_channels(s)
-        return ir.passes.PassResult(model, modified=True)
+        return Result(model, modified=True, record={"alphas": alphas})
 
-    def _scales(self, members: list[analysis.Linear]) -> np.ndarray:
+    def _scales(self, members: list[analysis.Linear]) -> tuple[np.ndarray, float]:
         stats = self.stats[members[0].node.inputs[0].name]
         weights = [m.float_weight() for m in members]
         if self.scheme.alpha is None:
@@ -78,5 +87,10 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
         else:
             alpha = self.scheme.alpha
             s = smoothing_scales(stats.absmax, np.max([np.abs(w).max(axis=1) for w in weights], axis=0), alpha)
-        self.alphas[members[0].name] = alpha
-        return s
+        return s, alpha
+
+
+def activation_request(model: ir.Model, weights: WeightScheme | None, rows: int) -> Request:
+    """The inputs of the linears `weights` quantizes (every linear when None), one tap per shared input."""
+    linears = [lin for lin in analysis.analyze(model).linears() if weights is None or bits_for(weights, lin) is not None]
+    return Request(list(dict.fromkeys(lin.node.inputs[0] for lin in linears)), rows=rows)

@@ -7,6 +7,7 @@ import onnx_ir as ir
 
 from qcompile import analysis, custom_ops, errors
 from qcompile.passes._canonical import _initializer
+from qcompile.passes._result import Result
 from qcompile.passes.insert_query_key_hadamard import KEY_PATH_OPS, SCORE_PATH_OPS, cache_concat, scores_matmul
 
 _CONTEXT_PATH = {"Transpose", "Reshape"}  # between the probabilities·V MatMul and o_proj (heads merged back)
@@ -35,10 +36,9 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
     def __init__(self, max_positions: int | None = None, strict: bool = True):
         super().__init__()
         self.max_positions = max_positions
-        self.strict = strict  # False: a block whose attention does not match stays unfused (see `unfused`)
-        self.unfused: dict[int, str] = {}  # block → why it was left unfused
+        self.strict = strict  # False: a block whose attention does not match stays unfused (the result says why)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> Result:
         graph = model.graph
         blocks = analysis.analyze(model).blocks
         mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
@@ -47,26 +47,27 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
                                                "export it with `qcompile export`")
         seqlens, total = _sequence_lengths(graph, mask)
         caches: dict = {}
-        self.unfused = {}
+        unfused: dict[int, str] = {}  # block → why it was left unfused
         for block in blocks:
             try:
                 _fuse_block(model, block, seqlens, total, caches, self.max_positions)
             except errors.UnsupportedModelError as e:  # raised while matching, before the block is changed
                 if self.strict:
                     raise
-                self.unfused[block.index] = str(e)
+                unfused[block.index] = str(e)
         ir.passes.common.RemoveUnusedNodesPass()(model)
-        fused = len(blocks) - len(self.unfused)
+        fused = len(blocks) - len(unfused)
         if fused:
             model.opset_imports.setdefault("com.microsoft", 1)
-        return ir.passes.PassResult(model, modified=bool(fused))
+        return Result(model, modified=bool(fused), record={"fused_attention": _describe(unfused)})
 
-    def record(self) -> str:
-        """For the manifest: how many blocks were fused, and why any were not."""
-        if not self.unfused:
-            return "all blocks"
-        block, why = next(iter(self.unfused.items()))
-        return f"{len(self.unfused)} blocks left unfused (block {block}: {why})"
+
+def _describe(unfused: dict[int, str]) -> str:
+    """For the manifest: how many blocks were fused, and why any were not."""
+    if not unfused:
+        return "all blocks"
+    block, why = next(iter(unfused.items()))
+    return f"{len(unfused)} blocks left unfused (block {block}: {why})"
 
 
 def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total: ir.Value, caches: dict,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx_ir as ir
 
 from qcompile import analysis, custom_ops, errors
-from qcompile.algorithms.hadamard import kronecker_hadamard
+from qcompile.algorithms.hadamard import KroneckerHadamard, kronecker_hadamard
 from qcompile.passes._canonical import _initializer
 from qcompile.passes._fold import set_weight
 
@@ -25,6 +27,14 @@ class InsertOnlineHadamard(ir.passes.InPlacePass):
     def __init__(self, roles: tuple[R, ...] = (R.DOWN,)):
         super().__init__()
         self.roles = roles
+
+    def requires(self, model: ir.Model) -> None:
+        with checking_preconditions():
+            linears = [block.linears[role] for block in analysis.analyze(model).blocks for role in self.roles]
+            for n in dict.fromkeys(linear.in_features for linear in linears):
+                known_hadamard(n)
+            for linear in linears:
+                linear.float_weight()  # InputError if already quantized
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -46,13 +56,43 @@ def hadamard_factors(graph: ir.Graph, cache: dict, n: int) -> tuple[ir.Value, ir
     """The shared initializers (left = Aᵀ, right = B) of the order-n Kronecker Hadamard, and H itself;
     `graph`'s existing `hadamard.<n>.*` initializers are reused (one copy per order, whichever pass made it)."""
     if n not in cache:
-        h = kronecker_hadamard(n)
-        if h is None:
-            raise errors.UnsupportedModelError(
-                f"no Hadamard matrix of order {n} is known for an online rotation: use a target without rotations")
+        h = known_hadamard(n)
         left, right = (graph.initializers.get(f"hadamard.{n}.{side}") for side in ("left", "right"))
         if left is None:
             left = _initializer(graph, f"hadamard.{n}.left", h.a.T.astype(np.float32))
             right = _initializer(graph, f"hadamard.{n}.right", h.b.astype(np.float32))
         cache[n] = (left, right, h.dense())
     return cache[n]
+
+
+def known_hadamard(n: int) -> KroneckerHadamard:
+    """The order-n Kronecker Hadamard; UnsupportedModelError if none is known (a pass's requires() checks this)."""
+    h = kronecker_hadamard(n)
+    if h is None:
+        raise errors.UnsupportedModelError(
+            f"no Hadamard matrix of order {n} is known for an online rotation: use a target without rotations")
+    return h
+
+
+class InputPrecondition(errors.InputError, ir.passes.PreconditionError):
+    """An InputError found by a pass's requires(). As a PreconditionError, onnx_ir's PassBase re-raises it
+    as it is (it wraps any other error), so `except errors.InputError` and the CLI's one-line message with
+    exit code 2 still see it."""
+
+
+class UnsupportedModelPrecondition(errors.UnsupportedModelError, InputPrecondition):
+    """An UnsupportedModelError found by a pass's requires() (see InputPrecondition)."""
+
+
+@contextlib.contextmanager
+def checking_preconditions():
+    """In a pass's requires(): an InputError or UnsupportedModelError (from the analysis or a shared helper)
+    leaves as the matching *Precondition with the same message, the original as its __cause__."""
+    try:
+        yield
+    except ir.passes.PreconditionError:
+        raise
+    except errors.UnsupportedModelError as e:
+        raise UnsupportedModelPrecondition(str(e)) from e
+    except errors.InputError as e:
+        raise InputPrecondition(str(e)) from e

@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile import analysis, custom_ops, errors
-from qcompile.passes.insert_online_hadamard import hadamard_factors
+from qcompile.passes.insert_online_hadamard import checking_preconditions, hadamard_factors, known_hadamard
 
 # ops between the attention scores MatMul and the softmax (mask, scale), and between a cache Concat and
 # the scores MatMul's key input (GQA's repeat, transposes, the scale)
@@ -22,16 +22,18 @@ class InsertQueryKeyHadamard(ir.passes.InPlacePass):
     decomposed attention of `qcompile export` (softmax of a MatMul; its key input from a cache Concat).
     """
 
+    def requires(self, model: ir.Model) -> None:
+        with checking_preconditions():
+            for block in analysis.analyze(model).blocks:
+                _, _, head_dim = rotation_sites(block, model.graph)
+                known_hadamard(head_dim)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         factors: dict = {}
         blocks = analysis.analyze(model).blocks
         for block in blocks:
-            scores = scores_matmul(block)
-            concat = cache_concat(scores.inputs[1], graph)
-            head_dim = concat.inputs[1].shape[-1] if concat.inputs[1].shape is not None else None
-            if not isinstance(head_dim, int):
-                raise errors.UnsupportedModelError(f"block {block.index}: the key head size is not static")
+            scores, concat, head_dim = rotation_sites(block, graph)
             left, right, _ = hadamard_factors(graph, factors, head_dim)
             for node, index, name in ((scores, 0, "query"), (concat, 1, "key")):
                 rotate = custom_ops.hadamard_node(node.inputs[index], left, right, f"blocks.{block.index}.{name}.hadamard")
@@ -40,6 +42,17 @@ class InsertQueryKeyHadamard(ir.passes.InPlacePass):
         if blocks:
             custom_ops.register(model, custom_ops.HADAMARD)
         return ir.passes.PassResult(model, modified=bool(blocks))
+
+
+def rotation_sites(block: analysis.Block, graph: ir.Graph) -> tuple[ir.Node, ir.Node, int]:
+    """The block's q·kᵀ MatMul, the `present.*.key` Concat(past, new) its keys come from, and the static
+    key head size; UnsupportedModelError naming what is missing."""
+    scores = scores_matmul(block)
+    concat = cache_concat(scores.inputs[1], graph)
+    head_dim = concat.inputs[1].shape[-1] if concat.inputs[1].shape is not None else None
+    if not isinstance(head_dim, int):
+        raise errors.UnsupportedModelError(f"block {block.index}: the key head size is not static")
+    return scores, concat, head_dim
 
 
 def scores_matmul(block: analysis.Block) -> ir.Node:

@@ -17,9 +17,11 @@ import onnx_ir as ir
 
 from qcompile import analysis, custom_ops
 from qcompile.algorithms.smoothquant import search_static_scale, static_scale
-from qcompile.calibration import TapStats
+from qcompile.calibration import Request, TapStats
 from qcompile.passes._canonical import _initializer
-from qcompile.schemes import ActivationKind
+from qcompile.passes._result import Result
+from qcompile.passes.fold_smoothquant_scales import activation_request
+from qcompile.schemes import ActivationKind, WeightScheme
 
 _QMAX = {ActivationKind.INT8_DYNAMIC: 127.0, ActivationKind.INT4_DYNAMIC: 7.0}
 _ZERO_POINTS = {ActivationKind.INT8_STATIC: np.int8, ActivationKind.FP8_STATIC: ml_dtypes.float8_e4m3fn}
@@ -31,35 +33,44 @@ class QuantizeActivations(ir.passes.InPlacePass):
 
     Approximates x by its quantized value. Static kinds need `stats` (calibration of the same tensors,
     keyed by name, after any smoothing): the scale is max|x| / top, or, when the stats hold sampled rows,
-    the clipped scale minimising the rows' squared quantization error. `self.scales` maps each tapped
-    tensor to its static scale.
+    the clipped scale minimising the rows' squared quantization error. The result's record summarises the
+    static scales. Handed to `Calibrate` (static kinds), it asks for the inputs of the linears `weights`
+    quantizes, with 8 sampled rows per window; a SmoothQuant fold between the two keeps them exact.
     """
 
     def __init__(self, kind: ActivationKind, stats: dict[str, TapStats] | None = None, lm_head: bool = True,
-                 clip: float = 1.0):
+                 clip: float = 1.0, weights: WeightScheme | None = None):
         super().__init__()
         self.kind = kind
         self.clip = clip
         self.stats = stats
         self.lm_head = lm_head
-        self.scales: dict[str, float] = {}
+        self.weights = weights
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def calibration_request(self, model: ir.Model) -> Request:
+        return activation_request(model, self.weights, rows=8)
+
+    def calibrated(self, stats: dict[str, TapStats], request: Request) -> None:
+        self.stats = stats
+
+    def call(self, model: ir.Model) -> Result:
         graph = model.graph
         made: dict[ir.Value, ir.Value] = {}
+        scales: dict[str, float] = {}
         for linear in analysis.analyze(model).linears():
             dq = linear.weight_input.producer()
             if dq is None or dq.op_type != "DequantizeLinear" or (linear.role == analysis.Role.LM_HEAD and not self.lm_head):
                 continue
             x = linear.node.inputs[0]
             if x not in made:
-                made[x] = self._insert(model, graph, x, linear.node)
+                made[x] = self._insert(model, graph, x, linear.node, scales)
             linear.node.replace_input_with(0, made[x])
         if self.kind in _QMAX and made:
             custom_ops.register(model, custom_ops.PER_TOKEN)
-        return ir.passes.PassResult(model, modified=bool(made))
+        record = {"static_scales": {"count": len(scales), "min": min(scales.values()), "max": max(scales.values())}} if scales else {}
+        return Result(model, modified=bool(made), record=record)
 
-    def _insert(self, model: ir.Model, graph: ir.Graph, x: ir.Value, consumer: ir.Node) -> ir.Value:
+    def _insert(self, model: ir.Model, graph: ir.Graph, x: ir.Value, consumer: ir.Node, scales: dict) -> ir.Value:
         name = f"{x.name}_act"
         if self.kind in _QMAX:
             nodes = [custom_ops.per_token_node(x, _QMAX[self.kind], name, self.clip)]
@@ -67,7 +78,7 @@ class QuantizeActivations(ir.passes.InPlacePass):
             stats = self.stats[x.name]
             absmax = float(stats.absmax.max())
             scale = search_static_scale(stats.samples, absmax, self.kind)[0] if stats.rows else static_scale(absmax, self.kind)
-            self.scales[x.name] = scale
+            scales[x.name] = scale
             s = _initializer(graph, f"{name}_scale", np.array(scale, np.float32))
             zp = _initializer(graph, f"{name}_zero_point", np.zeros((), _ZERO_POINTS[self.kind]))
             q = ir.node("QuantizeLinear", [x, s, zp], name=f"{name}_q")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile import custom_ops, errors
+from qcompile.passes.insert_online_hadamard import checking_preconditions
 
 
 class QuantizeKVCache(ir.passes.InPlacePass):
@@ -20,18 +21,30 @@ class QuantizeKVCache(ir.passes.InPlacePass):
             raise errors.InputError(f"KV-cache bits={bits} is not supported: use 4 or 8")
         self.bits = bits
 
+    def requires(self, model: ir.Model) -> None:
+        with checking_preconditions():
+            cache_concats(model.graph)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        caches = [v for v in graph.outputs if v.name.startswith("present.")]
-        for present in caches:
-            concat = present.producer()
-            if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
-                raise errors.UnsupportedModelError(
-                    f"cache output '{present.name}' is not Concat(past, new): export the model with `qcompile export`")
+        caches = cache_concats(graph)
+        for present, concat in caches:
             node = custom_ops.asymmetric_node(concat.inputs[1], self.bits, f"{present.name}.kv{self.bits}")
             graph.insert_before(concat, node)
             concat.replace_input_with(1, node.outputs[0])
-        if not caches:
-            raise errors.UnsupportedModelError("the model has no KV-cache outputs (present.*) to quantize")
         custom_ops.register(model, custom_ops.ASYMMETRIC)
-        return ir.passes.PassResult(model, modified=True)
+        return ir.passes.PassResult(model, modified=bool(caches))
+
+
+def cache_concats(graph: ir.Graph) -> list[tuple[ir.Value, ir.Node]]:
+    """Every cache output `present.*` with the Concat(past, new) producing it; UnsupportedModelError if
+    there is none or one is not such a Concat."""
+    caches = [v for v in graph.outputs if v.name.startswith("present.")]
+    if not caches:
+        raise errors.UnsupportedModelError("the model has no KV-cache outputs (present.*) to quantize")
+    for present in caches:
+        concat = present.producer()
+        if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
+            raise errors.UnsupportedModelError(
+                f"cache output '{present.name}' is not Concat(past, new): export the model with `qcompile export`")
+    return [(present, present.producer()) for present in caches]

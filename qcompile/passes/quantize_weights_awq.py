@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile import analysis, calibration
 from qcompile.algorithms.awq import search_clip
-from qcompile.passes._canonical import group_for, quantize_linears
+from qcompile.passes._canonical import bits_for, group_for, quantize_linears
+from qcompile.passes._result import Result
 from qcompile.passes.fold_awq_scales import FoldAWQScales
 from qcompile.passes.quantize_weights_gptq import QuantizeWeightsGPTQ
 from qcompile.schemes import WeightScheme
@@ -15,28 +17,39 @@ from qcompile.schemes import WeightScheme
 class QuantizeWeightsAWQ(ir.passes.InPlacePass):
     """W ≈ diag(1/s)·Q(diag(s)·W): FoldAWQScales (exact: 1/s goes into the producer of x), then each scaled
     weight quantized with the Hessian of its scaled input H' = H / (s sᵀ): per-(group, channel) clip search
-    + RTN, or GPTQ when `gptq` ("awq+gptq"). One calibration run; needs a float model."""
+    + RTN, or GPTQ when `gptq` ("awq+gptq"). Needs a float model and one calibration run of the float
+    model: `windows` for its own, or handed to `Calibrate`, which shares its run with other passes."""
 
-    def __init__(self, scheme: WeightScheme, windows: np.ndarray, gptq: bool = False, progress=None):
+    def __init__(self, scheme: WeightScheme, windows: np.ndarray | None = None, gptq: bool = False, progress=None):
         super().__init__()
         self.scheme = scheme
         self.windows = windows
         self.gptq = gptq
         self.progress = progress
-        self.layers: list[dict] = []
+        self.stats: dict | None = None
+        self.hessians: dict[str, np.ndarray] | None = None
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        fold = FoldAWQScales(self.scheme, self.windows, self.progress)
-        fold(model)
+    def calibration_request(self, model: ir.Model) -> calibration.Request:
+        self._requested = [lin for lin in analysis.analyze(model).linears() if bits_for(self.scheme, lin) is not None]
+        return calibration.linear_request(model, self._requested)
+
+    def calibrated(self, stats: dict, request: calibration.Request) -> None:
+        self.stats, self.hessians = stats, calibration.linear_hessians(stats, self._requested, request)
+
+    def call(self, model: ir.Model) -> Result:
+        if self.stats is None:
+            request = self.calibration_request(model)
+            self.calibrated(calibration.run(model, [request], self.windows, self.progress, "Calibrating (AWQ)")[0], request)
+        hessians = self.hessians
+        fold = FoldAWQScales(self.scheme, self.stats, hessians, self.progress)(model)
         if self.gptq:
             quantize = QuantizeWeightsGPTQ(self.scheme, None, self.scheme.act_order, self.scheme.damp,
-                                           self.progress, hessians=fold.hessians)
-            quantize(model)
-            self.layers = [{**e, "algorithm": "awq+gptq"} if "bits" in e else e for e in quantize.layers]
-            return ir.passes.PassResult(model, modified=True)
+                                           self.progress, hessians=hessians)
+            layers = [{**e, "algorithm": "awq+gptq"} if "bits" in e else e for e in quantize(model).layers]
+            return Result(model, modified=True, layers=layers, record=fold.record)
         s = self.scheme
-        self.layers = quantize_linears(
-            model, s, lambda linear, bits: search_clip(linear.float_weight(), fold.hessians[linear.name], bits,
+        layers = quantize_linears(
+            model, s, lambda linear, bits: search_clip(linear.float_weight(), hessians[linear.name], bits,
                                                        group_for(s, linear), s.symmetric, positive=s.positive_scales),
             "awq", self.progress, "Quantizing weights (AWQ clip)")
-        return ir.passes.PassResult(model, modified=True)
+        return Result(model, modified=True, layers=layers, record=fold.record)

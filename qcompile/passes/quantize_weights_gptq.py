@@ -9,6 +9,7 @@ from qcompile import analysis, calibration
 from qcompile.algorithms.gptq import quantize_gptq
 from qcompile.checkpoint import Checkpoint
 from qcompile.passes._canonical import bits_for, group_for, layer_record, quantize_linears
+from qcompile.passes._result import Result
 from qcompile.schemes import WeightScheme
 
 
@@ -24,11 +25,13 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     Mode "sequential" (the reference method): each block's Hessians are measured on its inputs as the
     already-quantized earlier blocks produce them, so GPTQ also corrects the error that reaches it; each
     block runs twice (measure, then propagate through the quantized block): about two float passes.
-    With `hessians` (linear name → H, as FoldAWQScales provides) no calibration runs at all.
+    With `hessians` (linear name → H, as FoldAWQScales provides) no calibration runs at all; handed to
+    `Calibrate` (parallel mode), it takes them from that shared run, all at once (what a 4-bit lm_head
+    alone needs; all the Hessians of a big model would not fit, so block GPTQ walks the blocks itself).
     Requires a float model that `analysis.analyze` recognises.
     Bits, groups and skips follow `scheme` as in QuantizeWeightsRTN; `names`, if given, limits the pass to
     those linears (the blocks before them are still walked one at a time, for their output).
-    `self.layers` records what was done.
+    The result's `layers` record what was done.
     With a `checkpoint`, every finished linear and the hidden state entering the next block are saved, and
     a resumed checkpoint's saved linears are loaded instead of computed.
     """
@@ -48,10 +51,22 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
         self.sequential = sequential
         self.checkpoint = checkpoint
         self.names = names
-        self.layers: list[dict] = []
 
     def requires(self, model: ir.Model) -> None:
         analysis.analyze(model)
+
+    def _linears(self, model: ir.Model) -> list:
+        return [lin for lin in analysis.analyze(model).linears()
+                if bits_for(self.scheme, lin) is not None and (self.names is None or lin.name in self.names)]
+
+    def calibration_request(self, model: ir.Model) -> calibration.Request:
+        if self.sequential:
+            raise ValueError("sequential GPTQ measures its Hessians on the partly quantized model: it runs its own calibration")
+        self._requested = self._linears(model)
+        return calibration.linear_request(model, self._requested)
+
+    def calibrated(self, stats: dict, request: calibration.Request) -> None:
+        self.hessians = calibration.linear_hessians(stats, self._requested, request)
 
     def _quantize(self, model: ir.Model, hessians: dict[str, np.ndarray], names: set[str] | None, label: str) -> list[dict]:
         s = self.scheme
@@ -68,15 +83,13 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
 
         return quantize_linears(model, s, quantize_one, "gptq", self.progress, label, names=names)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        quantized = [lin for lin in analysis.analyze(model).linears()
-                     if bits_for(self.scheme, lin) is not None and (self.names is None or lin.name in self.names)]
-        names = {lin.name for lin in quantized}
+    def call(self, model: ir.Model) -> Result:
+        names = {lin.name for lin in self._linears(model)}
         if self.hessians is not None:
-            self.layers = self._quantize(model, self.hessians, names, "Quantizing weights (GPTQ)")
+            layers = self._quantize(model, self.hessians, names, "Quantizing weights (GPTQ)")
         else:
-            self.layers = self._by_block(model, names)
-        return ir.passes.PassResult(model, modified=bool(quantized))
+            layers = self._by_block(model, names)
+        return Result(model, modified=bool(names), layers=layers)
 
     def _by_block(self, model: ir.Model, names: set[str]) -> list[dict]:
         model_map = analysis.analyze(model)

@@ -8,6 +8,7 @@ import onnx_ir as ir
 from qcompile import analysis, errors
 from qcompile.algorithms.hadamard import random_orthogonal
 from qcompile.passes._fold import bias_of, set_tensor, set_weight
+from qcompile.passes.insert_online_hadamard import checking_preconditions
 
 R = analysis.Role
 
@@ -22,6 +23,17 @@ def head_dim(model: ir.Model) -> int:
         "the head size is unknown: no past_key_values.* input of shape [batch, kv_heads, seq, head_dim] "
         "(export the model with `qcompile export`)"
     )
+
+
+def head_counts(block: analysis.Block, d: int) -> tuple[int, int]:
+    """(KV heads, query heads) of the block's v and o for head size d; UnsupportedModelError unless v's
+    columns and o's rows are whole heads, each KV head read by the same number of query heads."""
+    v, o = block.linears[R.V], block.linears[R.O]
+    kv_heads, heads = v.out_features // d, o.in_features // d
+    if v.out_features % d or o.in_features % d or heads % kv_heads:
+        raise errors.UnsupportedModelError(
+            f"{v.name}: {v.out_features} value columns / {o.in_features} o rows are not whole heads of {d}")
+    return kv_heads, heads
 
 
 class RotateValueOutput(ir.passes.InPlacePass):
@@ -41,16 +53,22 @@ class RotateValueOutput(ir.passes.InPlacePass):
         super().__init__()
         self.seed = seed
 
+    def requires(self, model: ir.Model) -> None:
+        with checking_preconditions():
+            d = head_dim(model)
+            for block in analysis.analyze(model).blocks:
+                head_counts(block, d)
+                for linear in (block.linears[R.V], block.linears[R.O]):
+                    linear.float_weight()  # InputError if already quantized
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         d = head_dim(model)
         h = random_orthogonal(d, self.seed)
         signs = np.random.default_rng([self.seed, 1])
-        for block in analysis.analyze(model).blocks:
+        blocks = analysis.analyze(model).blocks
+        for block in blocks:
             v, o = block.linears[R.V], block.linears[R.O]
-            kv_heads, heads = v.out_features // d, o.in_features // d
-            if v.out_features % d or o.in_features % d or heads % kv_heads:
-                raise errors.UnsupportedModelError(
-                    f"{v.name}: {v.out_features} value columns / {o.in_features} o rows are not whole heads of {d}")
+            kv_heads, heads = head_counts(block, d)
             hs = h[None] * signs.choice([-1.0, 1.0], size=(kv_heads, 1, d))  # [kv_heads, d, d]: H_g
             w = v.float_weight().astype(np.float64).reshape(v.in_features, kv_heads, d)
             set_weight(v, np.einsum("kgi,gij->kgj", w, hs).reshape(v.in_features, v.out_features))
@@ -60,4 +78,4 @@ class RotateValueOutput(ir.passes.InPlacePass):
             per_query = np.repeat(hs, heads // kv_heads, axis=0)  # query head j reads KV head j // group
             w = o.float_weight().astype(np.float64).reshape(heads, d, o.out_features)
             set_weight(o, np.einsum("hji,hjn->hin", per_query, w).reshape(o.in_features, o.out_features))
-        return ir.passes.PassResult(model, modified=True)
+        return ir.passes.PassResult(model, modified=bool(blocks))

@@ -28,26 +28,42 @@ import onnx_ir as ir
 from qcompile import analysis, calibration, custom_ops
 from qcompile.passes._canonical import _initializer, _remove_if_unused
 from qcompile.passes._fold import set_weight
+from qcompile.passes._result import Result
 from qcompile.passes.fuse_norm_gains import check_rms_norms, norm_readers
 from qcompile.passes.insert_online_hadamard import hadamard_factors
 
 
 class SmoothRotateNormOutputs(ir.passes.InPlacePass):
-    """`windows`: calibration token windows (the per-channel rms of each norm's output); `seed`: the signs."""
+    """`windows`: calibration token windows (the per-channel rms of each norm's output; or hand the pass to
+    `Calibrate`, which measures them); `seed`: the signs."""
 
-    def __init__(self, windows: np.ndarray, alpha: float = 0.5, seed: int = 0, progress=None, down_inputs: bool = False):
+    def __init__(self, windows: np.ndarray | None = None, alpha: float = 0.5, seed: int = 0, progress=None,
+                 down_inputs: bool = False):
         super().__init__()
         self.windows, self.alpha, self.seed, self.progress = windows, alpha, seed, progress
         self.down_inputs = down_inputs
+        self.stats: dict | None = None
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def requires(self, model: ir.Model) -> None:
+        check_rms_norms(analysis.analyze(model), "SmoothRotateNormOutputs")
+
+    def calibration_request(self, model: ir.Model) -> calibration.Request:
         model_map = analysis.analyze(model)
-        check_rms_norms(model_map, "SmoothRotateNormOutputs")
+        taps = [norm.output for norm, _ in norm_readers(model_map) if norm is not model_map.final_norm]
+        downs = [block.linears[analysis.Role.DOWN] for block in model_map.blocks] if self.down_inputs else []
+        return calibration.Request(taps + [down.node.inputs[0] for down in downs])
+
+    def calibrated(self, stats: dict, request: calibration.Request) -> None:
+        self.stats = stats
+
+    def call(self, model: ir.Model) -> Result:
+        model_map = analysis.analyze(model)
         groups = [(norm, readers) for norm, readers in norm_readers(model_map) if norm is not model_map.final_norm]
         downs = [block.linears[analysis.Role.DOWN] for block in model_map.blocks] if self.down_inputs else []
-        taps = [norm.output for norm, _ in groups] + [down.node.inputs[0] for down in downs]
-        stats = calibration.collect(model, taps, self.windows, hessian=False, progress=self.progress,
-                                    label="Calibrating (norm outputs)")
+        stats = self.stats
+        if stats is None:
+            stats, _ = calibration.run(model, [self.calibration_request(model)], self.windows, self.progress,
+                                       "Calibrating (norm outputs)")
         for block, down in zip(model_map.blocks, downs):
             w = down.float_weight().astype(np.float64)
             t = self._scales(np.linalg.norm(w, axis=1), stats[down.node.inputs[0].name].rms)
@@ -72,7 +88,7 @@ class SmoothRotateNormOutputs(ir.passes.InPlacePass):
                 linear.node.replace_input_with(0, node.outputs[0])
                 set_weight(linear, h.T @ ((gain / s)[:, None] * w))
         custom_ops.register(model, custom_ops.HADAMARD)
-        return ir.passes.PassResult(model, modified=bool(groups))
+        return Result(model, modified=bool(groups))
 
     def _scales(self, row_norms: np.ndarray, rms_x: np.ndarray) -> np.ndarray:
         """(‖W_j‖ / rms(x_j))^α per input channel j, normalised to a geometric mean of 1."""

@@ -1,107 +1,168 @@
-"""Targets: a name, the weight scheme it defaults to, and the lowering passes from the canonical form.
+"""Targets: a name, the recipe it defaults to, and what the runtime needs done around the canonical model.
 
-Add a target by writing its lowering passes in a module here and registering a `Target` below.
+A `Target` owns everything runtime-specific: `validate(recipe)` (what the runtime cannot run),
+`lowering_passes(recipe, max_positions)` (canonical form → the runtime's spelling), `check(model)` (the
+runtime's rules on the lowered model), `read_weight`/`read_embedding` (the lowered form read back to the
+canonical integers and scales, for `verify`), and `package(folder)` / `finish(out)` (files beside the
+model). Nothing outside `targets/` names a runtime. Add a target by writing its lowering passes in a
+module here and registering a `Target` below.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import pathlib
 
 import onnx_ir as ir
 
 from qcompile import errors
-from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, WeightScheme
 from qcompile.passes import FuseGroupQueryAttention
-from qcompile.targets.ort import FuseNormalizations, LowerToMatMulNBits, PackQKV
-from qcompile.targets.trt import PadPartialBlocks
+from qcompile.targets import ort, trt
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str
     description: str
-    runtime: str
-    scheme: WeightScheme
-    lowering: Callable[["Target", int | None], list[ir.passes.PassBase]]
-    accuracy_level: int = 4  # ORT MatMulNBits: 0 = fp32 compute; 4 = int8 activations per block
+    defaults: dict = dataclasses.field(default_factory=dict)  # recipe sections changed from `Recipe`'s defaults
+    runtime: str = ""  # shown to users and in manifests, never branched on
     edge: bool = False  # also write an edge package (onnxruntime-genai config, golden vectors, zip)
-    activations: ActivationScheme = ActivationScheme()
-    rotate: bool = False  # QuaRot's rotations (residual stream, value heads, online Hadamard before down_proj)
-    fuse: bool = True  # ORT targets: GroupQueryAttention and SkipSimplifiedLayerNormalization fusions
+    builds_engines: bool = False  # `--engine` / `qcompile build` apply
+    packages_edge: bool = False  # `qcompile package` applies (an onnxruntime-genai client loads it)
+    rules: str | None = None  # what `check` enforces (None: nothing beyond the fidelity of the weights)
 
-    def lowering_passes(self, max_positions: int | None = None) -> list[ir.passes.PassBase]:
+    def check_source(self, folder: pathlib.Path) -> None:
+        """Raise InputError when the float model's folder lacks what this target's files are made from."""
+        if self.edge and not (folder / "config.json").is_file():
+            raise errors.InputError(f"no config.json in '{folder}': an edge package needs the model's HF config")
+
+    def validate(self, recipe) -> None:
+        """Raise InputError, naming the fix, for a recipe this runtime cannot run."""
+
+    def lowering_passes(self, recipe, max_positions: int | None = None) -> list[ir.passes.PassBase]:
         """`max_positions`: the model's context length (the rows of a fused attention's RoPE caches)."""
-        return self.lowering(self, max_positions)
+        return []
+
+    def check(self, model: ir.Model) -> list:
+        """The runtime's rules that `model` breaks (empty when it conforms)."""
+        return []
+
+    def read_weight(self, linear):
+        from qcompile.passes._canonical import read_weight
+
+        return read_weight(linear)
+
+    def read_embedding(self, gather: ir.Node):
+        from qcompile.passes._canonical import read_embedding
+
+        return read_embedding(gather)
+
+    def package(self, folder: pathlib.Path, name: str) -> dict | None:
+        """Add this target's files to the artifact folder (before its manifest); returns their record."""
+        return None
+
+    def finish(self, out: pathlib.Path) -> None:
+        """Work on the finished artifact folder (a zip of it)."""
 
 
-def _ort_nbits(target: Target, max_positions: int | None) -> list[ir.passes.PassBase]:
-    if not target.fuse:
-        return [LowerToMatMulNBits(target.accuracy_level)]
-    return [FuseGroupQueryAttention(max_positions, strict=False), LowerToMatMulNBits(target.accuracy_level),
-            FuseNormalizations(), PackQKV()]
+class OnnxRuntimeTarget(Target):
+    def lowering_passes(self, recipe, max_positions: int | None = None) -> list[ir.passes.PassBase]:
+        level = recipe.lowering.accuracy_level
+        if not recipe.lowering.fuse:
+            return [ort.LowerToMatMulNBits(level)]
+        return [FuseGroupQueryAttention(max_positions, strict=False), ort.LowerToMatMulNBits(level),
+                ort.FuseNormalizations(), ort.PackQKV()]
+
+    def read_weight(self, linear):
+        return ort.read_weight(linear)
+
+    def read_embedding(self, gather: ir.Node):
+        return ort.read_embedding(gather)
+
+    def package(self, folder: pathlib.Path, name: str) -> dict | None:
+        if not self.edge:
+            return None
+        from qcompile import package
+
+        return package.write_edge_files(folder, name)
+
+    def finish(self, out: pathlib.Path) -> None:
+        if self.edge:
+            from qcompile import package
+
+            package.zip_folder(out, out.with_name(f"{out.name}.zip"))
 
 
-def _trt(target: Target, max_positions: int | None) -> list[ir.passes.PassBase]:
-    return [PadPartialBlocks()]
+class TensorRTTarget(Target):
+    def validate(self, recipe) -> None:
+        w, act = recipe.weights, recipe.activations
+        if not (w.symmetric and w.positive_scales):
+            raise errors.InputError(f"{self.name} needs symmetric weights with positive scales (TensorRT rejects zero "
+                                    "points and negative scales): drop --asymmetric / --signed-scales")
+        if act.dynamic:
+            raise errors.InputError(f"{self.name}: TensorRT's explicit quantization is static per tensor: "
+                                    "use --activations int8-static or fp8-static")
+        if recipe.embeddings.bits is not None:
+            raise errors.InputError(f"quantized embeddings run on ONNX Runtime (GatherBlockQuantized): drop --embeddings for {self.name}")
 
+    def lowering_passes(self, recipe, max_positions: int | None = None) -> list[ir.passes.PassBase]:
+        return [trt.PadPartialBlocks()]
+
+    def check(self, model: ir.Model) -> list:
+        return trt.check_tensorrt(model)
+
+    def read_weight(self, linear):
+        return trt.read_weight(linear)
+
+
+_INT4 = {"weights": {"bits": 4, "group_size": 128, "symmetric": True}}
+_W8A8 = {"weights": {"bits": 8, "group_size": 0, "symmetric": True, "positive_scales": True}, "lm_head": {"bits": 8}}
+_ORT = dict(runtime="onnxruntime", packages_edge=True)
+_TRT = dict(runtime="tensorrt", builds_engines=True, rules="TensorRT's explicit-quantization rules")
 
 _REGISTRY = {
     t.name: t
     for t in [
-        Target(
+        OnnxRuntimeTarget(
             "ort-int4",
             "4-bit weights (RTN, group 128, symmetric; lm_head 4-bit GPTQ, group 32) as com.microsoft.MatMulNBits for ONNX Runtime CPU/CUDA",
-            "onnxruntime",
-            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=4),
-            _ort_nbits,
+            {**_INT4, "lm_head": {"bits": 4}}, **_ORT,
         ),
-        Target(
+        TensorRTTarget(
             "trt-int4",
             "4-bit weight-only (RTN, group 128, symmetric, positive scales; lm_head 8-bit) as INT4 DequantizeLinear → MatMul for TensorRT",
-            "tensorrt",
-            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8, positive_scales=True),
-            _trt,
+            {"weights": {**_INT4["weights"], "positive_scales": True}, "lm_head": {"bits": 8}}, **_TRT,
         ),
-        Target(
+        OnnxRuntimeTarget(
             "edge-int4",
             "ort-int4 with an int8 embedding table, packaged for devices: onnxruntime-genai folder and zip with tokenizer, config and golden vectors",
-            "onnxruntime",
-            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8, embedding_bits=8),
-            _ort_nbits,
-            edge=True,
+            {**_INT4, "lm_head": {"bits": 8}, "embeddings": {"bits": 8}}, **_ORT, edge=True,
         ),
-        Target(
+        OnnxRuntimeTarget(
             "ort-w8a8",
             "8-bit weights per channel and int8 per-token activations after SmoothQuant, as com.microsoft.MatMulNBits bits=8 accuracy_level 4 for ONNX Runtime CPU",
-            "onnxruntime",
-            WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8),
-            _ort_nbits,
-            activations=ActivationScheme(ActivationKind.INT8_DYNAMIC, smoothquant=True, alpha=0.5, smooth_up_down=True),
+            {"weights": {"bits": 8, "group_size": 0, "symmetric": True}, "lm_head": {"bits": 8},
+             "activations": {"kind": "int8-dynamic", "smoothquant": True, "alpha": 0.5, "smooth_up_down": True}},
+            **_ORT,
         ),
-        Target(
+        OnnxRuntimeTarget(
             "ort-w4a8",
             "QuaRot-rotated model, 4-bit GPTQ weights (group 128, symmetric; lm_head 8-bit) as com.microsoft.MatMulNBits accuracy_level 4 (int8 activations) for ONNX Runtime CPU",
-            "onnxruntime",
-            WeightScheme(bits=4, group_size=128, symmetric=True, lm_head_bits=8, algorithm=Algorithm.GPTQ),
-            _ort_nbits,
-            rotate=True,
+            {"weights": {**_INT4["weights"], "algorithm": "gptq"}, "lm_head": {"bits": 8}, "rotation": {"enabled": True}},
+            **_ORT,
         ),
-        Target(
+        TensorRTTarget(
             "trt-int8",
             "W8A8 for TensorRT: SmoothQuant, int8 weights per channel, static per-tensor int8 activation Q/DQ (lm_head weight-only)",
-            "tensorrt",
-            WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8, positive_scales=True),
-            _trt,
-            activations=ActivationScheme(ActivationKind.INT8_STATIC, smoothquant=True, alpha=0.7, smooth_up_down=True),
+            {**_W8A8, "activations": {"kind": "int8-static", "smoothquant": True, "alpha": 0.7, "smooth_up_down": True}},
+            **_TRT,
         ),
-        Target(
+        TensorRTTarget(
             "trt-fp8",
             "FP8 E4M3 for TensorRT: SmoothQuant, FP8 weights per channel, static per-tensor FP8 activation Q/DQ (lm_head weight-only)",
-            "tensorrt",
-            WeightScheme(bits=8, group_size=0, symmetric=True, lm_head_bits=8, positive_scales=True, fp8=True),
-            _trt,
-            activations=ActivationScheme(ActivationKind.FP8_STATIC, smoothquant=True, alpha=0.7, smooth_up_down=True),
+            {"weights": {**_W8A8["weights"], "fp8": True}, "lm_head": {"bits": 8},
+             "activations": {"kind": "fp8-static", "smoothquant": True, "alpha": 0.7, "smooth_up_down": True}},
+            **_TRT,
         ),
     ]
 }
@@ -118,3 +179,8 @@ def get(name: str) -> Target:
         raise errors.UnknownTargetError(
             f"unknown target '{name}': choose one of {', '.join(_REGISTRY)} (see `qcompile targets`)"
         ) from None
+
+
+def of(manifest: dict) -> Target:
+    """The target an artifact's manifest names."""
+    return get(manifest.get("target", {}).get("name", ""))

@@ -15,6 +15,8 @@ W8A8: with accuracy_level 4, MatMulNBits quantizes its input to int8 itself, per
 (symmetric, max|x| / 127 per block): at least as fine as the canonical per-token quantizer, which is
 therefore dropped in front of the linears it feeds. Measured against DynamicQuantizeMatMul and
 MatMulIntegerToFloat in benchmarks/bench_w8a8_spellings.py.
+
+`read_weight` and `read_embedding` read these forms back into the canonical arrays (`Decoded`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase
 
 from qcompile import custom_ops
+from qcompile.analysis import Linear
+from qcompile.passes import _canonical
+from qcompile.passes._canonical import _INT_TYPES, Decoded
 
-_INT_TYPES = {
-    ir.DataType.INT4: (4, True),
-    ir.DataType.UINT4: (4, False),
-    ir.DataType.INT8: (8, True),
-    ir.DataType.UINT8: (8, False),
-}
 PER_CHANNEL_BLOCK = 128  # MatMulNBits block for per-channel weights (the scale repeats in every block)
 
 
@@ -53,18 +52,52 @@ def pack_matmul_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray |
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale.T.astype(np.float32)), zp
 
 
-def unpack_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int, block_size: int) -> np.ndarray:
-    """Dequantize MatMulNBits initializers to float32 [K, N] (the runtime's formula, for tests and inspect)."""
-    n, groups, _ = b.shape
-    codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, groups, block_size) if bits == 4 else b
+def decode_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int,
+                        block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The inverse of `pack_matmul_nbits`: MatMulNBits B [N, G, bs*bits/8], scales and zero points (any shape
+    holding [N, G]) → canonical q [K, N] int16 (signed when there is no zero point), scale [G, N] float32 and
+    zero_point [G, N] int16 or None."""
+    n, groups = b.shape[:2]
+    codes = np.stack([b & 0x0F, b >> 4], axis=-1) if bits == 4 else b
+    codes = codes.reshape(n, groups * block_size)[:, :k].T.astype(np.int16)  # [K, N]
+    scale = scales.reshape(n, groups).T.astype(np.float32)
     if zero_points is None:
-        zp = np.full((n, groups), 2 ** (bits - 1), dtype=np.float32)
-    elif bits == 4:
-        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :groups].astype(np.float32)
-    else:
-        zp = zero_points.astype(np.float32)
-    w = (codes.astype(np.float32) - zp[..., None]) * scales.reshape(n, groups)[..., None]
-    return w.reshape(n, -1)[:, :k].T
+        return codes - 2 ** (bits - 1), scale, None
+    zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1) if bits == 4 else zero_points
+    return codes, scale, zp.reshape(n, -1)[:, :groups].T.astype(np.int16)
+
+
+def read_weight(linear: Linear) -> Decoded | None:
+    """`linear`'s integers and scales in canonical layout, from MatMulNBits (one packed q/k/v node's columns
+    for `linear.columns`) or the canonical form; None for a float weight."""
+    node = linear.node
+    if node.op_type != "MatMulNBits":
+        return _canonical.read_weight(linear)
+    a = node.attributes
+    k, bits, block = (a[name].as_int() for name in ("K", "bits", "block_size"))
+    zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    q, scale, zp = decode_matmul_nbits(*(_const(v) for v in node.inputs[1:3]), None if zp is None else _const(zp),
+                                       k, bits, block)
+    if linear.columns is not None:  # one of a packed node's linears: its columns
+        cols = slice(*linear.columns)
+        q, scale, zp = q[:, cols], scale[:, cols], None if zp is None else zp[:, cols]
+    return Decoded(q, scale, zp, bits, block, node.inputs[1].name).one_block_if_uniform()
+
+
+def read_embedding(gather: ir.Node) -> Decoded | None:
+    """A quantized embedding table's integers [V, H] and scales [V, G], from GatherBlockQuantized (uint8 codes
+    are q + 128) or the canonical form; None for a float table."""
+    if gather.op_type != "GatherBlockQuantized":
+        return _canonical.read_embedding(gather)
+    a = gather.attributes
+    data = _const(gather.inputs[0])
+    q = data.astype(np.int16) - (128 if data.dtype == np.uint8 else 0)
+    return Decoded(q, _const(gather.inputs[2]).astype(np.float32), None, a["bits"].as_int(), a["block_size"].as_int(),
+                   gather.inputs[0].name)
+
+
+def _const(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
 
 
 class _DequantizeMatMulToNBits(RewriteRuleClassBase):
@@ -138,7 +171,7 @@ class _DequantizeGatherToBlockQuantized(RewriteRuleClassBase):
     def check(self, context, q, scale, ids, table, **_):
         result = MatchResult()
         dq = table.producer()
-        if q.const_value is None or scale.const_value is None or q.dtype not in (ir.DataType.INT4, ir.DataType.INT8):
+        if q.const_value is None or scale.const_value is None or not _INT_TYPES.get(q.dtype, (0, False))[1]:
             return result.fail("not a constant signed 4/8-bit table", q)
         if dq.attributes.get_int("axis", 1) != 1 or len(q.shape or ()) != 2:
             return result.fail("not a [V, H] table blocked along H", dq)
@@ -149,7 +182,7 @@ class _DequantizeGatherToBlockQuantized(RewriteRuleClassBase):
 
     def rewrite(self, op, q, scale, ids, table, **_):
         dq = table.producer()
-        bits = 4 if q.dtype == ir.DataType.INT4 else 8
+        bits = _INT_TYPES[q.dtype][0]
         data = q
         if bits == 8:
             codes = (q.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)

@@ -6,6 +6,7 @@ positive, a blocked DequantizeLinear's quantized axis divides into whole blocks,
 scales run along the output axis, and no custom op lacks a plugin. ONNX allows a short last block;
 TensorRT does not, so `PadPartialBlocks` zero-pads such weights (and the activations they read) to whole
 blocks. `check_tensorrt` states all the rules as a checker, run at the end of every trt-* compile.
+`read_weight` reads a padded weight back as its canonical arrays.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+
+from qcompile import errors
+from qcompile.analysis import Linear
+from qcompile.passes import _canonical
+from qcompile.passes._canonical import Decoded
 
 _WEIGHT_TYPES = {ir.DataType.INT4, ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN}
 _ONNX_DOMAINS = ("", "ai.onnx")
@@ -69,6 +75,25 @@ class PadPartialBlocks(ir.passes.InPlacePass):
         else:
             graph.insert_before(consumer, pad)
         return pad.outputs[0]
+
+
+def read_weight(linear: Linear) -> Decoded | None:
+    """`linear`'s integers and scales in canonical layout: a `PadPartialBlocks` weight without its zero rows
+    (which must be zero), or the canonical form; None for a float weight."""
+    pad = linear.node.inputs[0].producer()
+    dq = linear.weight_input.producer()
+    if pad is None or pad.op_type != "Pad" or dq is None or dq.op_type != "DequantizeLinear":
+        return _canonical.read_weight(linear)
+    stored = _canonical.read_dequantize_linear(dq)
+    k = stored.q.shape[0] - int(_const(pad.inputs[1])[-1])
+    if np.any(stored.q[k:]):
+        raise errors.InputError(f"{linear.name}: padded rows of {stored.tensor} are not zero")
+    return dataclasses.replace(stored, q=stored.q[:k]).one_block_if_uniform()
+
+
+def read_embedding(gather: ir.Node) -> Decoded | None:
+    """A quantized embedding table in canonical layout (TensorRT targets keep the canonical form)."""
+    return _canonical.read_embedding(gather)
 
 
 @dataclasses.dataclass(frozen=True)

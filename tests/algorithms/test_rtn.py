@@ -74,7 +74,12 @@ def test_matches_onnxruntime_matmul_nbits_quantizer():
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from qcompile.targets.ort import pack_matmul_nbits, unpack_matmul_nbits
+    from qcompile.targets.ort import decode_matmul_nbits, pack_matmul_nbits
+
+    def unpack_matmul_nbits(b, scales, zero_points, k, bits, block):  # (q - zp) * scale, the runtime's formula
+        q, scale, zp = decode_matmul_nbits(b, scales, zero_points, k, bits, block)
+        w = q.astype(np.float32) - (0 if zp is None else np.repeat(zp, block, axis=0)[:k])
+        return w * np.repeat(scale, block, axis=0)[:k]
 
     rng = np.random.default_rng(3)
     k, n = 576, 64

@@ -40,7 +40,7 @@ def test_cli_builds_a_tensorrt_rtx_engine_for_trt_int4(artifacts):
     assert record["builder"] in ("tensorrt", "tensorrt_rtx")
     assert (art.path / "model.engine").stat().st_size == record["bytes"] > 50e6  # the int4 weights are in it
     assert record["deserialized"] is True or record["deserialized"].startswith("not checked")
-    assert art.manifest["fidelity"]["tensorrt_check"] == "passed"
+    assert art.manifest["fidelity"]["runtime_rules"] == "TensorRT's explicit-quantization rules: passed"
     assert main(["check", str(art.path)]) == 0
     assert main(["check", str(artifacts["ort"].path)]) == 1  # MatMulNBits is no TensorRT op
 

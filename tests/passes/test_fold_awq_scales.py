@@ -1,7 +1,7 @@
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import analysis
+from qcompile import analysis, calibration
 from qcompile.passes import FoldAWQScales
 from qcompile.schemes import WeightScheme
 from tests.conftest import run_logits
@@ -12,9 +12,10 @@ def test_folding_awq_scales_leaves_logits_unchanged(tiny_export, tmp_path):
     model = ir.load(path)
     before = {lin.name: lin.float_weight().copy() for lin in analysis.analyze(model).linears()}
     windows = np.random.default_rng(0).integers(0, 256, size=(8, 64))
-    fold = FoldAWQScales(WeightScheme(group_size=32), windows)
-    assert fold(model).modified
-    assert max(fold.alphas.values()) > 0  # some group really was rescaled
+    stats, hessians, _ = calibration.linear_statistics(model, analysis.analyze(model).linears(), windows)
+    result = FoldAWQScales(WeightScheme(group_size=32), stats, hessians)(model)
+    assert result.modified
+    assert max(result.record["alphas"].values()) > 0  # some group really was rescaled
     after = {lin.name: lin.float_weight() for lin in analysis.analyze(model).linears()}
     assert max(np.abs(after[n] - before[n]).max() for n in before if n != "lm_head") > 1e-3
     np.testing.assert_array_equal(after["lm_head"], before["lm_head"])  # tied to the embedding: untouched

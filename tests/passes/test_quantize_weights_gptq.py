@@ -20,8 +20,8 @@ def test_gptq_pass_beats_rtn_on_every_layer(tiny_export):
     windows = np.random.default_rng(0).integers(0, 256, size=(8, 64))
     _, hessians, _ = calibration.linear_statistics(model, linears, windows)
     scheme = WeightScheme(bits=4, group_size=32, algorithm=Algorithm.GPTQ, lm_head_bits=4)
-    p = QuantizeWeightsGPTQ(scheme, windows)
-    assert p(model).modified
+    result = QuantizeWeightsGPTQ(scheme, windows)(model)
+    assert result.modified
     for lin in analysis.analyze(model).linears():
         dq = lin.weight_input.producer()
         assert dq.op_type == "DequantizeLinear" and dq.attributes.get_int("block_size") == 32
@@ -34,7 +34,7 @@ def test_gptq_pass_beats_rtn_on_every_layer(tiny_export):
             return np.trace(d.T @ hessians[lin.name] @ d)
 
         assert err(gptq) < err(rtn), lin.name
-    assert {e["algorithm"] for e in p.layers} == {"gptq"}
+    assert {e["algorithm"] for e in result.layers} == {"gptq"}
 
 
 def _codes(model: ir.Model) -> dict[str, np.ndarray]:
@@ -48,11 +48,10 @@ def test_sequential_gptq_measures_each_block_on_the_quantized_blocks_before_it(t
     windows = np.random.default_rng(0).integers(0, 256, size=(8, 64))
     scheme = WeightScheme(bits=4, group_size=32, algorithm=Algorithm.GPTQ, lm_head_bits=None)
     sequential, parallel = ir.load(path), ir.load(path)
-    p = QuantizeWeightsGPTQ(scheme, windows, sequential=True)
-    p(sequential)
+    result = QuantizeWeightsGPTQ(scheme, windows, sequential=True)(sequential)
     QuantizeWeightsGPTQ(scheme, windows)(parallel)
     seq, par = _codes(sequential), _codes(parallel)
-    assert [e["name"] for e in p.layers if "algorithm" in e] == [n for n in seq if n != "lm_head"]
+    assert [e["name"] for e in result.layers if "algorithm" in e] == [n for n in seq if n != "lm_head"]
     block0 = [n for n in seq if n.startswith("blocks.0.")]
     block1 = [n for n in seq if n.startswith("blocks.1.")]
     for name in block0:
@@ -96,13 +95,12 @@ def test_a_4bit_lm_head_alone_is_gptq_in_groups_of_32(tiny_export):
     head = analysis.analyze(model).lm_head
     weight = head.float_weight()
     _, hessians, _ = calibration.linear_statistics(model, [head], windows)
-    p = QuantizeWeightsGPTQ(scheme, windows, names={"lm_head"})
-    p(model)
+    result = QuantizeWeightsGPTQ(scheme, windows, names={"lm_head"})(model)
     mm = analysis.analyze(model)
     assert all(lin.weight_input.producer() is None for lin in mm.linears() if lin.name != "lm_head")
     dq = mm.lm_head.weight_input.producer()
     assert dq.op_type == "DequantizeLinear" and dq.attributes.get_int("block_size") == 32
     want = quantize_gptq(weight, hessians["lm_head"], 4, 32, True)
     np.testing.assert_array_equal(dq.inputs[0].const_value.numpy(), want.q.astype(np.int8))
-    assert [e["name"] for e in p.layers if "bits" in e] == ["lm_head"]
+    assert [e["name"] for e in result.layers if "bits" in e] == ["lm_head"]
     np.testing.assert_array_equal(mm.embedding.inputs[0].const_value.numpy(), weight.T)  # the table stays float

@@ -33,7 +33,7 @@ def test_every_linear_reads_a_blocked_dequantize(tiny_export, symmetric):
         np.testing.assert_array_equal(dq.inputs[0].const_value.numpy().astype(np.int16), expected.q.astype(np.int16))
         np.testing.assert_array_equal(dq.inputs[1].const_value.numpy(), expected.scale)
         assert (len(dq.inputs) == 3) == (not symmetric)
-    assert {e["name"] for e in p.layers if "bits" in e} == set(floats)
+    assert {e["name"] for e in result.layers if "bits" in e} == set(floats)
     # the tied embedding stays (the Gather reads it) but no float linear weight is left
     names = set(result.model.graph.initializers)
     assert not any(lin.weight_input.name in names for lin in mm.linears())

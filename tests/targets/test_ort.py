@@ -9,7 +9,8 @@ from qcompile.passes import QuantizeWeightsRTN
 from qcompile.passes._canonical import attach_quantized_weight
 from qcompile.schemes import WeightScheme
 from qcompile.targets import get
-from qcompile.targets.ort import LowerToMatMulNBits, pack_matmul_nbits, unpack_matmul_nbits
+from qcompile.targets import ort as ort_target
+from qcompile.targets.ort import LowerToMatMulNBits, decode_matmul_nbits, pack_matmul_nbits
 from tests.conftest import run_logits, single_matmul_model
 
 CASES = [(4, True, 128), (4, False, 128), (4, True, 32), (8, True, 64), (8, False, 16), (4, False, 64)]
@@ -21,7 +22,12 @@ def test_pack_unpack_equals_canonical_dequantize(bits, symmetric, block):
     qw = quantize_rtn(w, bits, block, symmetric)
     b, scales, zp = pack_matmul_nbits(qw.q, qw.scale, qw.zero_point, bits, block)
     assert b.shape == (12, -(-200 // block), block * bits // 8) and b.dtype == np.uint8
-    np.testing.assert_array_equal(unpack_matmul_nbits(b, scales, zp, 200, bits, block), qw.dequantize())
+    q, scale, zero_point = decode_matmul_nbits(b, scales, zp, 200, bits, block)  # the exact inverse of the packer
+    np.testing.assert_array_equal(q, qw.q.astype(np.int16))
+    np.testing.assert_array_equal(scale, qw.scale)
+    assert (zero_point is None) == symmetric
+    if not symmetric:
+        np.testing.assert_array_equal(zero_point, qw.zero_point.astype(np.int16))
 
 
 def _one_linear(k, n, bits, symmetric, block, seed=0):
@@ -86,9 +92,11 @@ def test_lowered_model_matches_canonical(tiny_export, tmp_path):
 
 
 def test_registry_lists_ort_int4_with_its_defaults():
-    target = get("ort-int4")
-    assert target.scheme.bits == 4 and target.scheme.group_size == 128 and target.scheme.symmetric
-    assert [type(p).__name__ for p in target.lowering_passes()] == ["FuseGroupQueryAttention", "LowerToMatMulNBits",
+    from qcompile.recipe import resolve
+
+    target, plan = get("ort-int4"), resolve("ort-int4")
+    assert plan.weights.bits == 4 and plan.weights.group_size == 128 and plan.weights.symmetric and plan.lm_head.bits == 4
+    assert [type(p).__name__ for p in target.lowering_passes(plan)] == ["FuseGroupQueryAttention", "LowerToMatMulNBits",
                                                                     "FuseNormalizations", "PackQKV"]
 
 
@@ -103,8 +111,10 @@ def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_pa
     _, path = tiny_export("llama")
     model = ir.load(path)
     QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, symmetric=symmetric, lm_head_bits=8))(model)
-    digests = fidelity.digests(model)
-    for lower in get("ort-int4").lowering_passes(256)[:-1]:
+    digests = fidelity.digests(model, ort_target)
+    from qcompile.recipe import resolve
+
+    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256)[:-1]:
         lower(model)
     ir.save(model, tmp_path / "three.onnx", external_data="three.onnx.data")
     assert PackQKV()(model).modified
@@ -115,7 +125,7 @@ def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_pa
     mm = analysis.analyze(model)
     q, k, v = (mm.blocks[0].linears[r] for r in (analysis.Role.Q, analysis.Role.K, analysis.Role.V))
     assert q.node is k.node is v.node and q.columns[0] == 0 and k.columns[0] == q.columns[1] == q.in_features
-    assert fidelity.digests(model) == digests
+    assert fidelity.digests(model, ort_target) == digests
     ids = np.random.default_rng(5).integers(0, 256, size=(1, 12))
     (p1, s1, c1), (p0, s0, c0) = prompt_and_step(tmp_path / "packed.onnx", ids), prompt_and_step(tmp_path / "three.onnx", ids)
     np.testing.assert_allclose(p1, p0, atol=1e-6, rtol=0)
@@ -128,7 +138,6 @@ def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_pa
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_embedding_lowers_to_gather_block_quantized(tiny_export, tmp_path, bits):
-    from qcompile import fidelity
     from qcompile.passes import QuantizeEmbedding
 
     _, path = tiny_export("mistral")  # untied: the float table goes away
@@ -136,13 +145,13 @@ def test_quantized_embedding_lowers_to_gather_block_quantized(tiny_export, tmp_p
     table = analysis.analyze(model).embedding.inputs[0].const_value.numpy()
     QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=8))(model)
     QuantizeEmbedding(bits, 32)(model)  # hidden 64: two blocks per row
-    canonical = fidelity.decode_model(model)["embedding"]
+    canonical = ort_target.read_embedding(analysis.analyze(model).embedding)
     # each row is the RTN of that row, blocks along H
     np.testing.assert_array_equal(canonical.q, quantize_rtn(table.T, bits, 32, True).q.T)
     ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
     LowerToMatMulNBits(accuracy_level=0)(model)
     assert [n.op_type for n in model.graph].count("GatherBlockQuantized") == 1
-    assert fidelity.decode_model(model)["embedding"].digest() == canonical.digest()
+    assert ort_target.read_embedding(analysis.analyze(model).embedding).digest() == canonical.digest()
     ir.save(model, tmp_path / "lowered.onnx", external_data="lowered.onnx.data")
     ids = np.random.default_rng(2).integers(0, 256, size=(2, 12))
     ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
@@ -150,20 +159,18 @@ def test_quantized_embedding_lowers_to_gather_block_quantized(tiny_export, tmp_p
 
 
 def test_per_channel_int8_weights_lower_bit_identically(tmp_path):
-    from qcompile import fidelity
-
     k, n = 200, 24
     canonical, qw = _one_linear(k, n, 8, True, 0)  # group 0: one scale per output channel, DQ axis=1
     dq = next(node for node in canonical.graph if node.op_type == "DequantizeLinear")
     assert dq.attributes.get_int("axis") == 1 and "block_size" not in dq.attributes and qw.scale.shape == (1, n)
     linear = lambda: analysis.Linear("lin", analysis.Role.Q, 0, list(canonical.graph)[-1], k, n)  # noqa: E731
-    before = fidelity.decode(linear())
+    before = ort_target.read_weight(linear())
     eye = np.eye(k, dtype=np.float32)
     ref = _run(canonical, eye, tmp_path, "canonical")
     assert LowerToMatMulNBits(accuracy_level=0)(canonical).modified
     assert [node.op_type for node in canonical.graph] == ["MatMulNBits"]
     np.testing.assert_array_equal(_run(canonical, eye, tmp_path, "nbits"), ref)
-    assert fidelity.decode(linear()).digest() == before.digest()  # repeated block scales decode as one
+    assert ort_target.read_weight(linear()).digest() == before.digest()  # repeated block scales decode as one
 
 
 @pytest.mark.parametrize("accuracy_level", [0, 4])
@@ -176,7 +183,7 @@ def test_w8a8_per_token_quantizers_become_matmul_nbits_int8_activations(tiny_exp
     model = ir.load(path)
     QuantizeWeightsRTN(WeightScheme(bits=8, group_size=0, lm_head_bits=8))(model)
     QuantizeActivations(ActivationKind.INT8_DYNAMIC)(model)
-    digests = fidelity.digests(model)
+    digests = fidelity.digests(model, ort_target)
     ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
     LowerToMatMulNBits(accuracy_level)(model)
     per_token = [node for node in model.graph if node.op_type == "QuantizeDequantizePerToken"]
@@ -184,7 +191,7 @@ def test_w8a8_per_token_quantizers_become_matmul_nbits_int8_activations(tiny_exp
     # accuracy_level 4 quantizes the activations itself (per token and block); level 0 keeps our quantizer
     assert len(per_token) == (0 if accuracy_level == 4 else 2 * 4 + 1)
     assert (("qcompile", "QuantizeDequantizePerToken", "") in model.functions) == (accuracy_level == 0)
-    assert fidelity.digests(model) == digests
+    assert fidelity.digests(model, ort_target) == digests
     ir.save(model, tmp_path / "lowered.onnx", external_data="lowered.onnx.data")
     ids = np.random.default_rng(1).integers(0, 256, size=(2, 12))
     ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
@@ -201,7 +208,7 @@ def test_ort_w4a8_rotates_then_lowers_with_the_online_hadamard(tiny_export, tmp_
     _, path = tiny_export("qwen2")
     art = qcompile.compile(path, "ort-w4a8", tmp_path / "art", algo="rtn", eval_windows=None)
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
-    assert manifest["recipe"]["passes"][:4] == ["FuseNormGains", "RotateResidualStream", "RotateValueOutput",
+    assert [p["name"] for p in manifest["passes"]][:4] == ["FuseNormGains", "RotateResidualStream", "RotateValueOutput",
                                                 "InsertOnlineHadamard"]
     assert manifest["recipe"]["rotation"]["seed"] == 0
     model = ir.load(art.path / "model.onnx")

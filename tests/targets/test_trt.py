@@ -3,9 +3,11 @@ import onnx_ir as ir
 import pytest
 
 import qcompile
-from qcompile import errors, fidelity
+from qcompile import analysis, errors, fidelity
 from qcompile.passes import QuantizeWeightsRTN
 from qcompile.schemes import WeightScheme
+from qcompile.passes import _canonical
+from qcompile.targets import ort as ort_target, trt as trt_target
 from qcompile.targets.trt import PadPartialBlocks, check_tensorrt
 from tests.conftest import run_logits
 from tests.conftest import single_matmul_model
@@ -37,12 +39,12 @@ def _one_linear(k, n, bits, symmetric, block, positive=True):
 def test_padding_to_whole_blocks_keeps_logits_and_integers(tiny_export, tmp_path):
     # hidden 64 and intermediate 128 with blocks of 128: every K=64 linear has a short (partial) block
     model = _quantized_tiny(tiny_export, group_size=128, lm_head_bits=8)
-    before = fidelity.digests(model)
+    before = fidelity.digests(model, trt_target)
     assert check_tensorrt(model) and all("whole number of blocks" in v.rule for v in check_tensorrt(model))
     ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
     assert PadPartialBlocks()(model).modified
     assert check_tensorrt(model) == []
-    assert fidelity.digests(model) == before  # the real rows' integers and scales are untouched
+    assert fidelity.digests(model, trt_target) == before  # the real rows' integers and scales are untouched
     pads = [n for n in model.graph if n.op_type == "Pad"]
     # per block: one for q/k/v (one shared input), one for o, one for gate/up (down has K=128); plus lm_head
     assert len(pads) == 2 * 3 + 1
@@ -91,12 +93,30 @@ def test_matmul_nbits_decodes_to_the_canonical_integers(bits, symmetric, block):
 
     model, _ = _one_linear(200, 12, bits, symmetric, block, positive=False)
     node = next(n for n in model.graph if n.op_type == "MatMul")
-    canonical = fidelity.decode(Linear("lin", Role.Q, 0, node, 200, 12))
+    canonical = _canonical.read_weight(Linear("lin", Role.Q, 0, node, 200, 12))
     LowerToMatMulNBits()(model)
     node = next(iter(model.graph))
-    lowered = fidelity.decode(Linear("lin", Role.Q, 0, node, 200, 12))
+    lowered = ort_target.read_weight(Linear("lin", Role.Q, 0, node, 200, 12))
     assert lowered.digest() == canonical.digest()
     np.testing.assert_array_equal(lowered.q, canonical.q)
+
+
+def test_padded_weight_reads_back_without_its_zero_rows():
+    from qcompile.analysis import Linear, Role
+
+    model, _ = _one_linear(96, 8, 4, True, 64)  # K=96: half a block of padding
+    linear = lambda: Linear("lin", Role.Q, 0, next(n for n in model.graph if n.op_type == "MatMul"), 96, 8)  # noqa: E731
+    canonical = _canonical.read_weight(linear())
+    assert PadPartialBlocks()(model).modified
+    assert trt_target.read_weight(linear()).digest() == canonical.digest()
+    assert _canonical.read_weight(linear()).q.shape == (128, 8)  # only the target that padded knows the rows are padding
+
+    q = next(n for n in model.graph if n.op_type == "DequantizeLinear").inputs[0]
+    array = q.const_value.numpy().copy()
+    array[-1, 0] = 1
+    q.const_value = ir.tensor(array, name=q.name)
+    with pytest.raises(errors.InputError, match="padded rows of lin.weight_q are not zero"):
+        trt_target.read_weight(linear())
 
 
 def test_trt_target_refuses_asymmetric_weights(tiny_export, tmp_path):
@@ -111,7 +131,7 @@ def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, t
     _, path = tiny_export("llama")
     trt = qcompile.compile(path, "trt-int4", tmp_path / "trt", eval_windows=None)
     ort = qcompile.compile(path, "ort-int4", tmp_path / "ort", eval_windows=None, positive_scales=True, lm_head_bits=8)
-    assert trt.manifest["fidelity"]["tensorrt_check"] == "passed"
+    assert trt.manifest["fidelity"]["runtime_rules"] == "TensorRT's explicit-quantization rules: passed"
     report = fidelity.verify(trt.path, against=ort.path)
     assert report["passed"], report["problems"]
     assert report["layers"] == 2 * 7 + 1 and report["logits"]["argmax_agreement"] >= 0.95
@@ -123,8 +143,8 @@ def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, t
 
     # flip one stored 4-bit value of blocks.1.up in the ORT artifact's external data
     model = ir.load(ort.model_path)
-    decoded = fidelity.decode_model(model)
-    tensor = decoded["blocks.1.up"].tensor
+    up = next(linear for linear in analysis.analyze(model).linears() if linear.name == "blocks.1.up")
+    tensor = ort_target.read_weight(up).tensor
     value = model.graph.initializers[tensor]
     array = value.const_value.numpy().copy()
     array.flat[5] ^= 0x01
