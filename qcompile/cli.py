@@ -329,8 +329,11 @@ def package(
     edge: bool = typer.Option(True, "--edge", help="Package for devices with onnxruntime-genai (the only kind today)."),
 ):
     """Write an edge package: model, tokenizer, genai_config.json, golden vectors, manifest; plus a zip."""
-    from qcompile import package as package_mod
+    from qcompile import artifact, package as package_mod, targets
 
+    tgt = targets.of(artifact.Artifact.load(path).manifest)
+    if not tgt.packages_edge:
+        raise errors.InputError(f"'{path}' targets {tgt.runtime}, not ONNX Runtime: compile with --target edge-int4 (or ort-int4) to package it")
     folder = package_mod.package(path, out)
     console.print(f"Edge package written to [bold]{folder}[/bold] and {folder.with_name(folder.name + '.zip')}")
 

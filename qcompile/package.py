@@ -141,15 +141,9 @@ def zip_folder(folder: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 
 
 def package(path: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
-    """Make an edge package (folder + zip) from an ONNX Runtime artifact; returns the folder."""
-    from qcompile import targets
-
+    """Make an edge package (folder + zip) from an ONNX Runtime artifact (one whose target `packages_edge`,
+    which the caller checks); returns the folder."""
     art = artifact.Artifact.load(path)
-    tgt = targets.of(art.manifest)
-    if not tgt.packages_edge:
-        raise errors.InputError(
-            f"'{art.path}' targets {tgt.runtime}, not ONNX Runtime: compile with --target edge-int4 (or ort-int4) to package it"
-        )
     out = pathlib.Path(out) if out is not None else art.path.with_name(f"{art.path.name}-edge")
     if out.resolve() == art.path.resolve():
         raise errors.InputError("--out is the artifact itself: choose another folder")
