@@ -5,6 +5,8 @@ Exit codes: 2 for bad input (the user can fix it), 1 for internal errors.
 
 from __future__ import annotations
 
+import onnx_ir as ir
+
 
 class QcompileError(Exception):
     """Base class of every error qcompile raises on purpose."""
@@ -12,8 +14,9 @@ class QcompileError(Exception):
     exit_code = 1
 
 
-class InputError(QcompileError):
-    """The input (a path, a model, an option) is wrong; the message says how to fix it."""
+class InputError(QcompileError, ir.passes.PreconditionError):
+    """The input (a path, a model, an option) is wrong; the message says how to fix it. Also onnx_ir's
+    PreconditionError: raised by a pass's `requires()`, it reaches the caller as it is, not wrapped."""
 
     exit_code = 2
 

@@ -340,7 +340,7 @@ def to_dict(recipe: Recipe) -> dict:
 
 def to_toml(recipe: Recipe) -> str:
     data = to_dict(recipe)
-    lines = [f"# qcompile recipe: `qcompile model SOURCE --recipe FILE` compiles with it", f"version = {data.pop('version')}",
+    lines = ["# qcompile recipe: `qcompile model SOURCE --recipe FILE` compiles with it", f"version = {data.pop('version')}",
              f"target = {_toml(data.pop('target'))}"]
     for section, values in data.items():
         lines += ["", f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]

@@ -127,3 +127,21 @@ def test_one_run_serves_several_requests_as_separate_runs_would(tiny_export):
     np.testing.assert_array_equal(shared[tap].samples, alone_rows[tap].samples)
     np.testing.assert_array_equal(shared[tap].hessian, alone_hessians[tap].hessian)
     assert alone_rows[tap].hessian is None and shared[down.node.inputs[0].name].rows == []
+
+
+def test_windows_from_a_prefix_equal_those_from_the_whole_text(tmp_path):
+    """Calibration encodes only a prefix of the text when that gives enough tokens: the same ids as encoding
+    all of it (a byte-level BPE tokenizer here; tests/e2e checks SmolLM2's)."""
+    from qcompile import evaluation
+    from qcompile.runtime import load_tokenizer
+    from tests.conftest import write_byte_tokenizer
+
+    write_byte_tokenizer(tmp_path)
+    assert_prefix_windows_exact(load_tokenizer(tmp_path), evaluation.wikitext("valid"))
+
+
+def assert_prefix_windows_exact(tokenizer, text: str) -> None:
+    for samples, seqlen in ((4, 64), (32, 512)):
+        windows = calibration.calibration_windows(tokenizer, None, samples, seqlen)
+        whole = np.array(tokenizer.encode(text).ids[: samples * seqlen]).reshape(samples, seqlen)
+        np.testing.assert_array_equal(windows, whole)

@@ -64,5 +64,5 @@ class FoldAWQScales(ir.passes.InPlacePass):
                     set_weight(m, m.float_weight() * s[:, None])
                     self.hessians[m.name] = self.hessians[m.name] / np.outer(s, s)
             advance()
-        return Result(model, modified=True, record={"alphas": alphas})
+        return Result(model, modified=bool(alphas), record={"alphas": alphas})
 

@@ -75,7 +75,7 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
                 for m in members:
                     set_weight(m, m.float_weight() * s[:, None])
                 self.stats[members[0].node.inputs[0].name].scale_channels(s)
-        return Result(model, modified=True, record={"alphas": alphas})
+        return Result(model, modified=bool(alphas), record={"alphas": alphas})
 
     def _scales(self, members: list[analysis.Linear]) -> tuple[np.ndarray, float]:
         stats = self.stats[members[0].node.inputs[0].name]

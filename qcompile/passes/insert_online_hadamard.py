@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import onnx_ir as ir
 
@@ -29,12 +27,11 @@ class InsertOnlineHadamard(ir.passes.InPlacePass):
         self.roles = roles
 
     def requires(self, model: ir.Model) -> None:
-        with checking_preconditions():
-            linears = [block.linears[role] for block in analysis.analyze(model).blocks for role in self.roles]
-            for n in dict.fromkeys(linear.in_features for linear in linears):
-                known_hadamard(n)
-            for linear in linears:
-                linear.float_weight()  # InputError if already quantized
+        linears = [block.linears[role] for block in analysis.analyze(model).blocks for role in self.roles]
+        for n in dict.fromkeys(linear.in_features for linear in linears):
+            known_hadamard(n)
+        for linear in linears:
+            linear.float_weight()  # InputError if already quantized
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -72,27 +69,3 @@ def known_hadamard(n: int) -> KroneckerHadamard:
         raise errors.UnsupportedModelError(
             f"no Hadamard matrix of order {n} is known for an online rotation: use a target without rotations")
     return h
-
-
-class InputPrecondition(errors.InputError, ir.passes.PreconditionError):
-    """An InputError found by a pass's requires(). As a PreconditionError, onnx_ir's PassBase re-raises it
-    as it is (it wraps any other error), so `except errors.InputError` and the CLI's one-line message with
-    exit code 2 still see it."""
-
-
-class UnsupportedModelPrecondition(errors.UnsupportedModelError, InputPrecondition):
-    """An UnsupportedModelError found by a pass's requires() (see InputPrecondition)."""
-
-
-@contextlib.contextmanager
-def checking_preconditions():
-    """In a pass's requires(): an InputError or UnsupportedModelError (from the analysis or a shared helper)
-    leaves as the matching *Precondition with the same message, the original as its __cause__."""
-    try:
-        yield
-    except ir.passes.PreconditionError:
-        raise
-    except errors.UnsupportedModelError as e:
-        raise UnsupportedModelPrecondition(str(e)) from e
-    except errors.InputError as e:
-        raise InputPrecondition(str(e)) from e

@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile import analysis, custom_ops, errors
-from qcompile.passes.insert_online_hadamard import checking_preconditions, hadamard_factors, known_hadamard
+from qcompile.passes.insert_online_hadamard import hadamard_factors, known_hadamard
 
 # ops between the attention scores MatMul and the softmax (mask, scale), and between a cache Concat and
 # the scores MatMul's key input (GQA's repeat, transposes, the scale)
@@ -23,10 +23,9 @@ class InsertQueryKeyHadamard(ir.passes.InPlacePass):
     """
 
     def requires(self, model: ir.Model) -> None:
-        with checking_preconditions():
-            for block in analysis.analyze(model).blocks:
-                _, _, head_dim = rotation_sites(block, model.graph)
-                known_hadamard(head_dim)
+        for block in analysis.analyze(model).blocks:
+            _, _, head_dim = rotation_sites(block, model.graph)
+            known_hadamard(head_dim)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -5,7 +5,6 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile import custom_ops, errors
-from qcompile.passes.insert_online_hadamard import checking_preconditions
 
 
 class QuantizeKVCache(ir.passes.InPlacePass):
@@ -22,8 +21,7 @@ class QuantizeKVCache(ir.passes.InPlacePass):
         self.bits = bits
 
     def requires(self, model: ir.Model) -> None:
-        with checking_preconditions():
-            cache_concats(model.graph)
+        cache_concats(model.graph)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -46,10 +46,10 @@ class QuantizeWeightsAWQ(ir.passes.InPlacePass):
             quantize = QuantizeWeightsGPTQ(self.scheme, None, self.scheme.act_order, self.scheme.damp,
                                            self.progress, hessians=hessians)
             layers = [{**e, "algorithm": "awq+gptq"} if "bits" in e else e for e in quantize(model).layers]
-            return Result(model, modified=True, layers=layers, record=fold.record)
+            return Result(model, modified=fold.modified or any("bits" in e for e in layers), layers=layers, record=fold.record)
         s = self.scheme
         layers = quantize_linears(
             model, s, lambda linear, bits: search_clip(linear.float_weight(), hessians[linear.name], bits,
                                                        group_for(s, linear), s.symmetric, positive=s.positive_scales),
             "awq", self.progress, "Quantizing weights (AWQ clip)")
-        return Result(model, modified=True, layers=layers, record=fold.record)
+        return Result(model, modified=fold.modified or any("bits" in e for e in layers), layers=layers, record=fold.record)

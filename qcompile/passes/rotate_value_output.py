@@ -8,7 +8,6 @@ import onnx_ir as ir
 from qcompile import analysis, errors
 from qcompile.algorithms.hadamard import random_orthogonal
 from qcompile.passes._fold import bias_of, set_tensor, set_weight
-from qcompile.passes.insert_online_hadamard import checking_preconditions
 
 R = analysis.Role
 
@@ -54,12 +53,11 @@ class RotateValueOutput(ir.passes.InPlacePass):
         self.seed = seed
 
     def requires(self, model: ir.Model) -> None:
-        with checking_preconditions():
-            d = head_dim(model)
-            for block in analysis.analyze(model).blocks:
-                head_counts(block, d)
-                for linear in (block.linears[R.V], block.linears[R.O]):
-                    linear.float_weight()  # InputError if already quantized
+        d = head_dim(model)
+        for block in analysis.analyze(model).blocks:
+            head_counts(block, d)
+            for linear in (block.linears[R.V], block.linears[R.O]):
+                linear.float_weight()  # InputError if already quantized
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         d = head_dim(model)

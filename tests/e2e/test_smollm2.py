@@ -148,3 +148,10 @@ def test_awq_beats_rtn(smollm2_export, int4_artifact, tmp_path):
                            calib_samples=8, eval_windows=WINDOWS)
     assert {e["algorithm"] for e in art.manifest["layers"] if e["name"] != "lm_head"} == {"awq"}
     assert art.metrics["ppl_increase_pct"] < 0.8 * int4_artifact.metrics["ppl_increase_pct"]
+
+
+def test_calibration_windows_from_a_prefix_equal_the_whole_texts(smollm2_export):
+    from qcompile import evaluation
+    from tests.test_calibration import assert_prefix_windows_exact
+
+    assert_prefix_windows_exact(runtime.load_tokenizer(smollm2_export), evaluation.wikitext("valid"))
