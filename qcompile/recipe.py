@@ -144,7 +144,7 @@ class Recipe:
         return self.body_calibrated or self.head_calibrated
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in ("target", "version")}
+SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("target", "version"))
 _SECTION_TYPES = {name: cls for name, cls in typing.get_type_hints(Recipe).items() if name in SECTIONS}
 
 # compile()'s keyword options and the CLI's, as recipe fields. None means "not given" except for the
