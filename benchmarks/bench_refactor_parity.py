@@ -1,11 +1,13 @@
 """Compile SmolLM2 for every target with its defaults and record what each artifact is: the model files'
 hashes, the compile time (export cached, no evaluation) and, with --ppl, perplexity on 32 windows.
 
-    python benchmarks/bench_refactor_parity.py --out before.json           # on the old code
+    PYTHONPATH=old-checkout python benchmarks/bench_refactor_parity.py --out before.json  # on the old code
     python benchmarks/bench_refactor_parity.py --out after.json --against before.json
 
-`--against` prints, per target, whether the model files are byte-identical and the perplexity change.
-Uses only the public API (qcompile.compile, qcompile.evaluate, qcompile.artifact.file_hashes).
+`--against` prints, per target, whether the model files are byte-identical and the perplexity change, and
+writes it to benchmarks/results/refactor_parity.{json,md}; `--compare-only` compares an existing --out
+with --against, compiling nothing. Uses only the public API (qcompile.compile, qcompile.evaluate,
+qcompile.artifact.file_hashes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 import qcompile
 from qcompile import artifact
+from _results import meta, save
 
 TARGETS = ["ort-int4", "trt-int4", "edge-int4", "ort-w8a8", "ort-w4a8", "trt-int8", "trt-fp8"]
 
@@ -58,12 +61,18 @@ def main() -> None:
     parser.add_argument("--against", type=pathlib.Path)
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--ppl-windows", type=int, default=32, help="0 skips perplexity")
+    parser.add_argument("--compare-only", action="store_true", help="compare --out with --against; compile nothing")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        rows = run(args.targets.split(","), args.ppl_windows, pathlib.Path(work))
-    args.out.write_text(json.dumps(rows, indent=2))
+    if args.compare_only:
+        rows = json.loads(args.out.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as work:
+            rows = run(args.targets.split(","), args.ppl_windows, pathlib.Path(work))
+        args.out.write_text(json.dumps(rows, indent=2))
     if args.against:
-        print("\n".join(compare(json.loads(args.against.read_text()), rows)))
+        before = json.loads(args.against.read_text())
+        save("refactor_parity", {"meta": meta(windows=args.ppl_windows), "before": before, "after": rows},
+             compare(before, rows))
 
 
 if __name__ == "__main__":

@@ -398,17 +398,9 @@ _INTERRUPTED = 130  # 128 + SIGINT
 _WRITES = {"model": "no artifact", "export": "no export", "build": "no engine", "package": "no package"}
 
 
-def _option(args: list[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def _interrupted(args: list[str]) -> int:
     """Ctrl-C: one line naming the stage it stopped and what that leaves behind."""
+    from qcompile.passes.quantize_weights_gptq import GPTQ_WALK
     from qcompile.progress import RichProgress
 
     stage = RichProgress.stage
@@ -416,8 +408,7 @@ def _interrupted(args: list[str]) -> int:
     command = args[0] if args else ""
     if command in _WRITES:
         line += f": {_WRITES[command]} was written"
-    algo = (_option(args, "--algo") or "").lower()
-    if command == "model" and stage and "GPTQ" in stage and algo == "gptq":  # only --algo gptq keeps state
+    if command == "model" and stage and stage.startswith(GPTQ_WALK):  # the only stage that saves its work
         line += "; rerun with --resume to continue from the last finished layer"
     print(line, file=sys.stderr)
     return _INTERRUPTED

@@ -94,7 +94,7 @@ def test_ctrl_c_in_gptq_names_the_stage_and_resume(monkeypatch, capsys):
 
 
 def test_ctrl_c_in_an_rtn_compiles_lm_head_gptq_offers_no_resume(monkeypatch, capsys):
-    _interrupt_compile(monkeypatch, "GPTQ, parallel (blocks)")  # ort-int4's lm_head: --resume would be refused
+    _interrupt_compile(monkeypatch, "Quantizing weights (GPTQ)")  # ort-int4's lm_head: --resume would be refused
     assert main(["model", "anything", "--no-eval"]) == 130
     assert "--resume" not in capsys.readouterr().err
 

@@ -12,6 +12,8 @@ from qcompile.passes._canonical import bits_for, group_for, layer_record, quanti
 from qcompile.passes._result import Result
 from qcompile.schemes import WeightScheme
 
+GPTQ_WALK = "GPTQ, "  # how the block walk's progress label starts (the CLI offers --resume when it is stopped)
+
 
 class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     """W ≈ Ŵ = (q - z) · s chosen to minimise ||X·W - X·Ŵ||² on calibration inputs X (see `algorithms.gptq`).
@@ -105,7 +107,7 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
             hidden = calibration.values(model, entry, self.windows, progress=self.progress,
                                         label="Calibrating (embeddings)")
         mode = "sequential" if self.sequential else "parallel"
-        advance = self.progress.task(f"GPTQ, {mode} (blocks)", len(model_map.blocks) + 1 - start) if self.progress else (lambda: None)
+        advance = self.progress.task(f"{GPTQ_WALK}{mode} (blocks)", len(model_map.blocks) + 1 - start) if self.progress else (lambda: None)
         for index in range(start, len(model_map.blocks) + 1):
             model_map = analysis.analyze(model)  # the earlier blocks' linears are now DequantizeLinear → MatMul
             last = index == len(model_map.blocks)
