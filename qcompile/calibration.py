@@ -184,12 +184,14 @@ def values(model: ir.Model, value: ir.Value, windows: np.ndarray, start: tuple[i
 class Request:
     """What one pass needs from a calibration run: statistics of `taps`, with Hessians if `hessian`, that
     many sampled `rows` per window, and attention-weighted statistics for the taps `attention` maps to
-    attention probabilities (see the module docstring)."""
+    attention probabilities (see the module docstring). `linears`: the linears whose inputs the taps are,
+    for `linear_hessians`."""
 
     taps: list[ir.Value]
     hessian: bool = False
     rows: int = 0
     attention: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
+    linears: list = dataclasses.field(default_factory=list)
 
 
 def linear_request(model: ir.Model, linears: list) -> Request:
@@ -197,16 +199,17 @@ def linear_request(model: ir.Model, linears: list) -> Request:
     block's attention probabilities are known."""
     probs = {b.index: b.attention_probs for b in analyze(model).blocks if b.attention_probs is not None}
     attention = {lin.node.inputs[0].name: probs[lin.block] for lin in linears if lin.role == Role.V and lin.block in probs}
-    return Request(list(dict.fromkeys(lin.node.inputs[0] for lin in linears)), hessian=True, attention=attention)
+    return Request(list(dict.fromkeys(lin.node.inputs[0] for lin in linears)), hessian=True, attention=attention,
+                   linears=list(linears))
 
 
-def linear_hessians(stats: dict[str, "TapStats"], linears: list, request: Request) -> dict[str, np.ndarray]:
-    """Hessian by linear name from the stats of a `linear_request` run."""
+def linear_hessians(stats: dict[str, "TapStats"], request: Request) -> dict[str, np.ndarray]:
+    """Hessian by linear name from the stats of a run that served `request` (a `linear_request`)."""
     def key(lin) -> str:
         tap = lin.node.inputs[0].name
         return attention_key(tap) if lin.role == Role.V and tap in request.attention else tap
 
-    return {lin.name: stats[key(lin)].hessian for lin in linears}
+    return {lin.name: stats[key(lin)].hessian for lin in request.linears}
 
 
 def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=None, label: str = "Calibrating",
@@ -264,4 +267,4 @@ def linear_statistics(model: ir.Model, linears: list, windows: np.ndarray, progr
     `keep`: a value computed in the same run (GPTQ takes the float block's output from it)."""
     request = linear_request(model, linears)
     stats, kept = run(model, [request], windows, progress, label, start, keep)
-    return stats, linear_hessians(stats, linears, request), kept
+    return stats, linear_hessians(stats, request), kept

@@ -9,6 +9,7 @@ import json
 import pathlib
 import shutil
 import sys
+from inspect import Parameter, Signature, signature
 from typing import Optional
 
 import typer
@@ -116,31 +117,26 @@ def _recipe_options(given: dict) -> dict:
     return options
 
 
-@app.command("recipe")
-def recipe_(
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target whose defaults to start from [default: the recipe file's, else ort-int4]."),
-    recipe: Optional[pathlib.Path] = typer.Option(None, "--recipe", help="A recipe file or artifact manifest.json to apply over the target's defaults."),
-    algo: Optional[str] = typer.Option(None, "--algo"), bits: Optional[int] = typer.Option(None, "--bits"),
-    group_size: Optional[int] = typer.Option(None, "--group-size"),
-    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric"),
-    positive_scales: Optional[bool] = typer.Option(None, "--positive-scales/--signed-scales"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order"), gptq_mode: Optional[str] = typer.Option(None, "--gptq-mode"),
-    lm_head: Width = typer.Option(Width.default, "--lm-head"), embeddings: Width = typer.Option(Width.default, "--embeddings"),
-    activations: Optional[str] = typer.Option(None, "--activations"), activation_clip: Optional[float] = typer.Option(None, "--activation-clip"),
-    kv_cache: Width = typer.Option(Width.default, "--kv-cache"),
-    smoothquant: Optional[bool] = typer.Option(None, "--smoothquant/--no-smoothquant"), alpha: Optional[str] = typer.Option(None, "--alpha"),
-    smooth_up_down: Optional[bool] = typer.Option(None, "--smooth-up-down/--no-smooth-up-down"),
-    accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level"),
-    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate"), rotation_seed: Optional[int] = typer.Option(None, "--rotation-seed"),
-    attention_hadamards: Optional[bool] = typer.Option(None, "--attention-hadamards/--no-attention-hadamards"),
-    rotation: Optional[str] = typer.Option(None, "--rotation"),
-    calib: Optional[pathlib.Path] = typer.Option(None, "--calib"), calib_samples: Optional[int] = typer.Option(None, "--calib-samples"),
-    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen"), fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse"),
-):
-    """Print the resolved recipe as TOML (the options are those of `qcompile model`; see its --help)."""
+def recipe_(target: Optional[str] = None, recipe: Optional[pathlib.Path] = None, **options):
+    """Print the resolved recipe as TOML: the target's defaults, a recipe file, then the options (those of
+    `qcompile model`) over them."""
     from qcompile import recipe as recipe_mod
 
-    sys.stdout.write(recipe_mod.to_toml(recipe_mod.resolve(target, recipe, _recipe_options(locals()))))
+    sys.stdout.write(recipe_mod.to_toml(recipe_mod.resolve(target, recipe, _recipe_options(options))))
+
+
+def _recipe_parameters() -> Signature:
+    """`qcompile model`'s --target, --recipe and recipe options: the parameters of `qcompile recipe`."""
+    from qcompile.recipe import OPTIONS
+
+    keep = {"target", "recipe", *OPTIONS, *_WIDTH_OPTIONS}
+    of_model = signature(model, eval_str=True)
+    return of_model.replace(parameters=[p.replace(kind=Parameter.KEYWORD_ONLY)
+                                        for p in of_model.parameters.values() if p.name in keep])
+
+
+recipe_.__signature__ = _recipe_parameters()
+app.command("recipe")(recipe_)
 
 
 def _print_summary(art) -> None:

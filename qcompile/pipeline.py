@@ -194,9 +194,10 @@ def context_length(folder: pathlib.Path) -> int | None:
 
 # The recipe's enums choose passes from these registries. A weight pass marked `shares_calibration` takes
 # its statistics from the one float calibration run; the others (GPTQ) walk the blocks themselves.
-_NORM_ROTATIONS = {
-    NormRotation.RESIDUAL: lambda rot, progress: [FuseNormGains(), RotateResidualStream(rot.seed)],
-    NormRotation.SMOOTHED: lambda rot, progress: [SmoothRotateNormOutputs(seed=rot.seed, progress=progress, down_inputs=True)],
+_NORM_ROTATIONS = {  # the smoothed rotation measures the float model's norm outputs itself, before it rotates
+    NormRotation.RESIDUAL: lambda rot, windows, progress: [FuseNormGains(), RotateResidualStream(rot.seed)],
+    NormRotation.SMOOTHED: lambda rot, windows, progress: [SmoothRotateNormOutputs(windows, seed=rot.seed, progress=progress,
+                                                                                   down_inputs=True)],
 }
 _WEIGHT_PASSES = {
     Algorithm.RTN: (lambda scheme, windows, progress, saved: QuantizeWeightsRTN(scheme, progress), False),
@@ -216,11 +217,9 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     scheme, act, rot = plan.weight_scheme(), plan.activations, plan.rotation
     passes: list[ir.passes.PassBase] = []
     if rot.enabled:
-        norms = _NORM_ROTATIONS[rot.norm_outputs](rot, progress)
-        measured = [p for p in norms if hasattr(p, "calibration_request")]
         online = InsertOnlineHadamard((Role.DOWN, Role.O) if rot.attention_hadamards else (Role.DOWN,))
-        passes += [*([Calibrate(windows, measured, progress, "Calibrating (norm outputs)")] if measured else []), *norms,
-                   RotateValueOutput(rot.seed), online, *([InsertQueryKeyHadamard()] if rot.attention_hadamards else [])]
+        passes += [*_NORM_ROTATIONS[rot.norm_outputs](rot, windows, progress), RotateValueOutput(rot.seed), online,
+                   *([InsertQueryKeyHadamard()] if rot.attention_hadamards else [])]
     head = QuantizeWeightsGPTQ(scheme, None, scheme.act_order, scheme.damp, progress, names={"lm_head"}) if plan.head_calibrated else None
     make_weights, shares_calibration = _WEIGHT_PASSES[scheme.algorithm]
     weights = make_weights(dataclasses.replace(scheme, skip=(*scheme.skip, "lm_head")) if head else scheme, windows, progress, saved)

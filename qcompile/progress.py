@@ -39,13 +39,14 @@ class RichProgress:
         task_id = self._progress.add_task(description, total=total)
         token = object()
         RichProgress.stage, RichProgress.stage_done, RichProgress._stage_token = description, False, token
-        left = [total]
+        left = total
 
         def advance() -> None:
+            nonlocal left
             self._progress.advance(task_id)
-            if left[0] is not None:
-                left[0] -= 1
-                if left[0] <= 0 and RichProgress._stage_token is token:
+            if left is not None:
+                left -= 1
+                if left <= 0 and RichProgress._stage_token is token:
                     RichProgress.stage_done = True
 
         return advance

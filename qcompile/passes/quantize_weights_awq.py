@@ -9,6 +9,7 @@ from qcompile import analysis, calibration
 from qcompile.algorithms.awq import search_clip
 from qcompile.passes._canonical import bits_for, group_for, quantize_linears
 from qcompile.passes._result import Result
+from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.fold_awq_scales import FoldAWQScales
 from qcompile.passes.quantize_weights_gptq import QuantizeWeightsGPTQ
 from qcompile.schemes import WeightScheme
@@ -30,26 +31,23 @@ class QuantizeWeightsAWQ(ir.passes.InPlacePass):
         self.hessians: dict[str, np.ndarray] | None = None
 
     def calibration_request(self, model: ir.Model) -> calibration.Request:
-        self._requested = [lin for lin in analysis.analyze(model).linears() if bits_for(self.scheme, lin) is not None]
-        return calibration.linear_request(model, self._requested)
+        quantized = [lin for lin in analysis.analyze(model).linears() if bits_for(self.scheme, lin) is not None]
+        return calibration.linear_request(model, quantized)
 
     def calibrated(self, stats: dict, request: calibration.Request) -> None:
-        self.stats, self.hessians = stats, calibration.linear_hessians(stats, self._requested, request)
+        self.stats, self.hessians = stats, calibration.linear_hessians(stats, request)
 
     def call(self, model: ir.Model) -> Result:
         if self.stats is None:
-            request = self.calibration_request(model)
-            self.calibrated(calibration.run(model, [request], self.windows, self.progress, "Calibrating (AWQ)")[0], request)
-        hessians = self.hessians
-        fold = FoldAWQScales(self.scheme, self.stats, hessians, self.progress)(model)
+            Calibrate(self.windows, [self], self.progress, "Calibrating (AWQ)")(model)
+        hessians, s = self.hessians, self.scheme
+        fold = FoldAWQScales(s, self.stats, hessians, self.progress)(model)
         if self.gptq:
-            quantize = QuantizeWeightsGPTQ(self.scheme, None, self.scheme.act_order, self.scheme.damp,
-                                           self.progress, hessians=hessians)
+            quantize = QuantizeWeightsGPTQ(s, None, s.act_order, s.damp, self.progress, hessians=hessians)
             layers = [{**e, "algorithm": "awq+gptq"} if "bits" in e else e for e in quantize(model).layers]
-            return Result(model, modified=fold.modified or any("bits" in e for e in layers), layers=layers, record=fold.record)
-        s = self.scheme
-        layers = quantize_linears(
-            model, s, lambda linear, bits: search_clip(linear.float_weight(), hessians[linear.name], bits,
-                                                       group_for(s, linear), s.symmetric, positive=s.positive_scales),
-            "awq", self.progress, "Quantizing weights (AWQ clip)")
+        else:
+            layers = quantize_linears(
+                model, s, lambda linear, bits: search_clip(linear.float_weight(), hessians[linear.name], bits,
+                                                           group_for(s, linear), s.symmetric, positive=s.positive_scales),
+                "awq", self.progress, "Quantizing weights (AWQ clip)")
         return Result(model, modified=fold.modified or any("bits" in e for e in layers), layers=layers, record=fold.record)

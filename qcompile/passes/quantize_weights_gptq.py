@@ -64,11 +64,10 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
     def calibration_request(self, model: ir.Model) -> calibration.Request:
         if self.sequential:
             raise ValueError("sequential GPTQ measures its Hessians on the partly quantized model: it runs its own calibration")
-        self._requested = self._linears(model)
-        return calibration.linear_request(model, self._requested)
+        return calibration.linear_request(model, self._linears(model))
 
     def calibrated(self, stats: dict, request: calibration.Request) -> None:
-        self.hessians = calibration.linear_hessians(stats, self._requested, request)
+        self.hessians = calibration.linear_hessians(stats, request)
 
     def _quantize(self, model: ir.Model, hessians: dict[str, np.ndarray], names: set[str] | None, label: str) -> list[dict]:
         s = self.scheme

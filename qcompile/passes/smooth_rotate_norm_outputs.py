@@ -29,6 +29,7 @@ from qcompile import analysis, calibration, custom_ops
 from qcompile.passes._canonical import _initializer, _remove_if_unused
 from qcompile.passes._fold import set_weight
 from qcompile.passes._result import Result
+from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.fuse_norm_gains import check_rms_norms, norm_readers
 from qcompile.passes.insert_online_hadamard import hadamard_factors
 
@@ -60,10 +61,9 @@ class SmoothRotateNormOutputs(ir.passes.InPlacePass):
         model_map = analysis.analyze(model)
         groups = [(norm, readers) for norm, readers in norm_readers(model_map) if norm is not model_map.final_norm]
         downs = [block.linears[analysis.Role.DOWN] for block in model_map.blocks] if self.down_inputs else []
+        if self.stats is None:
+            Calibrate(self.windows, [self], self.progress, "Calibrating (norm outputs)")(model)
         stats = self.stats
-        if stats is None:
-            stats, _ = calibration.run(model, [self.calibration_request(model)], self.windows, self.progress,
-                                       "Calibrating (norm outputs)")
         for block, down in zip(model_map.blocks, downs):
             w = down.float_weight().astype(np.float64)
             t = self._scales(np.linalg.norm(w, axis=1), stats[down.node.inputs[0].name].rms)

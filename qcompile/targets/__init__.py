@@ -15,8 +15,8 @@ import pathlib
 
 import onnx_ir as ir
 
-from qcompile import errors
-from qcompile.passes import FuseGroupQueryAttention
+from qcompile import errors, package
+from qcompile.passes import FuseGroupQueryAttention, _canonical
 from qcompile.targets import ort, trt
 
 
@@ -48,14 +48,10 @@ class Target:
         return []
 
     def read_weight(self, linear):
-        from qcompile.passes._canonical import read_weight
-
-        return read_weight(linear)
+        return _canonical.read_weight(linear)
 
     def read_embedding(self, gather: ir.Node):
-        from qcompile.passes._canonical import read_embedding
-
-        return read_embedding(gather)
+        return _canonical.read_embedding(gather)
 
     def package(self, folder: pathlib.Path, name: str) -> dict | None:
         """Add this target's files to the artifact folder (before its manifest); returns their record."""
@@ -80,16 +76,10 @@ class OnnxRuntimeTarget(Target):
         return ort.read_embedding(gather)
 
     def package(self, folder: pathlib.Path, name: str) -> dict | None:
-        if not self.edge:
-            return None
-        from qcompile import package
-
-        return package.write_edge_files(folder, name)
+        return package.write_edge_files(folder, name) if self.edge else None
 
     def finish(self, out: pathlib.Path) -> None:
         if self.edge:
-            from qcompile import package
-
             package.zip_folder(out, out.with_name(f"{out.name}.zip"))
 
 

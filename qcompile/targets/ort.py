@@ -28,7 +28,7 @@ from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase
 from qcompile import custom_ops
 from qcompile.analysis import Linear
 from qcompile.passes import _canonical
-from qcompile.passes._canonical import _INT_TYPES, Decoded
+from qcompile.passes._canonical import _INT_TYPES, Decoded, _array
 
 PER_CHANNEL_BLOCK = 128  # MatMulNBits block for per-channel weights (the scale repeats in every block)
 
@@ -76,7 +76,7 @@ def read_weight(linear: Linear) -> Decoded | None:
     a = node.attributes
     k, bits, block = (a[name].as_int() for name in ("K", "bits", "block_size"))
     zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] is not None else None
-    q, scale, zp = decode_matmul_nbits(*(_const(v) for v in node.inputs[1:3]), None if zp is None else _const(zp),
+    q, scale, zp = decode_matmul_nbits(*(_array(v) for v in node.inputs[1:3]), None if zp is None else _array(zp),
                                        k, bits, block)
     if linear.columns is not None:  # one of a packed node's linears: its columns
         cols = slice(*linear.columns)
@@ -90,14 +90,10 @@ def read_embedding(gather: ir.Node) -> Decoded | None:
     if gather.op_type != "GatherBlockQuantized":
         return _canonical.read_embedding(gather)
     a = gather.attributes
-    data = _const(gather.inputs[0])
+    data = _array(gather.inputs[0])
     q = data.astype(np.int16) - (128 if data.dtype == np.uint8 else 0)
-    return Decoded(q, _const(gather.inputs[2]).astype(np.float32), None, a["bits"].as_int(), a["block_size"].as_int(),
+    return Decoded(q, _array(gather.inputs[2]).astype(np.float32), None, a["bits"].as_int(), a["block_size"].as_int(),
                    gather.inputs[0].name)
-
-
-def _const(value: ir.Value) -> np.ndarray:
-    return value.const_value.numpy()
 
 
 class _DequantizeMatMulToNBits(RewriteRuleClassBase):

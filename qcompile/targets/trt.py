@@ -91,11 +91,6 @@ def read_weight(linear: Linear) -> Decoded | None:
     return dataclasses.replace(stored, q=stored.q[:k]).one_block_if_uniform()
 
 
-def read_embedding(gather: ir.Node) -> Decoded | None:
-    """A quantized embedding table in canonical layout (TensorRT targets keep the canonical form)."""
-    return _canonical.read_embedding(gather)
-
-
 @dataclasses.dataclass(frozen=True)
 class Violation:
     node: str

@@ -7,7 +7,7 @@ from qcompile import analysis, errors, fidelity
 from qcompile.passes import QuantizeWeightsRTN
 from qcompile.schemes import WeightScheme
 from qcompile.passes import _canonical
-from qcompile.targets import ort as ort_target, trt as trt_target
+from qcompile.targets import get, ort as ort_target, trt as trt_target
 from qcompile.targets.trt import PadPartialBlocks, check_tensorrt
 from tests.conftest import run_logits
 from tests.conftest import single_matmul_model
@@ -39,12 +39,12 @@ def _one_linear(k, n, bits, symmetric, block, positive=True):
 def test_padding_to_whole_blocks_keeps_logits_and_integers(tiny_export, tmp_path):
     # hidden 64 and intermediate 128 with blocks of 128: every K=64 linear has a short (partial) block
     model = _quantized_tiny(tiny_export, group_size=128, lm_head_bits=8)
-    before = fidelity.digests(model, trt_target)
+    before = fidelity.digests(model, get("trt-int4"))
     assert check_tensorrt(model) and all("whole number of blocks" in v.rule for v in check_tensorrt(model))
     ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
     assert PadPartialBlocks()(model).modified
     assert check_tensorrt(model) == []
-    assert fidelity.digests(model, trt_target) == before  # the real rows' integers and scales are untouched
+    assert fidelity.digests(model, get("trt-int4")) == before  # the real rows' integers and scales are untouched
     pads = [n for n in model.graph if n.op_type == "Pad"]
     # per block: one for q/k/v (one shared input), one for o, one for gate/up (down has K=128); plus lm_head
     assert len(pads) == 2 * 3 + 1
