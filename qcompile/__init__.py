@@ -8,9 +8,9 @@
 __version__ = "0.1.0"
 
 from qcompile.artifact import Artifact  # noqa: E402
-from qcompile.errors import QcompileError  # noqa: E402
+from qcompile.errors import AccuracyGateError, QcompileError  # noqa: E402
 from qcompile.pipeline import compile, evaluate, export  # noqa: E402
 
 load = Artifact.load
 
-__all__ = ["Artifact", "QcompileError", "compile", "evaluate", "export", "load", "__version__"]
+__all__ = ["AccuracyGateError", "Artifact", "QcompileError", "compile", "evaluate", "export", "load", "__version__"]

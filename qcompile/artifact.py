@@ -200,10 +200,15 @@ def write_manifest(folder: pathlib.Path, manifest: dict) -> None:
 def write_manifest_atomic(folder: pathlib.Path, manifest: dict) -> None:
     """Rewrite an existing artifact's manifest (after adding a file to it) in one rename."""
     manifest["files"] = file_hashes(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=folder)
+    publish_text(folder / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def publish_text(dst: pathlib.Path, text: str) -> None:
+    """Write `text` to `dst` in one rename: a reader sees the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(manifest, indent=2))
-    publish(pathlib.Path(tmp), folder / MANIFEST)
+        f.write(text)
+    publish(pathlib.Path(tmp), dst)
 
 
 def publish(tmp: pathlib.Path, dst: pathlib.Path) -> None:

@@ -78,6 +78,7 @@ def model(
     accuracy_level: Optional[int] = typer.Option(None, "--accuracy-level", help="ORT MatMulNBits accuracy_level: 0 (fp32 compute) or 4 (int8 activations) [default: 4]."),
     eval_windows: int = typer.Option(32, "--eval-windows", help="WikiText-2 test windows of 512 tokens to evaluate."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity and latency measurement."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: fail (exit 3, nothing written) when perplexity rises more than this percentage over the float model's."),
     engine: bool = typer.Option(False, "--engine", help="trt-* targets: also build a TensorRT engine (see `qcompile build`)."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="QuaRot: rotate the residual stream and value heads, online Hadamard before down_proj [default: on for ort-w4a8]."),
     rotation_seed: Optional[int] = typer.Option(None, "--rotation-seed", help="Seed of the rotations' random signs [default: 0]."),
@@ -91,7 +92,8 @@ def model(
 
     options = _recipe_options(locals())
     with _progress() as progress:
-        art = pipeline.compile(source, target, out, recipe, eval_windows=None if no_eval else eval_windows, engine=engine,
+        art = pipeline.compile(source, target, out, recipe, eval_windows=None if no_eval else eval_windows,
+                               max_ppl_increase=max_ppl_increase, engine=engine,
                                resume=resume, progress=progress, **options)
     _print_summary(art)
 
@@ -155,6 +157,8 @@ def _print_summary(art) -> None:
                       f"{f['prefill_ms'] / q['prefill_ms']:.2f}× faster")
         table.add_row("decode per token", f"{f['decode_ms_per_token']:.1f} ms", f"{q['decode_ms_per_token']:.1f} ms",
                       f"{m['decode_speedup']:.2f}× faster")
+    if "accuracy_gate" in m:
+        table.add_row("accuracy gate", "", f"passed (≤ {m['accuracy_gate']['max_ppl_increase_pct']:g} %)", "")
     table.add_row("compile time", "", f"{m['compile_seconds']:.0f} s", "")
     console.print(table)
     console.print(f"Artifact written to [bold]{art.path}[/bold]")

@@ -1,6 +1,7 @@
 """Typed errors. Each message names the problem and the fix; the CLI prints it as one line.
 
-Exit codes: 2 for bad input (the user can fix it), 1 for internal errors.
+Exit codes: 2 for bad input (the user can fix it), 3 for a compile that failed its accuracy gate, 1 for
+internal errors.
 """
 
 from __future__ import annotations
@@ -47,3 +48,17 @@ class OutputExistsError(InputError):
 
 class VerificationError(QcompileError):
     """An artifact's weights or outputs do not match what they must (a tampered or broken file)."""
+
+
+class AccuracyGateError(QcompileError):
+    """The quantized model's perplexity rose past the bound the caller set (`max_ppl_increase`); nothing
+    was written. `metrics` holds what was measured (the manifest's metrics), `bound` the percent allowed."""
+
+    exit_code = 3
+
+    def __init__(self, metrics: dict, bound: float):
+        self.metrics, self.bound = metrics, bound
+        super().__init__(
+            f"accuracy gate failed: perplexity {metrics['quantized']['ppl']:.3f} against float {metrics['float']['ppl']:.3f} "
+            f"is {metrics['ppl_increase_pct']:+.2f} %, past --max-ppl-increase {bound:g} %: nothing was written "
+            "(a calibrated recipe such as --algo gptq loses less; or raise the bound)")

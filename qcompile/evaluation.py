@@ -71,7 +71,7 @@ def latency(decoder: Decoder, prompt_len: int = SEQ_LEN, decode_steps: int = 32,
     Each round is one prefill and `decode_steps` cached decode steps; the best round is reported because
     interference from other processes only ever adds time.
     """
-    ids = np.random.default_rng(0).integers(100, 1000, size=(prompt_len,))
+    ids = np.random.default_rng(0).integers(0, min(1000, decoder.vocab_size or 1000), size=(prompt_len,))
     warm = decoder.sequence(prompt_len + 1)
     warm.step(int(warm.prefill(ids).argmax()))
     prefill, decode = [], []

@@ -69,8 +69,9 @@ class _Evaluated:
 
 
 def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cache: pathlib.Path | None = None) -> _Evaluated:
-    """Perplexity, latency and size of one model. With `cache` (an export folder) the perplexity is
-    reused across compiles; latency is always measured now, so the float/quantized timings share a run."""
+    """Perplexity, latency and size of one model. With `cache` (a folder per source, see
+    `_float_cache`) the perplexity is reused across compiles; latency is always measured now, so the
+    float/quantized timings share a run."""
     cached = cache / f"perplexity-{windows}.json" if cache is not None else None
     if cached is not None and cached.is_file():
         ppl = json.loads(cached.read_text())
@@ -80,20 +81,29 @@ def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cach
         result, lat = evaluation.evaluate_model(model_path, windows, progress=progress, label=label)
         ppl, predictions = result.to_dict(), result.predictions
         if cached is not None:
-            cached.write_text(json.dumps(ppl, indent=2))
+            cache.mkdir(parents=True, exist_ok=True)
             np.save(cache / f"predictions-{windows}.npy", predictions)
+            artifact.publish_text(cached, json.dumps(ppl, indent=2))  # last: it marks the pair complete
     return _Evaluated({**ppl, **lat, "size_bytes": artifact.model_bytes(model_path)}, predictions)
 
 
+def _float_cache(src: sources.Source) -> pathlib.Path:
+    """Where the float model's evaluation is kept: one folder per source content, whatever its kind."""
+    return cache_root() / "evaluations" / f"{src.name}-{src.sha256[:16]}-{__version__}"
+
+
 def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = None, out_dir: str | pathlib.Path | None = None,
-            recipe: str | pathlib.Path | dict | Recipe | None = None, *, eval_windows: int | None = 32, engine: bool = False,
-            resume: bool = False, progress=None, **overrides) -> artifact.Artifact:
+            recipe: str | pathlib.Path | dict | Recipe | None = None, *, eval_windows: int | None = 32,
+            max_ppl_increase: float | None = None, engine: bool = False, resume: bool = False, progress=None,
+            **overrides) -> artifact.Artifact:
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
 
     The recipe is `target`'s defaults (ort-int4 when neither `target` nor `recipe` names one), then
     `recipe` (a TOML/JSON file, an artifact's manifest.json, a dict or a Recipe), then `overrides`
     (`recipe.OPTIONS`: algo, bits, group_size, lm_head_bits, activations, rotate, kv_cache_bits, calib,
-    ...), all checked before any work. `eval_windows=None` skips evaluation; `engine=True` (TensorRT
+    ...), all checked before any work. `eval_windows=None` skips evaluation; `max_ppl_increase` (percent over
+    the float model's perplexity) is an accuracy gate: past it nothing is written and AccuracyGateError
+    (exit code 3) carries the metrics; `engine=True` (TensorRT
     targets) also builds an engine; `resume=True` continues an interrupted GPTQ compile from the state
     kept beside `out_dir` (the artifact is byte-identical to an uninterrupted run's). The output folder
     appears only when everything succeeded.
@@ -101,7 +111,7 @@ def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = No
     started = time.perf_counter()
     plan = recipe_mod.resolve(target, recipe, overrides)
     tgt = targets.get(plan.target)
-    _check_run_options(plan, tgt, eval_windows, engine, resume)
+    _check_run_options(plan, tgt, eval_windows, max_ppl_increase, engine, resume)
     src = sources.resolve(source)
     out = pathlib.Path(out_dir) if out_dir is not None else DEFAULT_OUT_ROOT / f"{src.name}-{tgt.name}"
     artifact.check_output(out)
@@ -110,7 +120,7 @@ def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = No
     analysis.analyze(model)  # fail early, before any work, on an unsupported graph
     tgt.check_source(float_path.parent)
     if eval_windows is not None:
-        _require_tokenizer(float_path, "evaluate with", " or pass --no-eval")
+        _require_evaluable(float_path)
     windows, calib_record = _calibration_windows(plan, float_path)
     saved = checkpoint.Checkpoint(out, {"qcompile": __version__, "source": src.describe(), "recipe": recipe_mod.to_dict(plan),
                                         "calibration": calib_record}, resume) if plan.weights.algorithm == Algorithm.GPTQ else None
@@ -125,8 +135,9 @@ def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = No
         package_record = tgt.package(tmp, out.name)
         metrics = {}
         if eval_windows is not None:
-            base = _evaluate(float_path, eval_windows, progress, "(float)", None if src.kind == sources.SourceKind.ONNX else float_path.parent)
+            base = _evaluate(float_path, eval_windows, progress, "(float)", _float_cache(src))
             metrics = _compare(base, _evaluate(tmp / "model.onnx", eval_windows, progress, "(quantized)"))
+            _gate(metrics, max_ppl_increase, saved)
         metrics["compile_seconds"] = round(time.perf_counter() - started, 1)
         manifest = _manifest(src, tgt, plan, calib_record, results, lowered, {"weights": digests, **checks}, metrics, package_record)
         artifact.write_manifest(tmp, manifest)
@@ -157,7 +168,8 @@ def _manifest(src, tgt, plan, calib_record, results, lowered, fidelity_record, m
     }
 
 
-def _check_run_options(plan: Recipe, tgt: targets.Target, eval_windows: int | None, engine: bool, resume: bool) -> None:
+def _check_run_options(plan: Recipe, tgt: targets.Target, eval_windows: int | None, max_ppl_increase: float | None,
+                       engine: bool, resume: bool) -> None:
     if engine and not tgt.builds_engines:
         raise errors.InputError(f"--engine builds TensorRT engines: {tgt.name} is an {tgt.runtime} target (use trt-int4, trt-int8 or trt-fp8)")
     if resume and plan.weights.algorithm != Algorithm.GPTQ:
@@ -165,6 +177,21 @@ def _check_run_options(plan: Recipe, tgt: targets.Target, eval_windows: int | No
                                 "keeps no state to resume from")
     if eval_windows is not None and not 1 <= eval_windows <= 500:
         raise errors.InputError(f"--eval-windows {eval_windows} is out of range: use 1..500 or --no-eval")
+    if max_ppl_increase is not None and eval_windows is None:
+        raise errors.InputError("--max-ppl-increase gates on the measured perplexity: drop --no-eval, or drop the gate")
+    if max_ppl_increase is not None and not max_ppl_increase >= 0:
+        raise errors.InputError(f"--max-ppl-increase {max_ppl_increase} is not a percentage: use a number >= 0, e.g. 15")
+
+
+def _gate(metrics: dict, bound: float | None, saved: checkpoint.Checkpoint | None) -> None:
+    """Record the accuracy gate in the metrics, or fail it (inside the temporary folder: nothing is written)."""
+    if bound is None:
+        return
+    if metrics["ppl_increase_pct"] > bound:
+        if saved is not None:
+            saved.remove()  # the compile finished: there is nothing to resume
+        raise errors.AccuracyGateError(metrics, bound)
+    metrics["accuracy_gate"] = {"max_ppl_increase_pct": bound, "passed": True}
 
 
 def _calibration_windows(plan: Recipe, float_path: pathlib.Path) -> tuple[np.ndarray | None, dict | None]:
@@ -184,6 +211,14 @@ def _calibration_windows(plan: Recipe, float_path: pathlib.Path) -> tuple[np.nda
 def _require_tokenizer(float_path: pathlib.Path, purpose: str, fix: str) -> None:
     if not (float_path.parent / "tokenizer.json").is_file():
         raise errors.InputError(f"no tokenizer.json beside '{float_path}' to {purpose}: copy it there{fix}")
+
+
+def _require_evaluable(float_path: pathlib.Path) -> None:
+    _require_tokenizer(float_path, "evaluate with", " or pass --no-eval")
+    context = context_length(float_path.parent)
+    if context is not None and context < evaluation.SEQ_LEN:
+        raise errors.InputError(f"the model's context ({context} tokens) is shorter than the {evaluation.SEQ_LEN}-token "
+                                "evaluation windows: pass --no-eval")
 
 
 def context_length(folder: pathlib.Path) -> int | None:

@@ -75,6 +75,8 @@ class Decoder:
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         self.cache_shapes = {n: inputs[n].shape for n in self.past_names}
+        vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
+        self.vocab_size = vocab if isinstance(vocab, int) else None  # None: unknown (or a calibration copy)
         self.head_dim = next((s[3] for s in self.cache_shapes.values() if isinstance(s[3], int)), None) or _head_size(self.path)
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:

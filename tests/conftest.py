@@ -21,7 +21,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
 
 
-def tiny_hf_model(arch: str):
+def tiny_hf_model(arch: str, **config):
     torch = pytest.importorskip("torch")
     import transformers
 
@@ -31,7 +31,7 @@ def tiny_hf_model(arch: str):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[arch]
-    config = config_cls(**TINY, tie_word_embeddings=(arch == "llama"))
+    config = config_cls(**{**TINY, **config}, tie_word_embeddings=(arch == "llama"))
     model = model_cls(config).eval()
     with torch.no_grad():  # random norm gains, so that folding/ignoring them would show
         for name, p in model.named_parameters():

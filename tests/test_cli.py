@@ -54,6 +54,8 @@ def bad_files(tmp_path):
     (["model", "{d}/notllm", "--resume"], "--resume continues GPTQ compiles"),
     (["model", "{d}/notllm", "--rotation", "learned"], "unknown rotation 'learned'"),
     (["model", "{d}/notllm", "--target", "ort-int4", "--rotation", "smoothed"], "add --rotate or drop --rotation"),
+    (["model", "{d}/notllm", "--max-ppl-increase", "5", "--no-eval"], "drop --no-eval, or drop the gate"),
+    (["model", "{d}/notllm", "--max-ppl-increase", "-1"], "use a number >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(capsys, bad_files, args, match):
     args = [a.format(d=bad_files) for a in args] + ["-o", str(bad_files / "out")]
@@ -125,6 +127,12 @@ def test_compile_inspect_and_replace_on_a_tiny_model(capsys, tiny_export, tmp_pa
     assert json.loads((out / "manifest.json").read_text())["recipe"]["weights"]["symmetric"] is False
 
 
+def test_evaluation_refuses_a_context_shorter_than_its_windows(capsys, tiny_export, tmp_path):
+    _, path = tiny_export("llama")  # 256 positions: the 512-token windows would fail inside ORT
+    _fails_cleanly(capsys, tmp_path, ["model", str(path), "-o", str(tmp_path / "out"), "--eval-windows", "1"],
+                   "context (256 tokens) is shorter than the 512-token evaluation windows")
+
+
 def test_interrupted_compile_leaves_nothing(monkeypatch, capsys, tiny_export, tmp_path):
     _, path = tiny_export("llama")
 
@@ -172,3 +180,24 @@ def test_check_verify_and_package_report_problems(capsys, tiny_export, tmp_path)
     assert main(["check", str(trt)]) == 1
     out = capsys.readouterr().out
     assert "folded back to float" in out and "blocks.1.up" in out
+
+
+def test_float_perplexity_of_an_onnx_source_is_evaluated_once(monkeypatch, tmp_path):
+    import qcompile
+    from qcompile import evaluation
+    from qcompile.export import export_model
+    from tests.conftest import tiny_hf_model, write_byte_tokenizer
+
+    folder = tmp_path / "src"  # 1024 positions: room for the 512-token evaluation windows
+    folder.mkdir()
+    path = export_model(tiny_hf_model("llama", max_position_embeddings=1024), folder)
+    write_byte_tokenizer(folder)
+    evaluated = []
+    real = evaluation.evaluate_model
+    monkeypatch.setattr(evaluation, "evaluate_model", lambda p, *a, **k: evaluated.append(p) or real(p, *a, **k))
+    first = qcompile.compile(path, "ort-int4", tmp_path / "a", lm_head_bits=8, eval_windows=1, max_ppl_increase=50)
+    second = qcompile.compile(path, "ort-int4", tmp_path / "b", lm_head_bits=8, eval_windows=1)
+    assert len(evaluated) == 3 and evaluated.count(path) == 1  # float once, each quantized model once
+    assert second.metrics["float"]["ppl"] == first.metrics["float"]["ppl"]
+    assert first.metrics["accuracy_gate"] == {"max_ppl_increase_pct": 50, "passed": True}
+    assert "accuracy_gate" not in second.metrics
