@@ -25,7 +25,7 @@ import typing
 
 from qcompile import errors
 from qcompile.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
-from qcompile.schemes import ActivationKind, ActivationScheme, Algorithm, WeightScheme
+from qcompile.schemes import LM_HEAD_INT4_GROUP, ActivationKind, ActivationScheme, Algorithm, WeightScheme
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,7 +70,8 @@ class Weights:
 
 @dataclasses.dataclass(frozen=True)
 class LmHead:
-    bits: int | None = 8  # None: float; 4: GPTQ in groups of 32 (calibrated)
+    bits: int | None = 8  # None: float; 4: GPTQ in groups of `group_size` (calibrated)
+    group_size: int = LM_HEAD_INT4_GROUP  # a 4-bit lm_head's (an 8-bit one takes the weights' group size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ class Recipe:
         return WeightScheme(bits=w.bits, group_size=w.group_size, symmetric=w.symmetric, algorithm=w.algorithm,
                             lm_head_bits=self.lm_head.bits, skip=w.skip, act_order=w.act_order, damp=w.damp,
                             sequential=w.gptq_mode == GPTQMode.SEQUENTIAL, positive_scales=w.positive_scales,
-                            embedding_bits=self.embeddings.bits, fp8=w.fp8)
+                            embedding_bits=self.embeddings.bits, fp8=w.fp8, lm_head_group_size=self.lm_head.group_size)
 
     @property
     def head_calibrated(self) -> bool:
@@ -153,7 +154,7 @@ OPTIONS = {
     "algo": ("weights", "algorithm"), "bits": ("weights", "bits"), "group_size": ("weights", "group_size"),
     "symmetric": ("weights", "symmetric"), "positive_scales": ("weights", "positive_scales"),
     "act_order": ("weights", "act_order"), "gptq_mode": ("weights", "gptq_mode"), "skip": ("weights", "skip"),
-    "lm_head_bits": ("lm_head", "bits"), "embedding_bits": ("embeddings", "bits"),
+    "lm_head_bits": ("lm_head", "bits"), "lm_head_group_size": ("lm_head", "group_size"), "embedding_bits": ("embeddings", "bits"),
     "activations": ("activations", "kind"), "activation_clip": ("activations", "clip"),
     "smoothquant": ("activations", "smoothquant"), "smooth_up_down": ("activations", "smooth_up_down"),
     "alpha": ("activations", "alpha"),

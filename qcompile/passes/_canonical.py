@@ -163,11 +163,6 @@ def _remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.initializers.pop(value.name)
 
 
-# A 4-bit lm_head is quantized in groups of 32 (by GPTQ in `pipeline.compile`): on SmolLM2's ort-int4 it then costs
-# +1.4 % perplexity over an 8-bit one (33.72 against 33.27, 32 windows), against +24 % by RTN at group 128 (41.31).
-LM_HEAD_INT4_GROUP = 32
-
-
 def bits_for(scheme: WeightScheme, linear: Linear) -> int | None:
     """The width `scheme` gives `linear`: lm_head has its own, skipped layers None (kept float)."""
     if linear.name in scheme.skip:
@@ -176,9 +171,9 @@ def bits_for(scheme: WeightScheme, linear: Linear) -> int | None:
 
 
 def group_for(scheme: WeightScheme, linear: Linear) -> int:
-    """The group size `scheme` gives `linear`: a 4-bit lm_head's is LM_HEAD_INT4_GROUP, the rest scheme.group_size."""
+    """The group size `scheme` gives `linear`: a 4-bit lm_head's own, the rest scheme.group_size."""
     if linear.role == Role.LM_HEAD and scheme.lm_head_bits == 4:
-        return LM_HEAD_INT4_GROUP
+        return scheme.lm_head_group_size
     return scheme.group_size
 
 
