@@ -301,8 +301,8 @@ class _Analyzer:
             if node.op_type not in ("Gather", "GatherBlockQuantized") or node.inputs[1] not in graph_inputs:
                 continue
             table = node.inputs[0]
-            if (p := table.producer()) is not None and p.op_type == "DequantizeLinear":  # a quantized table
-                table = p.inputs[0]
+            if (p := table.producer()) is not None and p.op_type in ("DequantizeLinear", "Reshape"):
+                table = p.inputs[0]  # a quantized table, or a MatMulNBits B read as one (ORT, shared with lm_head)
             if _is_const(table):
                 return node
         raise self.fail("no token-embedding Gather reading a graph input was found")

@@ -117,14 +117,14 @@ def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = No
     artifact.check_output(out)
     float_path = src.path if src.kind == sources.SourceKind.ONNX else _export(src, None, progress) / export_mod.MODEL_FILE
     model = artifact.load_onnx(float_path)
-    analysis.analyze(model)  # fail early, before any work, on an unsupported graph
+    tied = analysis.analyze(model).tied_lm_head  # and fail early, before any work, on an unsupported graph
     tgt.check_source(float_path.parent)
     if eval_windows is not None:
         _require_evaluable(float_path)
     windows, calib_record = _calibration_windows(plan, float_path)
     saved = checkpoint.Checkpoint(out, {"qcompile": __version__, "source": src.describe(), "recipe": recipe_mod.to_dict(plan),
                                         "calibration": calib_record}, resume) if plan.weights.algorithm == Algorithm.GPTQ else None
-    results = run_passes(model, build_passes(plan, windows, progress, saved))
+    results = run_passes(model, build_passes(plan, windows, progress, saved, tied))
     digests = fidelity.digests(model, _canonical)
     lowered = run_passes(model, tgt.lowering_passes(plan, context_length(float_path.parent)))
     checks = _check_lowered(model, tgt, digests)
@@ -244,11 +244,12 @@ _WEIGHT_PASSES = {
 
 
 def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved: checkpoint.Checkpoint | None = None,
-                 ) -> list[ir.passes.PassBase]:
+                 tied: bool = False) -> list[ir.passes.PassBase]:
     """The passes that turn the float model into the canonical quantized model, in order: QuaRot's
     rotations (float-equivalent), one calibration run for every pass that needs the float model's
     statistics, SmoothQuant's fold, the weights (a 4-bit lm_head by GPTQ first, when the blocks are not
-    GPTQ's), the activation and KV-cache quantizers, the embedding."""
+    GPTQ's), the activation and KV-cache quantizers, the embedding. `tied`: the float model's lm_head reads
+    the embedding table; quantized to the same width, the table then takes the lm_head's integers."""
     scheme, act, rot = plan.weight_scheme(), plan.activations, plan.rotation
     passes: list[ir.passes.PassBase] = []
     if rot.enabled:
@@ -266,9 +267,19 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     passes += [p for p in (fold, head, weights, acts) if p is not None]
     if plan.kv_cache.bits is not None:
         passes.append(QuantizeKVCache(plan.kv_cache.bits))
-    if plan.embeddings.bits is not None:  # a per-channel recipe (group 0) still blocks the table along H: GatherBlockQuantized needs blocks
-        passes.append(QuantizeEmbedding(plan.embeddings.bits, scheme.group_size or 128, scheme.positive_scales))
+    if plan.embeddings.bits is not None:
+        passes.append(_embedding_pass(plan, scheme, tied))
     return passes
+
+
+def _embedding_pass(plan: Recipe, scheme: WeightScheme, tied: bool) -> QuantizeEmbedding:
+    """One table for a tied lm_head and embedding of the same width (a rotation folds the final norm's gain
+    into lm_head: they are no longer tied); else the table's own RTN, blocked along H even for a per-channel
+    recipe (GatherBlockQuantized needs blocks)."""
+    head_group = scheme.lm_head_group_size if plan.lm_head.bits == 4 else scheme.group_size
+    if tied and not plan.rotation.enabled and plan.embeddings.bits == plan.lm_head.bits and head_group:
+        return QuantizeEmbedding(plan.embeddings.bits, head_group, scheme.positive_scales, shared=True)
+    return QuantizeEmbedding(plan.embeddings.bits, scheme.group_size or 128, scheme.positive_scales)
 
 
 def _fake_quantizer(scheme: WeightScheme):

@@ -44,7 +44,6 @@ def bad_files(tmp_path):
     (["model", "{d}/notllm", "--algo", "awq", "--gptq-mode", "sequential"], "sequential mode is GPTQ's"),
     (["model", "{d}/notllm", "--target", "trt-int4", "--asymmetric"], "symmetric weights with positive scales"),
     (["model", "{d}/notllm", "--target", "trt-int4", "--signed-scales"], "symmetric weights with positive scales"),
-    (["model", "{d}/notllm", "--target", "trt-int4", "--embeddings", "int8"], "quantized embeddings run on ONNX Runtime"),
     (["model", "{d}/notllm", "--target", "ort-int4", "--engine"], "--engine builds TensorRT engines"),
     (["model", "{d}/notllm", "--target", "trt-int8", "--alpha", "strong"], "not a number in 0..1 or 'auto'"),
     (["model", "{d}/notllm", "--target", "trt-int8", "--alpha", "1.5"], "alpha 1.5 is out of range"),

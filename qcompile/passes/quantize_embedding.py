@@ -7,6 +7,10 @@ Each row (one token's vector) is quantized in blocks of B along H, by the same R
 row is a [H] "column" of Eᵀ). ONNX Runtime targets lower it to com.microsoft.GatherBlockQuantized.
 A tied lm_head that stays float keeps reading the float table, so only quantize the embedding of a
 model whose lm_head is quantized if the goal is size.
+
+`shared=True` (a tied lm_head already quantized to the same width and block): the table takes the
+lm_head's integers and scales, transposed, instead of its own RTN, so one table serves both readers
+(ONNX Runtime stores it once: `targets.ort.ShareEmbeddingTable`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import analysis
+from qcompile import analysis, errors
 from qcompile.algorithms.rtn import quantize_rtn
-from qcompile.passes._canonical import _STORAGE, read_dequantized
+from qcompile.passes._canonical import _STORAGE, read_dequantized, read_weight
 from qcompile.passes._result import Result
 
 
@@ -27,19 +31,33 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
     value; nothing else in the graph changes. The result's `layers` hold its manifest entry.
     """
 
-    def __init__(self, bits: int, group_size: int, positive_scales: bool = False):
+    def __init__(self, bits: int, group_size: int, positive_scales: bool = False, shared: bool = False):
         super().__init__()
-        self.bits, self.group_size, self.positive_scales = bits, group_size, positive_scales
+        self.bits, self.group_size, self.positive_scales, self.shared = bits, group_size, positive_scales, shared
 
     def call(self, model: ir.Model) -> Result:
-        gather = analysis.analyze(model).embedding
+        model_map = analysis.analyze(model)
+        gather = model_map.embedding
         table = gather.inputs[0].const_value
         if table is None:
             return Result(model, False)  # already quantized
-        e = table.numpy().astype(np.float32)
-        qw = quantize_rtn(e.T, self.bits, self.group_size, True, positive=self.positive_scales)  # blocks along H
-        np_type, _ = _STORAGE[(self.bits, True)]
-        read_dequantized(model.graph, gather, 0, "embedding.weight", np.ascontiguousarray(qw.q.T).astype(np_type),
-                         np.ascontiguousarray(qw.scale.T), None, axis=1, block_size=self.group_size)
-        return Result(model, True, layers=[{"name": "embedding", "shape": list(e.shape), "bits": self.bits,
-                                            "group_size": self.group_size, "symmetric": True, "algorithm": "rtn"}])
+        shape = list(table.shape)
+        if self.shared:
+            q, scale, algorithm = self._lm_head_arrays(model_map.lm_head, shape)
+        else:
+            qw = quantize_rtn(table.numpy().astype(np.float32).T, self.bits, self.group_size, True,
+                              positive=self.positive_scales)  # blocks along H
+            q, scale, algorithm = qw.q.T, qw.scale.T, "rtn"
+        read_dequantized(model.graph, gather, 0, "embedding.weight", np.ascontiguousarray(q).astype(_STORAGE[(self.bits, True)][0]),
+                         np.ascontiguousarray(scale), None, axis=1, block_size=self.group_size)
+        return Result(model, True, layers=[{"name": "embedding", "shape": shape, "bits": self.bits,
+                                            "group_size": self.group_size, "symmetric": True, "algorithm": algorithm}])
+
+    def _lm_head_arrays(self, lm_head: analysis.Linear, shape: list[int]) -> tuple[np.ndarray, np.ndarray, str]:
+        """The tied lm_head's integers [V, H] and scales [V, G] (its [H, V] weight transposed)."""
+        d = read_weight(lm_head)
+        if d is None or d.zero_point is not None or d.bits != self.bits or d.block_size != self.group_size \
+                or list(d.q.shape[::-1]) != shape:
+            raise errors.InputError(f"a shared embedding table needs lm_head quantized to {self.bits} bits, symmetric, in blocks of "
+                                    f"{self.group_size} along H: use the same --lm-head width and --lm-head-group-size")
+        return d.q.T, d.scale.T, "shared with lm_head"

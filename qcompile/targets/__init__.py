@@ -92,8 +92,6 @@ class TensorRTTarget(Target):
         if act.dynamic:
             raise errors.InputError(f"{self.name}: TensorRT's explicit quantization is static per tensor: "
                                     "use --activations int8-static or fp8-static")
-        if recipe.embeddings.bits is not None:
-            raise errors.InputError(f"quantized embeddings run on ONNX Runtime (GatherBlockQuantized): drop --embeddings for {self.name}")
 
     def lowering_passes(self, recipe, max_positions: int | None = None) -> list[ir.passes.PassBase]:
         return [trt.PadPartialBlocks()]

@@ -16,6 +16,10 @@ W8A8: with accuracy_level 4, MatMulNBits quantizes its input to int8 itself, per
 therefore dropped in front of the linears it feeds. Measured against DynamicQuantizeMatMul and
 MatMulIntegerToFloat in benchmarks/bench_w8a8_spellings.py.
 
+A tied embedding table whose integers and scales are lm_head's (transposed, see QuantizeEmbedding's
+`shared`) is stored once: GatherBlockQuantized reads lm_head's B reshaped to [V, H*bits/8] as uint8
+codes with ORT's default zero point, which are the same bytes (`_share_embedding_tables`).
+
 `read_weight` and `read_embedding` read these forms back into the canonical arrays (`Decoded`).
 """
 
@@ -90,9 +94,12 @@ def read_embedding(gather: ir.Node) -> Decoded | None:
     if gather.op_type != "GatherBlockQuantized":
         return _canonical.read_embedding(gather)
     a = gather.attributes
-    data = _array(gather.inputs[0])
-    q = data.astype(np.int16) - (128 if data.dtype == np.uint8 else 0)
-    return Decoded(q, _array(gather.inputs[2]).astype(np.float32), None, a["bits"].as_int(), a["block_size"].as_int(),
+    bits = a["bits"].as_int()
+    data = _array(gather.inputs[0] if gather.inputs[0].const_value is not None else gather.inputs[0].producer().inputs[0])
+    if data.dtype == np.uint8 and bits == 4:  # a MatMulNBits B read as the table (shared): two codes per byte
+        data = np.stack([data & 0x0F, data >> 4], axis=-1)
+    q = data.reshape(data.shape[0], -1).astype(np.int16) - (2 ** (bits - 1) if data.dtype == np.uint8 else 0)
+    return Decoded(q, _array(gather.inputs[2]).astype(np.float32), None, bits, a["block_size"].as_int(),
                    gather.inputs[0].name)
 
 
@@ -207,8 +214,9 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
                               _DequantizeGatherToBlockQuantized.rule()])(model)
         if result.modified:
             model.opset_imports.setdefault("com.microsoft", 1)
+        shared = _share_embedding_tables(model.graph)
         ir.passes.common.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, result.modified or dropped)
+        return ir.passes.PassResult(model, result.modified or dropped or shared)
 
     @staticmethod
     def _drop_per_token_quantizers(model: ir.Model) -> bool:
@@ -229,6 +237,32 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
             model.functions.pop((custom_ops.DOMAIN, custom_ops.PER_TOKEN, ""), None)
             model.opset_imports.pop(custom_ops.DOMAIN, None)
         return dropped
+
+
+def _share_embedding_tables(graph: ir.Graph) -> bool:
+    """Make each GatherBlockQuantized whose table a MatMulNBits already stores (same integers, scales and
+    blocks, no zero points, whole blocks) read that B through a Reshape to [V, H*bits/8]; its own table goes."""
+    linears = [n for n in graph if n.op_type == "MatMulNBits" and len(n.inputs) == 3]
+    shared = False
+    for gather in [n for n in graph if n.op_type == "GatherBlockQuantized" and n.inputs[0].const_value is not None]:
+        table = read_embedding(gather)
+        v, h = table.q.shape
+        for linear in linears:
+            a = linear.attributes
+            k, n, bits, block = (a[name].as_int() for name in ("K", "N", "bits", "block_size"))
+            if (n, k, bits, block) != (v, h, table.bits, table.block_size) or k % block:
+                continue
+            b, scales = linear.inputs[1], linear.inputs[2]
+            q, scale, _ = decode_matmul_nbits(_array(b), _array(scales), None, k, bits, block)
+            if np.array_equal(q.T, table.q) and np.array_equal(scale.T, table.scale):
+                shape = _canonical._initializer(graph, f"{b.name}_as_table_shape", np.array([v, h * bits // 8], np.int64))
+                reshape = ir.node("Reshape", [b, shape], name=f"{b.name}_as_table")
+                graph.insert_before(gather, reshape)
+                gather.replace_input_with(0, reshape.outputs[0])
+                gather.replace_input_with(2, scales)
+                shared = True
+                break
+    return shared
 
 
 class FuseNormalizations(ir.passes.InPlacePass):

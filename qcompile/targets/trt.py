@@ -125,11 +125,13 @@ def check_tensorrt(model: ir.Model) -> list[Violation]:
                                           "use a trt-* target's standard-op form"))
         if node.op_type not in ("DequantizeLinear", "QuantizeLinear") or node.domain not in _ONNX_DOMAINS:
             continue
-        found += [Violation(where, rule) for rule in _qdq_rules(node)]
+        table = bool(node.outputs[0].uses()) and all(c.op_type == "Gather" and i == 0 for c, i in node.outputs[0].uses())
+        found += [Violation(where, rule) for rule in _qdq_rules(node, table)]
     return found
 
 
-def _qdq_rules(node: ir.Node) -> list[str]:
+def _qdq_rules(node: ir.Node, table: bool = False) -> list[str]:
+    """`table`: the DequantizeLinear feeds only Gathers (an embedding table [V, H], blocked along H)."""
     rules = []
     data, scale = node.inputs[0], node.inputs[1]
     zp = node.inputs[2] if len(node.inputs) > 2 else None
@@ -159,11 +161,14 @@ def _qdq_rules(node: ir.Node) -> list[str]:
         return rules + [f"weight has rank {q.ndim}, expected a 2-D [K, N] weight"]
     k, n = q.shape
     if block:
-        if axis != 0:
-            rules.append(f"blocked along axis {axis}: weights [K, N] are blocked along K (axis 0)")
-        elif k % block:
-            rules.append(f"K={k} is not a whole number of blocks of {block} (run PadPartialBlocks)")
-        if s.shape != (-(-q.shape[axis] // block), n if axis == 0 else k):
+        blocked = 1 if table else 0  # a weight [K, N] is blocked along K, an embedding table [V, H] along H
+        if axis != blocked:
+            rules.append(f"blocked along axis {axis}: " + ("an embedding table [V, H] is blocked along H (axis 1)" if table
+                                                            else "weights [K, N] are blocked along K (axis 0)"))
+        elif q.shape[axis] % block:
+            rules.append(f"{'H' if table else 'K'}={q.shape[axis]} is not a whole number of blocks of {block}"
+                         + ("" if table else " (run PadPartialBlocks)"))
+        if s.shape != ((-(-k // block), n) if axis == 0 else (k, -(-n // block))):
             rules.append(f"blocked scale shape {list(s.shape)} does not match weight {[k, n]} / block {block}")
         if qtype == ir.DataType.INT4 and n % 2:
             rules.append(f"INT4 weight's last dimension {n} is odd")

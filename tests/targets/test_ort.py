@@ -3,7 +3,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qcompile import analysis
+from qcompile import analysis, errors
 from qcompile.algorithms.rtn import quantize_rtn
 from qcompile.passes import QuantizeWeightsRTN
 from qcompile.passes._canonical import attach_quantized_weight
@@ -156,6 +156,39 @@ def test_quantized_embedding_lowers_to_gather_block_quantized(tiny_export, tmp_p
     ids = np.random.default_rng(2).integers(0, 256, size=(2, 12))
     ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
     np.testing.assert_allclose(run_logits(tmp_path / "lowered.onnx", ids), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_tied_table_and_lm_head_of_one_width_are_stored_once(tiny_export, tmp_path, bits):
+    from qcompile.passes import QuantizeEmbedding
+
+    _, path = tiny_export("llama")  # tied
+    model = ir.load(path)
+    QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=bits, lm_head_group_size=32))(model)
+    head = ort_target.read_weight(analysis.analyze(model).lm_head)
+    QuantizeEmbedding(bits, 32, shared=True)(model)
+    table = ort_target.read_embedding(analysis.analyze(model).embedding)
+    np.testing.assert_array_equal(table.q, head.q.T)  # the lm_head's integers and scales, transposed
+    np.testing.assert_array_equal(table.scale, head.scale.T)
+    ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
+    LowerToMatMulNBits(accuracy_level=0)(model)
+    gather, lm_head = analysis.analyze(model).embedding, analysis.analyze(model).lm_head
+    assert gather.op_type == "GatherBlockQuantized" and gather.inputs[0].producer().inputs[0] is lm_head.node.inputs[1]
+    assert not any(v.name.startswith("embedding.weight") for v in model.graph.initializers.values())  # stored once
+    assert ort_target.read_embedding(gather).digest() == table.digest()
+    ir.save(model, tmp_path / "lowered.onnx", external_data="lowered.onnx.data")
+    ids = np.random.default_rng(2).integers(0, 256, size=(2, 12))
+    ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
+    np.testing.assert_allclose(run_logits(tmp_path / "lowered.onnx", ids), ref, atol=1e-4, rtol=0)
+
+
+def test_a_shared_table_needs_the_lm_head_in_its_format(tiny_export):
+    from qcompile.passes import QuantizeEmbedding
+
+    model = ir.load(tiny_export("llama")[1])
+    QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=8))(model)
+    with pytest.raises(errors.InputError, match="needs lm_head quantized to 4 bits"):
+        QuantizeEmbedding(4, 32, shared=True)(model)
 
 
 def test_per_channel_int8_weights_lower_bit_identically(tmp_path):
