@@ -192,6 +192,18 @@ def atomic_folder(out: pathlib.Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_folder(out: pathlib.Path):
+    """Yield a temporary working folder beside `out` (named like `atomic_folder`'s, so a killed run's is
+    removed by the next); it is always removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_manifest(folder: pathlib.Path, manifest: dict) -> None:
     manifest["files"] = file_hashes(folder)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

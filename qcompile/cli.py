@@ -54,8 +54,8 @@ def _progress():
 @app.command()
 def model(
     source: str = typer.Argument("smollm2-135m", help="HF model folder, .gguf file, .onnx file/folder, or alias smollm2-135m."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target name (see `qcompile targets`) [default: the recipe's, else ort-int4]."),
-    out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Artifact folder [default: qcompile-out/<model>-<target>]."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target name (see `qcompile targets`), or several separated by commas: quantized once, lowered to each, verified across [default: the recipe's, else ort-int4]."),
+    out: Optional[pathlib.Path] = typer.Option(None, "--out", "-o", help="Artifact folder; with several targets, the folder that holds one per target [default: qcompile-out/<model>-<target>]."),
     recipe: Optional[pathlib.Path] = typer.Option(None, "--recipe", help="A recipe file (TOML or JSON, see `qcompile recipe`) or an artifact's manifest.json, applied over the target's defaults; the options below override it."),
     algo: Optional[str] = typer.Option(None, "--algo", help="Weight algorithm: rtn, gptq, awq or awq+gptq [default: the target's, rtn]."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit input channels by decreasing activation energy [default: off]."),
@@ -89,13 +89,20 @@ def model(
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="ONNX Runtime targets: fuse attention (GroupQueryAttention) and norms (SkipSimplifiedLayerNormalization) [default: on]."),
 ):
     """Compile a model for a target: export, quantize, lower, evaluate, write the artifact."""
-    from qcompile import pipeline
+    from qcompile import fidelity, pipeline
 
     options = _recipe_options(locals())
+    run = dict(eval_windows=None if no_eval else eval_windows, max_ppl_increase=max_ppl_increase, engine=engine)
+    if target and "," in target:
+        if resume:
+            raise errors.InputError("--resume continues one target's GPTQ compile: name one --target")
+        with _progress() as progress:
+            arts = pipeline.compile_many(source, [t.strip() for t in target.split(",")], out, recipe, progress=progress, **run, **options)
+        for art in arts.values():
+            _print_summary(art)
+        return _print_verification(fidelity.verify_all([art.path for art in arts.values()]))
     with _progress() as progress:
-        art = pipeline.compile(source, target, out, recipe, eval_windows=None if no_eval else eval_windows,
-                               max_ppl_increase=max_ppl_increase, engine=engine,
-                               resume=resume, progress=progress, **options)
+        art = pipeline.compile(source, target, out, recipe, resume=resume, progress=progress, **run, **options)
     _print_summary(art)
 
 
@@ -351,17 +358,23 @@ def verify(
     report = fidelity.verify(path, against)
     if as_json:
         print(json.dumps(report, indent=2))
-    else:
-        console.print(f"{report['layers']} quantized linears decoded from {report['artifact']}")
-        if "logits" in report:
-            lg = report["logits"]
-            console.print(f"against {report['against']}: max |Δlogits| {lg['max_abs_logit_diff']:.2e}, "
+    _print_verification({"pairs": [report], "passed": report["passed"]}, quiet=as_json)
+
+
+def _print_verification(report: dict, quiet: bool = False) -> None:
+    """Print each pair of a verify report; raise VerificationError when one failed."""
+    for pair in report["pairs"] if not quiet else []:
+        console.print(f"{pair['layers']} quantized linears decoded from {pair['artifact']}")
+        if "logits" in pair:
+            lg = pair["logits"]
+            console.print(f"against {pair['against']}: max |Δlogits| {lg['max_abs_logit_diff']:.2e}, "
                           f"argmax agreement {100 * lg['argmax_agreement']:.1f} % over {lg['tokens']} tokens")
-        for problem in report["problems"]:
+        for problem in pair["problems"]:
             console.print(f"[red]✗[/red] {problem}")
     if not report["passed"]:
-        raise errors.VerificationError(f"verification failed: {report['problems'][0]}")
-    if not as_json:
+        problem = next(p for pair in report["pairs"] for p in pair["problems"])
+        raise errors.VerificationError(f"verification failed: {problem}")
+    if not quiet:
         console.print("[green]✓[/green] integers and scales are bit-identical")
 
 

@@ -90,6 +90,13 @@ def compare_logits(a: pathlib.Path, b: pathlib.Path, prompt: str = PROMPT) -> di
             "argmax_agreement": float((logits[0].argmax(-1) == logits[1].argmax(-1)).mean())}
 
 
+def verify_all(paths: list[str | pathlib.Path]) -> dict:
+    """`verify` of the first artifact against each of the others (artifacts of one canonical model, e.g. from
+    `compile_many`): one report, passed when every pair holds the same integers and scales."""
+    reports = [verify(paths[0], other) for other in paths[1:]] or [verify(paths[0])]
+    return {"artifacts": [str(p) for p in paths], "pairs": reports, "passed": all(r["passed"] for r in reports)}
+
+
 def verify(path: str | pathlib.Path, against: str | pathlib.Path | None = None) -> dict:
     """Check an artifact's weights against the digests its compile recorded and, with `against`, against
     another artifact's weights and logits. Returns the report; `report['passed']` is the verdict."""

@@ -115,19 +115,83 @@ def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = No
     src = sources.resolve(source)
     out = pathlib.Path(out_dir) if out_dir is not None else DEFAULT_OUT_ROOT / f"{src.name}-{tgt.name}"
     artifact.check_output(out)
+    canonical = _quantize(src, plan, [tgt], eval_windows is not None, out, resume, progress)
+    return _lower(canonical, plan, tgt, out, eval_windows, max_ppl_increase, engine, progress, started)
+
+
+def compile_many(source: str | pathlib.Path, target_names: list[str], out_dir: str | pathlib.Path | None = None,
+                 recipe: str | pathlib.Path | dict | Recipe | None = None, *, eval_windows: int | None = 32,
+                 max_ppl_increase: float | None = None, engine: bool = False, progress=None,
+                 **overrides) -> dict[str, artifact.Artifact]:
+    """Quantize `source` once and lower the same canonical model to each of `target_names` (whose
+    resolved recipes must agree on everything but the lowering): one artifact per target, in
+    `out_dir`/<target> (default qcompile-out/<source>-<target>). Returns {target: Artifact}; check them
+    against each other with `fidelity.verify_all`."""
+    started = time.perf_counter()
+    plans = [recipe_mod.resolve(name, recipe, overrides) for name in dict.fromkeys(target_names)]
+    _require_one_canonical(plans)
+    tgts = [targets.get(plan.target) for plan in plans]
+    for plan, tgt in zip(plans, tgts):
+        _check_run_options(plan, tgt, eval_windows, max_ppl_increase, engine, False)
+    src = sources.resolve(source)
+    outs = [pathlib.Path(out_dir) / tgt.name if out_dir is not None else DEFAULT_OUT_ROOT / f"{src.name}-{tgt.name}" for tgt in tgts]
+    for out in outs:
+        artifact.check_output(out)
+    canonical = _quantize(src, plans[0], tgts, eval_windows is not None, outs[0], False, progress)
+    arts = {}
+    with artifact.scratch_folder(outs[0]) as scratch:
+        ir.save(canonical.model, scratch / "model.onnx", external_data="model.onnx.data")
+        for plan, tgt, out in zip(plans, tgts, outs):  # each target lowers its own load of the saved canonical model
+            canonical.model = artifact.load_onnx(scratch / "model.onnx")
+            arts[tgt.name] = _lower(canonical, plan, tgt, out, eval_windows, max_ppl_increase, engine, progress, started)
+    return arts
+
+
+def _require_one_canonical(plans: list[Recipe]) -> None:
+    sections = [{k: v for k, v in recipe_mod.to_dict(plan).items() if k not in ("target", "lowering")} for plan in plans]
+    for plan, section in zip(plans[1:], sections[1:]):
+        differ = [k for k in section if section[k] != sections[0][k]]
+        if differ:
+            raise errors.InputError(f"{plans[0].target} and {plan.target} quantize differently ({', '.join(differ)}): "
+                                    "one compile lowers one canonical model, so compile them separately")
+
+
+@dataclasses.dataclass
+class _Canonical:
+    """The quantized canonical model and what its lowerings need: the float model, the passes' results,
+    the quantized weights' digests, the calibration record and GPTQ's resumable state."""
+    model: ir.Model | None
+    src: sources.Source
+    float_path: pathlib.Path
+    results: list
+    digests: dict
+    calib_record: dict | None
+    saved: checkpoint.Checkpoint | None
+
+
+def _quantize(src: sources.Source, plan: Recipe, tgts: list[targets.Target], evaluated: bool, out: pathlib.Path,
+              resume: bool, progress) -> _Canonical:
     float_path = src.path if src.kind == sources.SourceKind.ONNX else _export(src, None, progress) / export_mod.MODEL_FILE
     model = artifact.load_onnx(float_path)
     tied = analysis.analyze(model).tied_lm_head  # and fail early, before any work, on an unsupported graph
-    tgt.check_source(float_path.parent)
-    if eval_windows is not None:
+    for tgt in tgts:
+        tgt.check_source(float_path.parent)
+    if evaluated:
         _require_evaluable(float_path)
     windows, calib_record = _calibration_windows(plan, float_path)
     saved = checkpoint.Checkpoint(out, {"qcompile": __version__, "source": src.describe(), "recipe": recipe_mod.to_dict(plan),
                                         "calibration": calib_record}, resume) if plan.weights.algorithm == Algorithm.GPTQ else None
     results = run_passes(model, build_passes(plan, windows, progress, saved, tied))
-    digests = fidelity.digests(model, _canonical)
+    return _Canonical(model, src, float_path, results, fidelity.digests(model, _canonical), calib_record, saved)
+
+
+def _lower(canonical: _Canonical, plan: Recipe, tgt: targets.Target, out: pathlib.Path, eval_windows: int | None,
+           max_ppl_increase: float | None, engine: bool, progress, started: float) -> artifact.Artifact:
+    """Lower the canonical model (taken from `canonical`, changed in place) to `tgt`; write, evaluate and gate the artifact."""
+    model, canonical.model = canonical.model, None  # freed once saved, before the evaluation
+    float_path = canonical.float_path
     lowered = run_passes(model, tgt.lowering_passes(plan, context_length(float_path.parent)))
-    checks = _check_lowered(model, tgt, digests)
+    checks = _check_lowered(model, tgt, canonical.digests)
     with artifact.atomic_folder(out) as tmp:
         ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
         del model
@@ -135,14 +199,15 @@ def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = No
         package_record = tgt.package(tmp, out.name)
         metrics = {}
         if eval_windows is not None:
-            base = _evaluate(float_path, eval_windows, progress, "(float)", _float_cache(src))
+            base = _evaluate(float_path, eval_windows, progress, "(float)", _float_cache(canonical.src))
             metrics = _compare(base, _evaluate(tmp / "model.onnx", eval_windows, progress, "(quantized)"))
-            _gate(metrics, max_ppl_increase, saved)
+            _gate(metrics, max_ppl_increase, canonical.saved)
         metrics["compile_seconds"] = round(time.perf_counter() - started, 1)
-        manifest = _manifest(src, tgt, plan, calib_record, results, lowered, {"weights": digests, **checks}, metrics, package_record)
+        manifest = _manifest(canonical.src, tgt, plan, canonical.calib_record, canonical.results, lowered,
+                             {"weights": canonical.digests, **checks}, metrics, package_record)
         artifact.write_manifest(tmp, manifest)
-    if saved is not None:
-        saved.remove()  # the artifact is complete: nothing is left to resume
+    if canonical.saved is not None:
+        canonical.saved.remove()  # the artifact is complete: nothing is left to resume
     tgt.finish(out)
     if engine:
         engine_mod.build(out, progress=progress)
@@ -198,8 +263,8 @@ def _calibration_windows(plan: Recipe, float_path: pathlib.Path) -> tuple[np.nda
     """The recipe's calibration token windows (None when nothing is calibrated) and their manifest record."""
     if not plan.calibrated:
         return None, None
-    _require_tokenizer(float_path, "calibrate with", "" if plan.body_calibrated else
-                       " or pass --lm-head int8 (a 4-bit lm_head is calibrated)")
+    uncalibrated = [*(["--algo rtn"] if plan.body_calibrated else []), *(["--lm-head int8"] if plan.lm_head.bits == 4 else [])]
+    _require_tokenizer(float_path, "calibrate with", f", or pass {' '.join(uncalibrated)} (uncalibrated)" if uncalibrated else "")
     cal = plan.calibration
     context = context_length(float_path.parent)
     seqlen = min(cal.seqlen, context or cal.seqlen)  # windows past the model's context would fail
@@ -274,12 +339,12 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
 
 def _embedding_pass(plan: Recipe, scheme: WeightScheme, tied: bool) -> QuantizeEmbedding:
     """One table for a tied lm_head and embedding of the same width (a rotation folds the final norm's gain
-    into lm_head: they are no longer tied); else the table's own RTN, blocked along H even for a per-channel
-    recipe (GatherBlockQuantized needs blocks)."""
+    into lm_head: they are no longer tied); else the table's own RTN in lm_head's blocks, blocked along H even
+    for a per-channel recipe (GatherBlockQuantized needs blocks)."""
     head_group = scheme.lm_head_group_size if plan.lm_head.bits == 4 else scheme.group_size
     if tied and not plan.rotation.enabled and plan.embeddings.bits == plan.lm_head.bits and head_group:
         return QuantizeEmbedding(plan.embeddings.bits, head_group, scheme.positive_scales, shared=True)
-    return QuantizeEmbedding(plan.embeddings.bits, scheme.group_size or 128, scheme.positive_scales)
+    return QuantizeEmbedding(plan.embeddings.bits, head_group or 128, scheme.positive_scales)
 
 
 def _fake_quantizer(scheme: WeightScheme):

@@ -182,9 +182,9 @@ def resolve(target: str | None, file: str | pathlib.Path | dict | Recipe | None 
     data = _read(file) if file is not None else {}
     tgt = targets.get(target or data.get("target") or DEFAULT_TARGET)
     fields = {section: {} for section in SECTIONS}
-    _merge(fields, tgt.defaults, "target defaults")
+    given = _merge(fields, tgt.defaults, "target defaults")  # a target's default is a choice: nothing derives over it
     origin = str(file) if isinstance(file, (str, pathlib.Path)) else "recipe"
-    given = _merge(fields, {k: v for k, v in data.items() if k not in ("version", "target")}, origin)
+    given |= _merge(fields, {k: v for k, v in data.items() if k not in ("version", "target")}, origin)
     unknown = sorted(set(overrides or {}) - set(OPTIONS))
     if unknown:
         raise errors.InputError(f"unknown option(s) {', '.join(unknown)}: use {', '.join(OPTIONS)}")

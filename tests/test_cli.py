@@ -50,7 +50,7 @@ def bad_files(tmp_path):
     (["model", "{d}/notllm", "--activations", "int3"], "unknown activation scheme 'int3'"),
     (["model", "{d}/notllm", "--target", "trt-int8", "--activations", "int8-dynamic"], "static per tensor"),
     (["model", "{d}/notllm", "--target", "trt-fp8", "--algo", "gptq"], "FP8 weights are rounded to nearest"),
-    (["model", "{d}/notllm", "--resume"], "--resume continues GPTQ compiles"),
+    (["model", "{d}/notllm", "--resume", "--algo", "rtn"], "--resume continues GPTQ compiles"),
     (["model", "{d}/notllm", "--rotation", "learned"], "unknown rotation 'learned'"),
     (["model", "{d}/notllm", "--target", "ort-int4", "--rotation", "smoothed"], "add --rotate or drop --rotation"),
     (["model", "{d}/notllm", "--max-ppl-increase", "5", "--no-eval"], "drop --no-eval, or drop the gate"),
@@ -105,13 +105,14 @@ def test_targets_lists_ort_int4(capsys):
 def test_compile_inspect_and_replace_on_a_tiny_model(capsys, tiny_export, tmp_path):
     _, path = tiny_export("qwen2")
     out = tmp_path / "art"
-    assert main([str(path), "--target", "ort-int4", "-o", str(out), "--no-eval", "--group-size", "32"]) == 0
+    assert main([str(path), "--target", "ort-int4", "-o", str(out), "--no-eval", "--group-size", "32", "--algo", "rtn"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["weights"]["group_size"] == 32
-    assert len(manifest["layers"]) == 2 * 7 + 1
-    # ort-int4's lm_head is 4-bit GPTQ in groups of 32, calibrated first (windows capped at the 256-token context)
-    assert manifest["layers"][-1] == {"name": "lm_head", "role": "lm_head", "shape": [64, 256], "bits": 4,
-                                      "group_size": 32, "symmetric": True, "algorithm": "gptq"}
+    assert len(manifest["layers"]) == 2 * 7 + 2  # and the (untied) embedding table, by its own RTN
+    # ort-int4's lm_head is 4-bit GPTQ in groups of 64, calibrated first (windows capped at the 256-token context)
+    assert manifest["layers"][-2] == {"name": "lm_head", "role": "lm_head", "shape": [64, 256], "bits": 4,
+                                      "group_size": 64, "symmetric": True, "algorithm": "gptq"}
+    assert manifest["layers"][-1]["name"] == "embedding" and manifest["layers"][-1]["algorithm"] == "rtn"
     # one calibration run serves the lm_head's GPTQ, which runs before the blocks' RTN
     assert [p["name"] for p in manifest["passes"]][:3] == ["Calibrate", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN"]
     assert manifest["calibration"]["seqlen"] == 256 and manifest["recipe"]["calibration"]["seqlen"] == 512
@@ -139,14 +140,16 @@ def test_interrupted_compile_leaves_nothing(monkeypatch, capsys, tiny_export, tm
         raise KeyboardInterrupt
 
     monkeypatch.setattr(artifact, "write_manifest", interrupt)
-    assert main(["model", str(path), "-o", str(tmp_path / "out"), "--no-eval"]) == 130
+    assert main(["model", str(path), "-o", str(tmp_path / "out"), "--no-eval", "--algo", "rtn"]) == 130
     assert list(tmp_path.iterdir()) == []
+    assert main(["model", str(path), "-o", str(tmp_path / "out"), "--no-eval"]) == 130  # GPTQ keeps what --resume needs
+    assert [p.name for p in tmp_path.iterdir()] == [".out.qcompile-state"]
 
 
 def test_check_verify_and_package_report_problems(capsys, tiny_export, tmp_path):
     _, path = tiny_export("llama")
     ort = tmp_path / "ort"
-    assert main(["model", str(path), "--target", "ort-int4", "--no-eval", "-o", str(ort)]) == 0
+    assert main(["model", str(path), "--target", "ort-int4", "--no-eval", "-o", str(ort), "--signed-scales"]) == 0
     capsys.readouterr()
     assert main(["check", str(ort)]) == 1  # MatMulNBits is not a TensorRT op
     captured = capsys.readouterr()
@@ -158,7 +161,7 @@ def test_check_verify_and_package_report_problems(capsys, tiny_export, tmp_path)
     assert main(["check", str(trt)]) == 0
     assert main(["package", str(trt)]) == 2  # an edge package is for ONNX Runtime artifacts
     assert "compile with --target edge-int4" in capsys.readouterr().err
-    # ort-int4's signed scales are not trt-int4's integers: verify fails and names the layer and tensor
+    # ORT's signed scales are not trt-int4's integers: verify fails and names the layer and tensor
     assert main(["verify", str(trt), "--against", str(ort)]) == 1
     err = capsys.readouterr().err
     assert "verification failed" in err and "blocks.0." in err and "weight_q" in err

@@ -34,8 +34,9 @@ def test_defaults_that_follow_from_other_choices():
     assert resolve("ort-w4a8").rotation.norm_outputs == NormRotation.RESIDUAL
     assert not resolve("ort-w4a8").rotation.attention_hadamards
     assert resolve("ort-w4a8", None, {"kv_cache_bits": 4}).rotation.attention_hadamards
-    assert resolve("ort-int4").calibration.samples == LM_HEAD_SAMPLES  # only the 4-bit lm_head is calibrated
-    assert resolve("ort-int4", None, {"algo": "gptq"}).calibration.samples == 128
+    assert resolve("ort-int4").calibration.samples == 16  # the target's default is a choice: nothing derives over it
+    assert resolve("ort-w8a8", None, {"lm_head_bits": 4, "smoothquant": False}).calibration.samples == LM_HEAD_SAMPLES  # only lm_head
+    assert resolve("ort-w4a8").calibration.samples == 128  # GPTQ
 
 
 @pytest.mark.parametrize("target", ["ort-int4", "trt-int4", "edge-int4", "ort-w8a8", "ort-w4a8", "trt-int8", "trt-fp8"])
@@ -70,8 +71,9 @@ def test_targets_refuse_what_their_runtime_cannot_run():
         resolve("trt-int4", None, {"positive_scales": False})
     with pytest.raises(errors.InputError, match="static per tensor"):
         resolve("trt-int8", None, {"activations": "int8-dynamic"})
-    with pytest.raises(errors.InputError, match="GatherBlockQuantized"):
-        resolve("trt-int4", {"embeddings": {"bits": 8}})
+
+    # the canonical 4-bit default is one recipe for all three targets, which TensorRT's runtime accepts
+    assert len({str(to_dict(resolve(t))).replace(t, "") for t in ("ort-int4", "trt-int4", "edge-int4")}) == 1
 
 
 def test_bad_recipe_files(tmp_path):

@@ -59,11 +59,12 @@ def test_hf_folder_source_exports_and_compiles(tmp_path):
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(run_logits(folder / "model.onnx", ids), expected, atol=1e-4)
-    art = qcompile.compile(tmp_path / "hf", "ort-int4", tmp_path / "art", group_size=32, lm_head_bits=8, eval_windows=None)
+    uncalibrated = dict(group_size=32, algo="rtn", lm_head_bits=8)
+    art = qcompile.compile(tmp_path / "hf", "ort-int4", tmp_path / "art", eval_windows=None, **uncalibrated)
     assert art.manifest["source"]["kind"] == "hf-folder"
     with pytest.raises(errors.InputError, match="no tokenizer.json.*to evaluate with"):
-        qcompile.compile(tmp_path / "hf", "ort-int4", tmp_path / "art2", group_size=32, lm_head_bits=8)
-    with pytest.raises(errors.InputError, match="no tokenizer.json.*to calibrate with.*--lm-head int8"):
+        qcompile.compile(tmp_path / "hf", "ort-int4", tmp_path / "art2", **uncalibrated)
+    with pytest.raises(errors.InputError, match="no tokenizer.json.*to calibrate with.*pass --algo rtn --lm-head int8"):
         qcompile.compile(tmp_path / "hf", "ort-int4", tmp_path / "art2", group_size=32, eval_windows=None)
     assert not (tmp_path / "art2").exists()
 

@@ -25,7 +25,8 @@ from qcompile.passes._result import Result
 
 
 class QuantizeEmbedding(ir.passes.InPlacePass):
-    """Replace the embedding Gather's float table by DequantizeLinear of its RTN quantization.
+    """Replace the embedding Gather's float table by DequantizeLinear of its RTN quantization (in blocks of
+    `group_size`, halved until they divide H) or, `shared`, of the tied lm_head's integers.
 
     Approximates: E[v, h] ≈ q[v, h] · s[v, h // B], so each looked-up row is its blockwise dequantized
     value; nothing else in the graph changes. The result's `layers` hold its manifest entry.
@@ -44,14 +45,18 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
         shape = list(table.shape)
         if self.shared:
             q, scale, algorithm = self._lm_head_arrays(model_map.lm_head, shape)
+            group = self.group_size
         else:
-            qw = quantize_rtn(table.numpy().astype(np.float32).T, self.bits, self.group_size, True,
+            group = self.group_size
+            while shape[1] % group and group > 16:  # whole blocks along H (TensorRT has no partial ones)
+                group //= 2
+            qw = quantize_rtn(table.numpy().astype(np.float32).T, self.bits, group, True,
                               positive=self.positive_scales)  # blocks along H
             q, scale, algorithm = qw.q.T, qw.scale.T, "rtn"
         read_dequantized(model.graph, gather, 0, "embedding.weight", np.ascontiguousarray(q).astype(_STORAGE[(self.bits, True)][0]),
-                         np.ascontiguousarray(scale), None, axis=1, block_size=self.group_size)
+                         np.ascontiguousarray(scale), None, axis=1, block_size=group)
         return Result(model, True, layers=[{"name": "embedding", "shape": shape, "bits": self.bits,
-                                            "group_size": self.group_size, "symmetric": True, "algorithm": algorithm}])
+                                            "group_size": group, "symmetric": True, "algorithm": algorithm}])
 
     def _lm_head_arrays(self, lm_head: analysis.Linear, shape: list[int]) -> tuple[np.ndarray, np.ndarray, str]:
         """The tied lm_head's integers [V, H] and scales [V, G] (its [H, V] weight transposed)."""
@@ -60,4 +65,7 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
                 or list(d.q.shape[::-1]) != shape:
             raise errors.InputError(f"a shared embedding table needs lm_head quantized to {self.bits} bits, symmetric, in blocks of "
                                     f"{self.group_size} along H: use the same --lm-head width and --lm-head-group-size")
+        if shape[1] % self.group_size:
+            raise errors.InputError(f"a shared embedding table is read in whole blocks along H ({shape[1]}), not {self.group_size}: "
+                                    f"use an --lm-head-group-size that divides {shape[1]}")
         return d.q.T, d.scale.T, "shared with lm_head"

@@ -103,7 +103,13 @@ class TensorRTTarget(Target):
         return trt.read_weight(linear)
 
 
-_INT4 = {"weights": {"bits": 4, "group_size": 128, "symmetric": True}}
+# The canonical 4-bit default of ort-int4, trt-int4 and edge-int4: integers and scales every one of their runtimes
+# runs (TensorRT: symmetric, positive scales, blocks of 64 or 128), so their default artifacts hold the same model
+# (`qcompile verify` passes between them). GPTQ on 16 windows and a 4-bit lm_head in blocks of 64 whose integers
+# also serve as the tied embedding table: chosen by benchmarks/bench_default_choice.py (README, "The default").
+_INT4 = {"weights": {"bits": 4, "group_size": 128, "symmetric": True, "positive_scales": True, "algorithm": "gptq"},
+         "lm_head": {"bits": 4, "group_size": 64}, "embeddings": {"bits": 4}, "calibration": {"samples": 16}}
+_INT4_TEXT = "GPTQ on 16 windows, group 128, symmetric with positive scales; lm_head 4-bit GPTQ, group 64, shared with the embedding table"
 _W8A8 = {"weights": {"bits": 8, "group_size": 0, "symmetric": True, "positive_scales": True}, "lm_head": {"bits": 8}}
 _ORT = dict(runtime="onnxruntime", packages_edge=True)
 _TRT = dict(runtime="tensorrt", builds_engines=True, rules="TensorRT's explicit-quantization rules")
@@ -111,21 +117,12 @@ _TRT = dict(runtime="tensorrt", builds_engines=True, rules="TensorRT's explicit-
 _REGISTRY = {
     t.name: t
     for t in [
-        OnnxRuntimeTarget(
-            "ort-int4",
-            "4-bit weights (RTN, group 128, symmetric; lm_head 4-bit GPTQ, group 32) as com.microsoft.MatMulNBits for ONNX Runtime CPU/CUDA",
-            {**_INT4, "lm_head": {"bits": 4}}, **_ORT,
-        ),
-        TensorRTTarget(
-            "trt-int4",
-            "4-bit weight-only (RTN, group 128, symmetric, positive scales; lm_head 8-bit) as INT4 DequantizeLinear → MatMul for TensorRT",
-            {"weights": {**_INT4["weights"], "positive_scales": True}, "lm_head": {"bits": 8}}, **_TRT,
-        ),
-        OnnxRuntimeTarget(
-            "edge-int4",
-            "ort-int4 with an int8 embedding table, packaged for devices: onnxruntime-genai folder and zip with tokenizer, config and golden vectors",
-            {**_INT4, "lm_head": {"bits": 8}, "embeddings": {"bits": 8}}, **_ORT, edge=True,
-        ),
+        OnnxRuntimeTarget("ort-int4", f"4-bit weights ({_INT4_TEXT}) as com.microsoft.MatMulNBits for ONNX Runtime CPU/CUDA",
+                          _INT4, **_ORT),
+        TensorRTTarget("trt-int4", f"4-bit weight-only ({_INT4_TEXT}) as INT4 DequantizeLinear → MatMul for TensorRT",
+                       _INT4, **_TRT),
+        OnnxRuntimeTarget("edge-int4", "ort-int4's model packaged for devices: onnxruntime-genai folder and zip with tokenizer, "
+                                       "config and golden vectors", _INT4, **_ORT, edge=True),
         OnnxRuntimeTarget(
             "ort-w8a8",
             "8-bit weights per channel and int8 per-token activations after SmoothQuant, as com.microsoft.MatMulNBits bits=8 accuracy_level 4 for ONNX Runtime CPU",
@@ -136,7 +133,8 @@ _REGISTRY = {
         OnnxRuntimeTarget(
             "ort-w4a8",
             "QuaRot-rotated model, 4-bit GPTQ weights (group 128, symmetric; lm_head 8-bit) as com.microsoft.MatMulNBits accuracy_level 4 (int8 activations) for ONNX Runtime CPU",
-            {"weights": {**_INT4["weights"], "algorithm": "gptq"}, "lm_head": {"bits": 8}, "rotation": {"enabled": True}},
+            {"weights": {"bits": 4, "group_size": 128, "symmetric": True, "algorithm": "gptq"}, "lm_head": {"bits": 8},
+             "rotation": {"enabled": True}},
             **_ORT,
         ),
         TensorRTTarget(

@@ -129,15 +129,15 @@ def test_trt_target_refuses_asymmetric_weights(tiny_export, tmp_path):
 
 def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, tmp_path):
     _, path = tiny_export("llama")
-    trt = qcompile.compile(path, "trt-int4", tmp_path / "trt", eval_windows=None)
-    ort = qcompile.compile(path, "ort-int4", tmp_path / "ort", eval_windows=None, positive_scales=True, lm_head_bits=8)
+    trt = qcompile.compile(path, "trt-int4", tmp_path / "trt", eval_windows=None, algo="rtn")
+    ort = qcompile.compile(path, "ort-int4", tmp_path / "ort", eval_windows=None, algo="rtn")  # the same canonical defaults
     assert trt.manifest["fidelity"]["runtime_rules"] == "TensorRT's explicit-quantization rules: passed"
     report = fidelity.verify(trt.path, against=ort.path)
     assert report["passed"], report["problems"]
-    assert report["layers"] == 2 * 7 + 1 and report["logits"]["argmax_agreement"] >= 0.95
+    assert report["layers"] == 2 * 7 + 2 and report["logits"]["argmax_agreement"] >= 0.95  # the embedding too
 
-    # ort-int4's default recipe (signed scales) is a different set of integers, and verify says so
-    signed = qcompile.compile(path, "ort-int4", tmp_path / "signed", eval_windows=None, lm_head_bits=8)
+    # ORT's signed scales are a different set of integers, and verify says so
+    signed = qcompile.compile(path, "ort-int4", tmp_path / "signed", eval_windows=None, algo="rtn", positive_scales=False)
     report = fidelity.verify(trt.path, against=signed.path)
     assert not report["passed"] and "integers or scales differ" in report["problems"][0]
 

@@ -1,0 +1,33 @@
+"""`--target a,b,c`: one quantization, lowered to each target, verified across them."""
+
+import pytest
+
+import qcompile
+from qcompile import errors, pipeline
+from qcompile.cli import main
+
+CANONICAL_TARGETS = ["ort-int4", "trt-int4", "edge-int4"]
+
+
+def test_one_quantization_lowered_to_each_target_and_verified(tiny_export, tmp_path, monkeypatch, capsys):
+    _, path = tiny_export("llama")
+    built = []
+    build_passes = pipeline.build_passes
+    monkeypatch.setattr(pipeline, "build_passes", lambda *a, **k: built.append(a[0].target) or build_passes(*a, **k))
+    out = tmp_path / "all"
+    assert main(["model", str(path), "--target", ",".join(CANONICAL_TARGETS), "-o", str(out), "--no-eval"]) == 0
+    assert built == ["ort-int4"]  # the weights were quantized once
+    assert sorted(p.name for p in out.iterdir()) == sorted([*CANONICAL_TARGETS, "edge-int4.zip"])  # no scratch left
+    arts = [qcompile.load(out / name) for name in CANONICAL_TARGETS]
+    assert len({a.manifest["fidelity"]["weights"].__repr__() for a in arts}) == 1
+    assert [a.manifest["target"]["name"] for a in arts] == CANONICAL_TARGETS
+    assert "integers and scales are bit-identical" in capsys.readouterr().out
+    report = qcompile.verify_all([a.path for a in arts])
+    assert report["passed"] and len(report["pairs"]) == 2, report
+
+
+def test_targets_that_quantize_differently_are_refused_before_any_work(tiny_export, tmp_path):
+    _, path = tiny_export("llama")
+    with pytest.raises(errors.InputError, match="ort-int4 and ort-w8a8 quantize differently .*weights.*compile them separately"):
+        qcompile.compile_many(path, ["ort-int4", "ort-w8a8"], tmp_path / "x", eval_windows=None)
+    assert not (tmp_path / "x").exists()
