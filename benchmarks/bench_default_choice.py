@@ -17,9 +17,10 @@ import time
 
 import qcompile
 from qcompile import artifact
-from _results import meta, save
+from _results import RESULTS, meta, save
 
-CANONICAL = dict(positive_scales=True, symmetric=True, lm_head_bits=4, lm_head_group_size=64)  # TensorRT: blocks of 64 or 128
+# TensorRT: blocks of 64 or 128; the embedding table float unless a candidate says otherwise
+CANONICAL = dict(positive_scales=True, symmetric=True, lm_head_bits=4, lm_head_group_size=64, embedding_bits=None)
 CANDIDATES = {
     "RTN g128": dict(algo="rtn", group_size=128),
     "GPTQ g128, 16 windows": dict(algo="gptq", group_size=128, calib_samples=16),
@@ -29,6 +30,14 @@ CANDIDATES = {
     "GPTQ g64 act-order, 32 windows": dict(algo="gptq", group_size=64, calib_samples=32, act_order=True),
     "AWQ+GPTQ g128, 16 windows": dict(algo="awq+gptq", group_size=128, calib_samples=16),
     "rotated GPTQ g128, 16 windows": dict(algo="gptq", group_size=128, calib_samples=16, rotate=True),
+    "GPTQ g64 act-order, 16 windows": dict(algo="gptq", group_size=64, calib_samples=16, act_order=True),
+    "AWQ+GPTQ g64 act-order, 16 windows": dict(algo="awq+gptq", group_size=64, calib_samples=16, act_order=True),
+    "rotated GPTQ g64 act-order, 16 windows": dict(algo="gptq", group_size=64, calib_samples=16, act_order=True, rotate=True),
+    # the table: lm_head's GPTQ integers shared with the tied embedding (4-bit, stored once), or an 8-bit table of its own
+    "GPTQ g64 act-order, 16 windows, embeddings shared 4-bit": dict(algo="gptq", group_size=64, calib_samples=16, act_order=True,
+                                                                     embedding_bits=4),
+    "GPTQ g64 act-order, 16 windows, embeddings 8-bit": dict(algo="gptq", group_size=64, calib_samples=16, act_order=True,
+                                                              embedding_bits=8),
 }
 
 
@@ -40,20 +49,22 @@ def main() -> None:
     args = parser.parse_args()
     qcompile.export("smollm2-135m")  # cached: the compile times below exclude the export
     float_ppl = qcompile.evaluate("smollm2-135m", windows=args.windows, latency=False)["ppl"]
-    rows = {}
+    previous = RESULTS / f"{args.name}.json"  # rows of an earlier run are kept unless measured again
+    rows = json.loads(previous.read_text())["rows"] if args.only and previous.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as work:
         for name, options in CANDIDATES.items():
             if args.only and name not in args.only:
                 continue
             out = pathlib.Path(work) / str(len(rows))
             started = time.perf_counter()
-            qcompile.compile("smollm2-135m", "ort-int4", out, eval_windows=None, **CANONICAL, **options)
+            qcompile.compile("smollm2-135m", "ort-int4", out, eval_windows=None, **{**CANONICAL, **options})
             seconds = time.perf_counter() - started
             ppl = qcompile.evaluate(out, windows=args.windows, latency=False)["ppl"]
             rows[name] = {"options": options, "ppl": ppl, "ppl_increase_pct": round(100 * (ppl / float_ppl - 1), 2),
                           "compile_seconds": round(seconds, 1), "size_mb": round(artifact.model_bytes(out / "model.onnx") / 1e6, 1)}
             print(name, json.dumps(rows[name]), flush=True)
-    lines = [f"SmolLM2-135M, ort-int4 with symmetric positive scales, lm_head 4-bit GPTQ g64; perplexity on {args.windows} windows (float {float_ppl})",
+    lines = [f"SmolLM2-135M, ort-int4 with symmetric positive scales, lm_head 4-bit GPTQ g64, float embeddings unless said; "
+             f"perplexity on {args.windows} windows (float {float_ppl}); compile: export cached, no evaluation",
              "", "| recipe | ppl | Δ vs float | compile s | size MB |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {n} | {r['ppl']:.2f} | {r['ppl_increase_pct']:+.2f} % | {r['compile_seconds']} | {r['size_mb']} |" for n, r in rows.items()]
     save(args.name, {"meta": meta(windows=args.windows, float_ppl=float_ppl), "rows": rows}, lines)

@@ -125,14 +125,16 @@ def compile_many(source: str | pathlib.Path, target_names: list[str], out_dir: s
                  **overrides) -> dict[str, artifact.Artifact]:
     """Quantize `source` once and lower the same canonical model to each of `target_names` (whose
     resolved recipes must agree on everything but the lowering): one artifact per target, in
-    `out_dir`/<target> (default qcompile-out/<source>-<target>). Returns {target: Artifact}; check them
-    against each other with `fidelity.verify_all`."""
+    `out_dir`/<target> (default qcompile-out/<source>-<target>); `engine` builds the TensorRT targets' engines.
+    Returns {target: Artifact}; check them against each other with `fidelity.verify_all`."""
     started = time.perf_counter()
     plans = [recipe_mod.resolve(name, recipe, overrides) for name in dict.fromkeys(target_names)]
     _require_one_canonical(plans)
     tgts = [targets.get(plan.target) for plan in plans]
+    if engine and not any(tgt.builds_engines for tgt in tgts):
+        _check_run_options(plans[0], tgts[0], eval_windows, max_ppl_increase, engine, False)  # names the fix
     for plan, tgt in zip(plans, tgts):
-        _check_run_options(plan, tgt, eval_windows, max_ppl_increase, engine, False)
+        _check_run_options(plan, tgt, eval_windows, max_ppl_increase, engine and tgt.builds_engines, False)
     src = sources.resolve(source)
     outs = [pathlib.Path(out_dir) / tgt.name if out_dir is not None else DEFAULT_OUT_ROOT / f"{src.name}-{tgt.name}" for tgt in tgts]
     for out in outs:
@@ -143,7 +145,8 @@ def compile_many(source: str | pathlib.Path, target_names: list[str], out_dir: s
         ir.save(canonical.model, scratch / "model.onnx", external_data="model.onnx.data")
         for plan, tgt, out in zip(plans, tgts, outs):  # each target lowers its own load of the saved canonical model
             canonical.model = artifact.load_onnx(scratch / "model.onnx")
-            arts[tgt.name] = _lower(canonical, plan, tgt, out, eval_windows, max_ppl_increase, engine, progress, started)
+            arts[tgt.name] = _lower(canonical, plan, tgt, out, eval_windows, max_ppl_increase, engine and tgt.builds_engines,
+                                    progress, started)
     return arts
 
 
