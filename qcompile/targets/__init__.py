@@ -105,11 +105,14 @@ class TensorRTTarget(Target):
 
 # The canonical 4-bit default of ort-int4, trt-int4 and edge-int4: integers and scales every one of their runtimes
 # runs (TensorRT: symmetric, positive scales, blocks of 64 or 128), so their default artifacts hold the same model
-# (`qcompile verify` passes between them). GPTQ on 16 windows and a 4-bit lm_head in blocks of 64 whose integers
-# also serve as the tied embedding table: chosen by benchmarks/bench_default_choice.py (README, "The default").
-_INT4 = {"weights": {"bits": 4, "group_size": 128, "symmetric": True, "positive_scales": True, "algorithm": "gptq"},
+# (`qcompile verify` passes between them). AWQ+GPTQ with act-order in groups of 64 on 16 calibration windows, and a
+# 4-bit GPTQ lm_head in groups of 64 whose integers also serve as the tied embedding table (stored once on ORT):
+# chosen by benchmarks/bench_default_choice.py (README, "The default: one calibrated canonical model").
+_INT4 = {"weights": {"bits": 4, "group_size": 64, "symmetric": True, "positive_scales": True, "algorithm": "awq+gptq",
+                     "act_order": True},
          "lm_head": {"bits": 4, "group_size": 64}, "embeddings": {"bits": 4}, "calibration": {"samples": 16}}
-_INT4_TEXT = "GPTQ on 16 windows, group 128, symmetric with positive scales; lm_head 4-bit GPTQ, group 64, shared with the embedding table"
+_INT4_TEXT = ("AWQ+GPTQ with act-order on 16 windows, group 64, symmetric with positive scales; lm_head 4-bit GPTQ, "
+              "group 64, shared with the embedding table")
 _W8A8 = {"weights": {"bits": 8, "group_size": 0, "symmetric": True, "positive_scales": True}, "lm_head": {"bits": 8}}
 _ORT = dict(runtime="onnxruntime", packages_edge=True)
 _TRT = dict(runtime="tensorrt", builds_engines=True, rules="TensorRT's explicit-quantization rules")

@@ -95,7 +95,7 @@ def test_registry_lists_ort_int4_with_its_defaults():
     from qcompile.recipe import resolve
 
     target, plan = get("ort-int4"), resolve("ort-int4")
-    assert plan.weights.bits == 4 and plan.weights.group_size == 128 and plan.weights.symmetric and plan.lm_head.bits == 4
+    assert plan.weights.bits == 4 and plan.weights.group_size == 64 and plan.weights.symmetric and plan.lm_head.bits == 4
     assert [type(p).__name__ for p in target.lowering_passes(plan)] == ["FuseGroupQueryAttention", "LowerToMatMulNBits",
                                                                     "FuseNormalizations", "PackQKV"]
 
