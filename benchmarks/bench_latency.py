@@ -3,7 +3,7 @@ every model alike; each model's best round is reported.
 
     python benchmarks/bench_latency.py MODEL_DIR_OR_ONNX [...] [--rounds 5]
 
-Writes benchmarks/results/latency.{json,md}; the first model is the baseline of the speedup column.
+Writes benchmarks/results/<--name, default latency>.{json,md}; the first model is the baseline of the speedup column.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--name", default="latency", help="results/<name>.{json,md}")
     args = parser.parse_args()
     decoders = [runtime.Decoder(m) for m in args.models]
     prefill = [float("inf")] * len(decoders)
@@ -31,7 +32,7 @@ def main() -> None:
     lines = ["| model | prefill 512 ms | decode ms/token | decode speedup |", "|---|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}× |"
               for r in rows]
-    save("latency", {"rounds": args.rounds, "rows": rows}, lines)
+    save(args.name, {"rounds": args.rounds, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

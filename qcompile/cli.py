@@ -274,7 +274,10 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
                   f"{mm.final_norm.kind}norm (final)", head.format() + (" (tied to embedding)" if mm.tied_lm_head else ""))
     console.print(table)
     emb = mm.embedding.inputs[0]
-    console.print(f"embedding: {mm.embedding.op_type} of {emb.name} {list(emb.shape)} {emb.dtype.name}")
+    shared = emb.producer() is not None and emb.producer().op_type == "Reshape"
+    emb = emb.producer().inputs[0] if shared else emb  # lm_head's MatMulNBits weight, read as the table
+    console.print(f"embedding: {mm.embedding.op_type} of {emb.name} {list(emb.shape)} {emb.dtype.name}"
+                  + (" (lm_head's weight, shared)" if shared else ""))
     console.print(f"residual adds: {2 * len(mm.blocks)}; norms: {2 * len(mm.blocks) + 1} ({mm.final_norm.kind})")
     ops = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph_model.graph)
     quant = {k: v for k, v in ops.items() if any(s in k for s in ("Quantize", "NBits", "Integer", "qcompile"))}

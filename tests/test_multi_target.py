@@ -22,6 +22,8 @@ def test_one_quantization_lowered_to_each_target_and_verified(tiny_export, tmp_p
     assert len({a.manifest["fidelity"]["weights"].__repr__() for a in arts}) == 1
     assert [a.manifest["target"]["name"] for a in arts] == CANONICAL_TARGETS
     assert "integers and scales are bit-identical" in capsys.readouterr().out
+    assert main(["inspect", str(out / "ort-int4")]) == 0  # the table is lm_head's MatMulNBits weight
+    assert "GatherBlockQuantized of lm_head.weight_nbits_B [256, 1, 32] UINT8 (lm_head's weight, shared)" in capsys.readouterr().out
     report = qcompile.verify_all([a.path for a in arts])
     assert report["passed"] and len(report["pairs"]) == 2, report
 

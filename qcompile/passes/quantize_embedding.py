@@ -44,7 +44,7 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
             return Result(model, False)  # already quantized
         shape = list(table.shape)
         if self.shared:
-            q, scale, algorithm = self._lm_head_arrays(model_map.lm_head, shape)
+            q, scale, algorithm = self._lm_head_arrays(model_map.lm_head, table.numpy().astype(np.float32))
             group = self.group_size
         else:
             group = self.group_size
@@ -58,8 +58,9 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
         return Result(model, True, layers=[{"name": "embedding", "shape": shape, "bits": self.bits,
                                             "group_size": group, "symmetric": True, "algorithm": algorithm}])
 
-    def _lm_head_arrays(self, lm_head: analysis.Linear, shape: list[int]) -> tuple[np.ndarray, np.ndarray, str]:
+    def _lm_head_arrays(self, lm_head: analysis.Linear, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
         """The tied lm_head's integers [V, H] and scales [V, G] (its [H, V] weight transposed)."""
+        shape = list(table.shape)
         d = read_weight(lm_head)
         if d is None or d.zero_point is not None or d.bits != self.bits or d.block_size != self.group_size \
                 or list(d.q.shape[::-1]) != shape:
@@ -68,4 +69,10 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
         if shape[1] % self.group_size:
             raise errors.InputError(f"a shared embedding table is read in whole blocks along H ({shape[1]}), not {self.group_size}: "
                                     f"use an --lm-head-group-size that divides {shape[1]}")
-        return d.q.T, d.scale.T, "shared with lm_head"
+        q, scale = d.q.T, d.scale.T
+        approx = (q.reshape(shape[0], -1, self.group_size) * scale[..., None]).reshape(shape)
+        error = float(np.linalg.norm(approx - table) / np.linalg.norm(table))
+        if error > 0.5:  # 4-bit rounding is ~0.1: lm_head no longer computes with the table (a pass scaled or rotated it)
+            raise errors.QcompileError(f"lm_head's quantized weight is not the embedding table (relative error {error:.2f}): "
+                                       "it cannot be shared; pass --embeddings int8 or float")
+        return q, scale, "shared with lm_head"

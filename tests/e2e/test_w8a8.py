@@ -14,7 +14,7 @@ from tests.conftest import run_logits
 
 pytestmark = pytest.mark.e2e
 WINDOWS = 4
-CALIB = 16
+CALIB = 8
 
 
 def test_smoothquant_folding_is_float_equivalent(smollm2_export, tmp_path):

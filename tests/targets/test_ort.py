@@ -190,6 +190,13 @@ def test_a_shared_table_needs_the_lm_head_in_its_format(tiny_export):
     with pytest.raises(errors.InputError, match="needs lm_head quantized to 4 bits"):
         QuantizeEmbedding(4, 32, shared=True)(model)
 
+    model = ir.load(tiny_export("llama")[1])  # lm_head no longer computes with the table: refused, not shared
+    QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=4, lm_head_group_size=32))(model)
+    table = analysis.analyze(model).embedding.inputs[0]
+    table.const_value = ir.tensor(3 * table.const_value.numpy(), name=table.name)
+    with pytest.raises(errors.QcompileError, match="not the embedding table"):
+        QuantizeEmbedding(4, 32, shared=True)(model)
+
 
 def test_per_channel_int8_weights_lower_bit_identically(tmp_path):
     k, n = 200, 24
