@@ -10,7 +10,7 @@ model whose lm_head is quantized if the goal is size.
 
 `shared=True` (a tied lm_head already quantized to the same width and block): the table takes the
 lm_head's integers and scales, transposed, instead of its own RTN, so one table serves both readers
-(ONNX Runtime stores it once: `targets.ort.ShareEmbeddingTable`).
+(ONNX Runtime stores it once: `LowerToMatMulNBits` in `targets/ort.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
     `group_size`, halved until they divide H) or, `shared`, of the tied lm_head's integers.
 
     Approximates: E[v, h] ≈ q[v, h] · s[v, h // B], so each looked-up row is its blockwise dequantized
-    value; nothing else in the graph changes. The result's `layers` hold its manifest entry.
+    value; shared, q[v, h] = q_lm[h, v] and s[v, g] = s_lm[g, v], so the lookup returns exactly the row of
+    lm_head's dequantized weight (Eᵀ ≈ W_lm). Nothing else in the graph changes. The result's `layers` hold
+    its manifest entry.
     """
 
     def __init__(self, bits: int, group_size: int, positive_scales: bool = False, shared: bool = False):
@@ -43,11 +45,10 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
         if table is None:
             return Result(model, False)  # already quantized
         shape = list(table.shape)
+        group = self.group_size
         if self.shared:
             q, scale, algorithm = self._lm_head_arrays(model_map.lm_head, table.numpy().astype(np.float32))
-            group = self.group_size
         else:
-            group = self.group_size
             while shape[1] % group and group > 16:  # whole blocks along H (TensorRT has no partial ones)
                 group //= 2
             qw = quantize_rtn(table.numpy().astype(np.float32).T, self.bits, group, True,
@@ -72,7 +73,7 @@ class QuantizeEmbedding(ir.passes.InPlacePass):
         q, scale = d.q.T, d.scale.T
         approx = (q.reshape(shape[0], -1, self.group_size) * scale[..., None]).reshape(shape)
         error = float(np.linalg.norm(approx - table) / np.linalg.norm(table))
-        if error > 0.5:  # 4-bit rounding is ~0.1: lm_head no longer computes with the table (a pass scaled or rotated it)
+        if error > 0.5:  # far beyond rounding: lm_head no longer computes with the table (a pass scaled or rotated it)
             raise errors.QcompileError(f"lm_head's quantized weight is not the embedding table (relative error {error:.2f}): "
                                        "it cannot be shared; pass --embeddings int8 or float")
         return q, scale, "shared with lm_head"
