@@ -5,7 +5,7 @@
 Weights: 4-bit, group 128, symmetric (lm_head 8-bit, weight-only), by RTN or GPTQ (parallel), quantized
 once per (rotation, algorithm) and shared by the rows built on them. Rows: float; ort-int4 (RTN); W4A4 =
 int4 per-token activations (clip ratio --clip) on every block linear, RTN unrotated / RTN rotated / GPTQ
-rotated; W4A4 KV4 (4-bit asymmetric KV cache, per token and head) GPTQ rotated and unrotated; W4A8 =
+rotated; W4A4 KV4 (4-bit KV cache, static per head and channel) GPTQ rotated and unrotated; W4A8 =
 ort-w4a8 (MatMulNBits accuracy_level 4: int8 activations) GPTQ unrotated and rotated. Rotated W4A4 rows come
 in both rotations of the block norms' outputs: "residual" (QuaRot's residual-stream rotation) and
 "smoothed" (SmoothRotateNormOutputs: per-channel scales, then an online Hadamard, and down_proj's input scaled
@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 import qcompile
 from qcompile import artifact, calibration, evaluation, pipeline, recipe, runtime, targets
-from qcompile.passes import QuantizeActivations, QuantizeKVCache
+from qcompile.passes import Calibrate, QuantizeActivations, QuantizeKVCache
 from qcompile.schemes import ActivationKind, Algorithm
 from _results import meta, save
 
@@ -64,12 +64,13 @@ def canonical(float_dir: pathlib.Path, rotation: str | None, attention: bool, al
 
 
 def variant(canon: pathlib.Path, acts: bool, kv4: bool, accuracy_level: int, clip: float, out_dir: pathlib.Path,
-            float_dir: pathlib.Path) -> pathlib.Path:
+            float_dir: pathlib.Path, windows) -> pathlib.Path:
     model = ir.load(canon)
     if acts:
         QuantizeActivations(ActivationKind.INT4_DYNAMIC, lm_head=False, clip=clip)(model)
-    if kv4:
-        QuantizeKVCache(4)(model)
+    if kv4:  # its scales calibrated on the weight-quantized model (the pipeline measures the float one)
+        kv = QuantizeKVCache(4)
+        pipeline.run_passes(model, [Calibrate(windows, [kv]), kv])
     plan = recipe.resolve("ort-w4a8", None, {"accuracy_level": accuracy_level})
     pipeline.run_passes(model, targets.get("ort-w4a8").lowering_passes(plan, pipeline.context_length(float_dir)))
     out_dir.mkdir(parents=True)
@@ -105,7 +106,7 @@ def main() -> None:
                   f"{algorithm.value}", flush=True)
             canonicals[key] = canonical(float_dir, *key, windows, work / f"c{len(canonicals)}.onnx")
         canon, seconds = canonicals[key]
-        rows.append({"name": name, "path": variant(canon, acts, kv4, level, args.clip, work / f"v{i}", float_dir),
+        rows.append({"name": name, "path": variant(canon, acts, kv4, level, args.clip, work / f"v{i}", float_dir, windows),
                      "quantize_s": round(seconds, 1)})
 
     base_predictions = None

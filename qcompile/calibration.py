@@ -185,13 +185,15 @@ class Request:
     """What one pass needs from a calibration run: statistics of `taps`, with Hessians if `hessian`, that
     many sampled `rows` per window, and attention-weighted statistics for the taps `attention` maps to
     attention probabilities (see the module docstring). `linears`: the linears whose inputs the taps are,
-    for `linear_hessians`."""
+    for `linear_hessians`. `per_head`: the taps are [batch, heads, seq, head_dim] (a KV cache's new keys
+    or values) and their channels are the (head, dim) pairs, head-major."""
 
     taps: list[ir.Value]
     hessian: bool = False
     rows: int = 0
     attention: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
     linears: list = dataclasses.field(default_factory=list)
+    per_head: bool = False
 
 
 def linear_request(model: ir.Model, linears: list) -> Request:
@@ -223,6 +225,7 @@ def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=
     hessian = {t.name for r in requests if r.hessian for t in r.taps}
     rows = {t.name: max(r.rows for r in requests if t in r.taps) for t in taps}
     attention = {k: v for r in requests for k, v in r.attention.items()}
+    per_head = {t.name for r in requests if r.per_head for t in r.taps}
     wanted = list(dict.fromkeys([*taps, *attention.values(), *([keep] if keep is not None else [])]))
     names = [t.name for t in wanted]
     start_value, start_arrays = start if start is not None else (None, None)
@@ -233,6 +236,8 @@ def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=
         for out in _runs(decoder, names, windows, start_arrays):
             for tap in taps:
                 x = out[tap.name]
+                if tap.name in per_head:
+                    x = x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
                 keys = [(tap.name, None)]
                 if tap.name in attention:
                     probs = out[attention[tap.name].name]  # [1, heads, q, k]

@@ -72,7 +72,7 @@ def model(
     embeddings: Width = typer.Option(Width.default, "--embeddings", help="Token-embedding table precision; a tied table of lm_head's width takes lm_head's integers (stored once on ONNX Runtime) [default: the target's, int4 for ort-int4, trt-int4 and edge-int4, else float]."),
     activations: Optional[str] = typer.Option(None, "--activations", help="Activation quantization: none, int8-static, int8-dynamic, int4-dynamic or fp8-static [default: the target's]."),
     activation_clip: Optional[float] = typer.Option(None, "--activation-clip", help="Dynamic per-token activations: scale = clip · max|x| / qmax, clip in 0.5..1 [default: 0.75 for int4-dynamic, else 1]."),
-    kv_cache: Width = typer.Option(Width.default, "--kv-cache", help="KV-cache precision (per token and head, asymmetric) [default: float]."),
+    kv_cache: Width = typer.Option(Width.default, "--kv-cache", help="KV-cache precision: symmetric, a calibrated scale per KV head and channel; ORT targets store it quantized in GroupQueryAttention [default: float]."),
     smoothquant: Optional[bool] = typer.Option(None, "--smoothquant/--no-smoothquant", help="Fold SmoothQuant scales into the norms before quantizing [default: on for W8A8 targets]."),
     alpha: Optional[str] = typer.Option(None, "--alpha", help="SmoothQuant migration strength 0..1, or auto (searched per layer) [default: the target's]."),
     smooth_up_down: Optional[bool] = typer.Option(None, "--smooth-up-down/--no-smooth-up-down", help="SmoothQuant also on down_proj's input (scales folded into up_proj) [default: the target's]."),

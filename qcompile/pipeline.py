@@ -266,7 +266,8 @@ def _calibration_windows(plan: Recipe, float_path: pathlib.Path) -> tuple[np.nda
     """The recipe's calibration token windows (None when nothing is calibrated) and their manifest record."""
     if not plan.calibrated:
         return None, None
-    uncalibrated = [*(["--algo rtn"] if plan.body_calibrated else []), *(["--lm-head int8"] if plan.lm_head.bits == 4 else [])]
+    uncalibrated = [*(["--algo rtn"] if plan.weights.algorithm != Algorithm.RTN else []), *(["--lm-head int8"] if plan.lm_head.bits == 4 else []),
+                    *(["--kv-cache float"] if plan.kv_cache.bits is not None else [])]
     _require_tokenizer(float_path, "calibrate with", f", or pass {' '.join(uncalibrated)} (uncalibrated)" if uncalibrated else "")
     cal = plan.calibration
     context = context_length(float_path.parent)
@@ -329,12 +330,12 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     weights = make_weights(dataclasses.replace(scheme, skip=(*scheme.skip, "lm_head")) if head else scheme, windows, progress, saved)
     fold = FoldSmoothQuantScales(act, quantize_weight=_fake_quantizer(scheme), skip=scheme.skip, weights=scheme) if act.smoothquant else None
     acts = QuantizeActivations(act.kind, lm_head=act.lm_head, clip=act.clip, weights=scheme) if act.kind != ActivationKind.NONE else None
-    consumers = [p for p in (fold, acts if act.static else None, head, weights if shares_calibration else None) if p is not None]
+    kv = QuantizeKVCache(plan.kv_cache.bits) if plan.kv_cache.bits is not None else None
+    consumers = [p for p in (fold, acts if act.static else None, head, weights if shares_calibration else None, kv)
+                 if p is not None]
     if consumers:
         passes.append(Calibrate(windows, consumers, progress))
-    passes += [p for p in (fold, head, weights, acts) if p is not None]
-    if plan.kv_cache.bits is not None:
-        passes.append(QuantizeKVCache(plan.kv_cache.bits))
+    passes += [p for p in (fold, head, weights, acts, kv) if p is not None]
     if plan.embeddings.bits is not None:
         passes.append(_embedding_pass(plan, scheme, tied))
     return passes

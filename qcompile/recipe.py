@@ -92,7 +92,7 @@ class Rotation:
 
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    bits: int | None = None  # None: float; 4 or 8, per token and head, asymmetric
+    bits: int | None = None  # None: float; 4 or 8, symmetric, a calibrated scale per KV head and channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Recipe:
     def body_calibrated(self) -> bool:
         a = self.activations
         smoothed = self.rotation.enabled and self.rotation.norm_outputs == NormRotation.SMOOTHED
-        return self.weights.algorithm != Algorithm.RTN or a.smoothquant or a.static or smoothed
+        return self.weights.algorithm != Algorithm.RTN or a.smoothquant or a.static or smoothed or self.kv_cache.bits is not None
 
     @property
     def calibrated(self) -> bool:

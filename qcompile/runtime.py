@@ -48,6 +48,10 @@ def _head_size(model: pathlib.Path) -> int | None:
     return json.loads(config.read_text())["model"]["decoder"]["head_size"] if config.is_file() else None
 
 
+_CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+                "tensor(uint8)": np.uint8}
+
+
 class Decoder:
     """An ORT session over a KV-cache decoder graph (qcompile's export signature)."""
 
@@ -75,14 +79,16 @@ class Decoder:
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         self.cache_shapes = {n: inputs[n].shape for n in self.past_names}
+        self.cache_types = {n: _CACHE_TYPES.get(inputs[n].type, np.float32) for n in self.past_names}
         vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size = vocab if isinstance(vocab, int) else None  # None: unknown (or a calibration copy)
         self.head_dim = next((s[3] for s in self.cache_shapes.values() if isinstance(s[3], int)), None) or _head_size(self.path)
 
-    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
-        return {
-            n: np.zeros((batch, shape[1], 0, self.head_dim), dtype=np.float32) for n, shape in self.cache_shapes.items()
-        }
+    def empty_cache(self, batch: int = 1, length: int = 0) -> dict[str, np.ndarray]:
+        """Zeroed caches of `length` tokens, in each input's type (float, or a GroupQueryAttention's quantized
+        cache: int8, or uint8 holding two 4-bit values, whose static last dim says so)."""
+        return {n: np.zeros((batch, shape[1], length, shape[3] if isinstance(shape[3], int) else self.head_dim),
+                            dtype=self.cache_types[n]) for n, shape in self.cache_shapes.items()}
 
     def feeds(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
         """Inputs for `ids` [b, s] following `past_len` cached tokens."""
@@ -113,6 +119,9 @@ class Decoder:
         return Sequence(self, capacity)
 
 
+PREFILL_CHUNK = 512
+
+
 class Sequence:
     """One sequence (batch 1): `prefill(ids)`, then `step(token)` per new token; both return the last
     position's logits [vocab].
@@ -131,39 +140,47 @@ class Sequence:
         if decoder.appends_in_place:
             import onnxruntime as ort
 
-            self.buffers = {n: np.zeros((1, s[1], capacity, decoder.head_dim), np.float32) for n, s in decoder.cache_shapes.items()}
+            self.buffers = decoder.empty_cache(1, capacity)
             self.binding = decoder.session.io_binding()
             self.binding.bind_output("logits")  # first: the only output read back
+            self.bound_tokens = 0
             for past in decoder.past_names:
                 value = ort.OrtValue.ortvalue_from_numpy(self.buffers[past])
                 self.binding.bind_ortvalue_input(past, value)
                 self.binding.bind_ortvalue_output(past.replace("past_key_values.", "present.", 1), value)
 
-    def prefill(self, ids) -> np.ndarray:
+    def prefill(self, ids, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+        """Run the prompt; with the in-place cache in chunks of `chunk` tokens, so that attention's
+        transient scores stay [heads, chunk, length] however long the prompt is."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         self._check(ids.shape[1])
-        logits, cache = self.decoder.forward(ids, self.decoder.empty_cache(), 0)
         if self.binding is None:
-            self.cache = cache
-        else:
-            for name, value in cache.items():
-                self.buffers[name][:, :, : value.shape[2]] = value
-        self.length = ids.shape[1]
-        return logits[0, -1]
+            logits, self.cache = self.decoder.forward(ids, self.decoder.empty_cache(), 0)
+            self.length = ids.shape[1]
+            return logits[0, -1]
+        for start in range(0, ids.shape[1], chunk):
+            logits = self._run_bound(ids[:, start:start + chunk])
+        return logits
 
     def step(self, token: int) -> np.ndarray:
         self._check(1)
         ids = np.array([[token]], dtype=np.int64)
-        if self.binding is None:
-            logits, self.cache = self.decoder.forward(ids, self.cache, self.length)
-        else:
-            feeds = self.decoder.feeds(ids, {}, self.length)
-            for name, value in feeds.items():
-                self.binding.bind_cpu_input(name, value)
-            self.decoder.session.run_with_iobinding(self.binding)
-            logits = self.binding.get_outputs()[0].numpy()  # a view of a buffer the next run reuses
+        if self.binding is not None:
+            return self._run_bound(ids)
+        logits, self.cache = self.decoder.forward(ids, self.cache, self.length)
         self.length += 1
         return logits[0, -1].copy()
+
+    def _run_bound(self, ids: np.ndarray) -> np.ndarray:
+        """`ids` [1, s] appended to the bound cache in place; the last position's logits."""
+        for name, value in self.decoder.feeds(ids, {}, self.length).items():
+            self.binding.bind_cpu_input(name, value)
+        if ids.shape[1] != self.bound_tokens:  # ORT reuses the logits it allocated only for the same shape
+            self.binding.bind_output("logits")
+            self.bound_tokens = ids.shape[1]
+        self.decoder.session.run_with_iobinding(self.binding)
+        self.length += ids.shape[1]
+        return self.binding.get_outputs()[0].numpy()[0, -1].copy()  # a view of a buffer the next run reuses
 
     def _check(self, new: int) -> None:
         if self.length + new > self.capacity:

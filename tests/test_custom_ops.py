@@ -11,19 +11,11 @@ from qcompile import custom_ops
 from qcompile.algorithms.smoothquant import quantize_per_token
 
 
-def quantize_asymmetric_rows(x: np.ndarray, bits: int) -> np.ndarray:
-    """Asymmetric fake quantization, one scale and zero point per row (the KV cache's reference)."""
-    levels = np.float32(2 ** bits - 1)
-    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
-    scale = np.maximum((hi - lo) / levels, np.float32(1e-12))
-    zp = np.rint(-lo / scale)
-    return (np.clip(np.rint(x / scale) + zp, 0, levels) - zp) * scale
-
-
 def _run_both(op_type: str, make_node, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     value = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(x.shape)))
     node = make_node(value)
-    graph = ir.Graph([value], node.outputs, nodes=[node], opset_imports={"": 21}, name="g")
+    constants = [v for v in node.inputs if v.const_value is not None]
+    graph = ir.Graph([value], node.outputs, nodes=[node], initializers=constants, opset_imports={"": 21}, name="g")
     model = ir.Model(graph, ir_version=10)
     custom_ops.register(model, op_type)
     proto = ir.serde.serialize_model(model)
@@ -44,11 +36,13 @@ def test_per_token_op_matches_numpy(qmax, clip):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_asymmetric_op_matches_numpy(bits):
-    x = (np.random.default_rng(1).standard_normal((1, 3, 7, 16)) + 2.0).astype(np.float32)  # off-centre rows
-    want = quantize_asymmetric_rows(x, bits)
-    assert max(len(np.unique(row)) for row in want.reshape(-1, 16)) <= 2 ** bits
-    step = (x.max(-1) - x.min(-1)) / (2 ** bits - 1)
-    assert (np.abs(want - x).max(-1) <= step / 2 + 1e-6).all()  # the min and max are on the grid: no clipping
-    for got in _run_both(custom_ops.ASYMMETRIC, lambda v: custom_ops.asymmetric_node(v, bits, "y"), x):
-        np.testing.assert_allclose(got, want, atol=1e-5)
+def test_static_op_matches_numpy(bits):
+    """Symmetric with a given scale per (head, channel), saturating at [-qmax-1, qmax]: GQA's quantized cache."""
+    x = (np.random.default_rng(1).standard_normal((1, 3, 7, 16)) * 2).astype(np.float32)
+    scale = np.random.default_rng(2).uniform(0.01, 0.1, (1, 3, 1, 16)).astype(np.float32)
+    qmax = 2 ** (bits - 1) - 1
+    want = np.clip(np.rint(x / scale), -qmax - 1, qmax) * scale
+    assert (np.abs(x / scale) > qmax + 1).any()  # some values saturate
+    scale_value = ir.Value(name="scale", const_value=ir.tensor(scale, name="scale"))
+    for got in _run_both(custom_ops.STATIC, lambda v: custom_ops.static_node(v, scale_value, bits, "y"), x):
+        np.testing.assert_allclose(got, want, atol=1e-6)

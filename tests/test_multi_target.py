@@ -1,9 +1,11 @@
 """`--target a,b,c`: one quantization, lowered to each target, verified across them."""
 
+import json
+
 import pytest
 
 import qcompile
-from qcompile import errors, pipeline
+from qcompile import errors, package, pipeline, runtime
 from qcompile.cli import main
 
 CANONICAL_TARGETS = ["ort-int4", "trt-int4", "edge-int4"]
@@ -33,3 +35,22 @@ def test_targets_that_quantize_differently_are_refused_before_any_work(tiny_expo
     with pytest.raises(errors.InputError, match="ort-int4 and ort-w8a8 quantize differently .*weights.*compile them separately"):
         qcompile.compile_many(path, ["ort-int4", "ort-w8a8"], tmp_path / "x", eval_windows=None)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bits, cache_type", [(8, "tensor(int8)"), (4, "tensor(uint8)")])
+def test_a_quantized_kv_cache_is_stored_quantized_on_ort_and_emulated_on_tensorrt(tiny_export, tmp_path, bits, cache_type):
+    """ORT and edge store the cache quantized in GroupQueryAttention; trt-int4 keeps the canonical emulated
+    cache (fp32, QuantizeDequantizeStatic): `verify` compares their logits. onnxruntime-genai, the edge
+    package's client, allocates the quantized cache from the model's inputs and generates the golden tokens."""
+    _, path = tiny_export("llama")
+    out = tmp_path / "kv"
+    arts = qcompile.compile_many(path, CANONICAL_TARGETS, out, eval_windows=None, kv_cache_bits=bits, algo="rtn")
+    types = {name: {i.type for i in runtime.Decoder(art.path).session.get_inputs() if i.name.startswith("past_")}
+             for name, art in arts.items()}
+    assert types == {"ort-int4": {cache_type}, "edge-int4": {cache_type}, "trt-int4": {"tensor(float)"}}
+    report = qcompile.verify_all([arts[t].path for t in CANONICAL_TARGETS])
+    assert report["passed"], report
+    assert all(pair["logits"]["argmax_agreement"] == 1.0 for pair in report["pairs"])
+    pytest.importorskip("onnxruntime_genai", reason="CI installs qcompile[edge]")
+    golden = json.loads((arts["edge-int4"].path / "golden.json").read_text())
+    assert package.genai_greedy(arts["edge-int4"].path, golden["prompt_ids"], len(golden["greedy_ids"])) == golden["greedy_ids"]

@@ -6,10 +6,10 @@ reference semantics, so any ONNX runtime runs the canonical model without a kern
 (numpy reference: `algorithms.smoothquant.quantize_per_token`). int8: qmax = 127; int4: qmax = 7. A clip
 ratio < 1 saturates the largest values to resolve the rest more finely (QuaRot's W4A4 uses 0.9).
 
-`QuantizeDequantizeAsymmetric(x; levels)`: asymmetric dynamic fake quantization over the last axis (one
-    scale and zero point per row: per token and head for a KV cache [b, heads, s, head_dim]),
-    scale = max((max − min) / levels, 1e-12), zp = round(−min / scale),
-    y = (clip(round(x / scale) + zp, 0, levels) − zp) · scale.  levels = 2^bits − 1.
+`QuantizeDequantizeStatic(x, scale; qmax)`: symmetric fake quantization with a given (calibrated) scale that
+    broadcasts against x,  y = clip(round(x / scale), −qmax − 1, qmax) · scale.  int8: qmax = 127; int4: 7.
+    The KV cache's reference: with scale [1, kv_heads, 1, head_dim] it is exactly what ONNX Runtime's
+    GroupQueryAttention stores in an int8 or packed-int4 cache (k_quant_type PER_CHANNEL).
 
 `Hadamard(x, left, right)`: x·(leftᵀ ⊗ right) over the last axis, computed in factored form: the last axis
     (size K·M) viewed as X [K, M], y = left·X·right (left [K, K], right [M, M]), reshaped back. With
@@ -26,7 +26,7 @@ from onnx import helper
 DOMAIN = "qcompile"
 PER_TOKEN = "QuantizeDequantizePerToken"
 HADAMARD = "Hadamard"
-ASYMMETRIC = "QuantizeDequantizeAsymmetric"
+STATIC = "QuantizeDequantizeStatic"
 _OPSET = 21
 
 
@@ -60,34 +60,23 @@ def _per_token_function() -> onnx.FunctionProto:
                                 attributes=[], attribute_protos=defaults)
 
 
-def _asymmetric_function() -> onnx.FunctionProto:
-    levels = helper.make_node("Constant", [], ["levels_f"])
-    levels.attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name="levels", type=onnx.AttributeProto.FLOAT))
+def _static_function() -> onnx.FunctionProto:
+    qmax = helper.make_node("Constant", [], ["qmax_f"])
+    qmax.attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name="qmax", type=onnx.AttributeProto.FLOAT))
     nodes = [
-        levels,
-        helper.make_node("CastLike", ["levels_f", "x"], ["levels"]),
-        helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [-1])),
-        helper.make_node("Constant", [], ["tiny_f"], value_float=1e-12),
-        helper.make_node("CastLike", ["tiny_f", "x"], ["tiny"]),
-        helper.make_node("Constant", [], ["zero_f"], value_float=0.0),
-        helper.make_node("CastLike", ["zero_f", "x"], ["zero"]),
-        helper.make_node("ReduceMax", ["x", "axes"], ["hi"], keepdims=1),
-        helper.make_node("ReduceMin", ["x", "axes"], ["lo"], keepdims=1),
-        helper.make_node("Sub", ["hi", "lo"], ["span"]),
-        helper.make_node("Div", ["span", "levels"], ["raw_scale"]),
-        helper.make_node("Max", ["raw_scale", "tiny"], ["scale"]),
-        helper.make_node("Div", ["lo", "scale"], ["lo_scaled"]),
-        helper.make_node("Neg", ["lo_scaled"], ["neg_lo"]),
-        helper.make_node("Round", ["neg_lo"], ["zp"]),
+        qmax,
+        helper.make_node("CastLike", ["qmax_f", "x"], ["qmax"]),
+        helper.make_node("Constant", [], ["one_f"], value_float=1.0),
+        helper.make_node("CastLike", ["one_f", "x"], ["one"]),
+        helper.make_node("Neg", ["qmax"], ["neg_qmax"]),
+        helper.make_node("Sub", ["neg_qmax", "one"], ["qmin"]),
         helper.make_node("Div", ["x", "scale"], ["scaled"]),
         helper.make_node("Round", ["scaled"], ["rounded"]),
-        helper.make_node("Add", ["rounded", "zp"], ["shifted"]),
-        helper.make_node("Clip", ["shifted", "zero", "levels"], ["q"]),
-        helper.make_node("Sub", ["q", "zp"], ["centered"]),
-        helper.make_node("Mul", ["centered", "scale"], ["y"]),
+        helper.make_node("Clip", ["rounded", "qmin", "qmax"], ["q"]),
+        helper.make_node("Mul", ["q", "scale"], ["y"]),
     ]
-    return helper.make_function(DOMAIN, ASYMMETRIC, ["x"], ["y"], nodes, [helper.make_opsetid("", _OPSET)],
-                                attributes=[], attribute_protos=[helper.make_attribute("levels", 15.0)])
+    return helper.make_function(DOMAIN, STATIC, ["x", "scale"], ["y"], nodes, [helper.make_opsetid("", _OPSET)],
+                                attributes=[], attribute_protos=[helper.make_attribute("qmax", 127.0)])
 
 
 def _hadamard_function() -> onnx.FunctionProto:
@@ -106,7 +95,7 @@ def _hadamard_function() -> onnx.FunctionProto:
                                 [helper.make_opsetid("", _OPSET)])
 
 
-_FUNCTIONS = {PER_TOKEN: _per_token_function, HADAMARD: _hadamard_function, ASYMMETRIC: _asymmetric_function}
+_FUNCTIONS = {PER_TOKEN: _per_token_function, HADAMARD: _hadamard_function, STATIC: _static_function}
 
 
 def register(model: ir.Model, op_type: str) -> None:
@@ -132,8 +121,8 @@ def per_token_node(x: ir.Value, qmax: float, name: str, clip: float = 1.0) -> ir
     return _node(PER_TOKEN, [x], {"qmax": float(qmax), "clip": float(clip)}, name)
 
 
-def asymmetric_node(x: ir.Value, bits: int, name: str) -> ir.Node:
-    return _node(ASYMMETRIC, [x], {"levels": float(2 ** bits - 1)}, name)
+def static_node(x: ir.Value, scale: ir.Value, bits: int, name: str) -> ir.Node:
+    return _node(STATIC, [x, scale], {"qmax": float(2 ** (bits - 1) - 1)}, name)
 
 
 def hadamard_node(x: ir.Value, left: ir.Value, right: ir.Value, name: str) -> ir.Node:

@@ -1,5 +1,6 @@
 """Graph passes: one transformation per file, each an onnx_ir pass."""
 
+from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.fold_awq_scales import FoldAWQScales
 from qcompile.passes.fold_smoothquant_scales import FoldSmoothQuantScales
 from qcompile.passes.fuse_attention import FuseGroupQueryAttention
@@ -16,5 +17,5 @@ from qcompile.passes.rotate_residual_stream import RotateResidualStream
 from qcompile.passes.rotate_value_output import RotateValueOutput
 from qcompile.passes.smooth_rotate_norm_outputs import SmoothRotateNormOutputs
 
-__all__ = ["FoldAWQScales", "FoldSmoothQuantScales", "FuseGroupQueryAttention", "FuseNormGains", "InsertOnlineHadamard", "InsertQueryKeyHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeKVCache", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
+__all__ = ["Calibrate", "FoldAWQScales", "FoldSmoothQuantScales", "FuseGroupQueryAttention", "FuseNormGains", "InsertOnlineHadamard", "InsertQueryKeyHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeKVCache", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
            "RotateResidualStream", "RotateValueOutput", "SmoothRotateNormOutputs"]

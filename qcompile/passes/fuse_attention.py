@@ -21,10 +21,13 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
     Where the queries and keys are the projections' outputs with only RoPE (rotate-half form) applied,
     GQA takes the projections' outputs and applies RoPE itself (do_rotary=1, from cos/sin caches of
     `max_positions` rows computed by the graph's own rotary subgraph), so the per-head reshapes,
-    transposes and rotary ops go. Otherwise (QuaRot's query/key Hadamard, a fake-quantized KV cache,
-    or `max_positions` None) it is fed exactly the tensors the decomposed graph attends with: the queries
-    as they enter the scores MatMul and the new keys and values as they enter the cache Concat
-    (do_rotary=0). Its scale is the product of the constant factors on the query, key and score paths.
+    transposes and rotary ops go. Otherwise (QuaRot's query/key Hadamard, or `max_positions` None) it is
+    fed exactly the tensors the decomposed graph attends with: the queries as they enter the scores MatMul
+    and the new keys and values as they enter the cache Concat (do_rotary=0). A QuantizeKVCache quantizer
+    on the new keys and values becomes GQA's own quantized cache (kv_cache_bit_width, PER_CHANNEL scales):
+    the past/present tensors turn int8, or uint8 holding two 4-bit values, and GQA quantizes what it
+    appends exactly as the quantizer did. Its scale is the product of the constant factors on the query,
+    key and score paths.
     The cache keeps qcompile's layout, [batch, kv_heads, total, head_dim], growing by concatenation. The
     mask becomes GQA's `seqlens_k` (attention_mask sum − 1) and `total_sequence_length`, and with
     do_rotary=1 the positions follow from them (position_ids stays an input but is unused): the same as
@@ -81,6 +84,11 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
         raise fail("no probabilities·V MatMul after the softmax")
     value_concat = cache_concat(context.inputs[1], graph)
     query, key, value = scores.inputs[0], key_concat.inputs[1], value_concat.inputs[1]
+    quantizers = [_cache_quantizer(v) for v in (key, value)]
+    if quantizers[0] is not None or quantizers[1] is not None:
+        if quantizers[0] is None or quantizers[1] is None or _bits(quantizers[0]) != _bits(quantizers[1]):
+            raise fail("its keys and values are not quantized alike for the cache")
+        key, value = quantizers[0].inputs[0], quantizers[1].inputs[0]
     dims = [v.shape for v in (query, key, value)]
     if any(s is None or len(s) != 4 or not all(isinstance(d, int) for d in (s[1], s[3])) for s in dims):
         raise fail("the query/key/value head counts and head size are not static [batch, heads, seq, head_dim]")
@@ -100,12 +108,16 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
     else:
         packed = [_pack_heads(graph, v, scores, f"{prefix}.{name}") for v, name in ((query, "query"), (key, "key"), (value, "value"))]
         extra, do_rotary = (), 0
-    gqa = ir.node(
-        "GroupQueryAttention",
-        [*packed, key_concat.inputs[0], value_concat.inputs[0], seqlens, total, *extra],
-        attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale), "do_rotary": do_rotary},
-        domain="com.microsoft", num_outputs=3, name=f"{prefix}.gqa",
-    )
+    inputs = [*packed, key_concat.inputs[0], value_concat.inputs[0], seqlens, total, *extra]
+    attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale), "do_rotary": do_rotary}
+    cache_type, cache_dim = None, head_dim
+    if quantizers[0] is not None:  # GQA quantizes what it appends, after its own RoPE: the reference's order
+        bits = _bits(quantizers[0])
+        inputs += [None] * (12 - len(inputs)) + [quantizers[0].inputs[1], quantizers[1].inputs[1]]
+        attributes.update(kv_cache_bit_width=bits, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
+        cache_type, cache_dim = (ir.DataType.INT8, head_dim) if bits == 8 else (ir.DataType.UINT8, head_dim // 2)
+    gqa = ir.node("GroupQueryAttention", inputs, attributes=attributes, domain="com.microsoft", num_outputs=3,
+                  name=f"{prefix}.gqa")
     graph.insert_before(scores, gqa)
     gqa.outputs[0].name = f"{prefix}.output"
     attention_out.replace_all_uses_with(gqa.outputs[0])
@@ -115,8 +127,22 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
         present.name = f"{name}.unfused"
         out.name, out.dtype, out.shape = name, present.dtype, present.shape
         graph.outputs[index] = out
+        if cache_type is not None:  # the cache is stored quantized (4-bit: two values a byte, low nibble first)
+            past = concat.inputs[0]
+            for v in (past, out):
+                v.dtype, v.shape = cache_type, ir.Shape([*v.shape[:3], cache_dim])
     gqa.outputs[0].dtype = attention_out.dtype
     gqa.outputs[0].shape = ir.Shape([*dims[0][:1], dims[0][2], heads * head_dim])
+
+
+def _cache_quantizer(value: ir.Value) -> ir.Node | None:
+    """The `qcompile.QuantizeDequantizeStatic` (QuantizeKVCache) producing `value`, if one does."""
+    node = value.producer()
+    return node if node is not None and (node.domain, node.op_type) == (custom_ops.DOMAIN, custom_ops.STATIC) else None
+
+
+def _bits(quantizer: ir.Node) -> int:
+    return 8 if quantizer.attributes.get_float("qmax", 127.0) == 127.0 else 4
 
 
 def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:

@@ -1,37 +1,66 @@
-"""QuantizeKVCache: the keys and values a step appends to the KV cache, fake-quantized per token and head."""
+"""QuantizeKVCache: the keys and values a step appends to the KV cache, quantized with calibrated scales."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompile import custom_ops, errors
+from qcompile.calibration import Request, TapStats
+from qcompile.passes._canonical import _initializer
+from qcompile.passes._result import Result
 
 
 class QuantizeKVCache(ir.passes.InPlacePass):
-    """Every cache output `present.*` = Concat(past, new) gets `new` through
-    `qcompile.QuantizeDequantizeAsymmetric` (`bits`, asymmetric, one scale and zero point per token and
-    head: group = head_dim), so the cache holds — and attention reads — only quantized keys and values,
-    as a runtime with a quantized KV cache would. The numerical reference of a 4- or 8-bit cache.
+    """Every cache output `present.*` = Concat(past, new) gets `new` through `qcompile.QuantizeDequantizeStatic`
+    (`bits`, symmetric, one static scale per KV head and channel: [1, kv_heads, 1, head_dim]), so the cache
+    holds — and attention reads — only quantized keys and values. This is the canonical reference of a 4- or
+    8-bit cache, and exactly what ONNX Runtime's GroupQueryAttention stores in its int8 / packed-int4 cache
+    (k/v_quant_type PER_CHANNEL), which the ORT targets lower it to.
+
+    The scales come from calibration (hand the pass to `Calibrate`): max |x| over the calibration windows
+    of each (head, channel) of the new keys and values, as they enter the cache (after RoPE, and after
+    QuaRot's key rotation where there is one), divided by 127 or 7.
     """
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, stats: dict[str, TapStats] | None = None):
         super().__init__()
         if bits not in (4, 8):
             raise errors.InputError(f"KV-cache bits={bits} is not supported: use 4 or 8")
-        self.bits = bits
+        self.bits, self.stats = bits, stats
 
     def requires(self, model: ir.Model) -> None:
         cache_concats(model.graph)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def calibration_request(self, model: ir.Model) -> Request:
+        return Request([concat.inputs[1] for _, concat in cache_concats(model.graph)], per_head=True)
+
+    def calibrated(self, stats: dict[str, TapStats], request: Request) -> None:
+        self.stats = stats
+
+    def call(self, model: ir.Model) -> Result:
         graph = model.graph
         caches = cache_concats(graph)
+        if self.stats is None:
+            raise errors.InputError("QuantizeKVCache needs calibration: run it after Calibrate(windows, [this pass])")
+        qmax = 2 ** (self.bits - 1) - 1
+        amax = []
         for present, concat in caches:
-            node = custom_ops.asymmetric_node(concat.inputs[1], self.bits, f"{present.name}.kv{self.bits}")
+            new = concat.inputs[1]
+            shape = new.shape
+            if new.name not in self.stats or shape is None or not all(isinstance(shape[i], int) for i in (1, 3)):
+                raise errors.UnsupportedModelError(f"no calibration statistics for the [batch, heads, seq, head_dim] "
+                                                   f"keys or values '{new.name}' entering '{present.name}'")
+            absmax = self.stats[new.name].absmax
+            amax.append(float(absmax.max()))
+            scale = np.maximum(absmax / qmax, np.float32(1e-8)).astype(np.float32).reshape(1, shape[1], 1, shape[3])
+            node = custom_ops.static_node(new, _initializer(graph, f"{present.name}.kv_scale", scale), self.bits,
+                                          f"{present.name}.kv{self.bits}")
             graph.insert_before(concat, node)
             concat.replace_input_with(1, node.outputs[0])
-        custom_ops.register(model, custom_ops.ASYMMETRIC)
-        return ir.passes.PassResult(model, modified=bool(caches))
+        custom_ops.register(model, custom_ops.STATIC)
+        record = {"bits": self.bits, "scales": "static, per KV head and channel", "max_abs": [round(min(amax), 4), round(max(amax), 4)]}
+        return Result(model, modified=bool(caches), record={"kv_cache": record})
 
 
 def cache_concats(graph: ir.Graph) -> list[tuple[ir.Value, ir.Node]]:
@@ -44,5 +73,5 @@ def cache_concats(graph: ir.Graph) -> list[tuple[ir.Value, ir.Node]]:
         concat = present.producer()
         if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
             raise errors.UnsupportedModelError(
-                f"cache output '{present.name}' is not Concat(past, new): export the model with `qcompile export`")
+                f"cache output '{present.name}' is not Concat(past, new): export it with `qcompile export`")
     return [(present, present.producer()) for present in caches]

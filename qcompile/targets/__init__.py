@@ -62,11 +62,17 @@ class Target:
 
 
 class OnnxRuntimeTarget(Target):
+    def validate(self, recipe) -> None:
+        if recipe.kv_cache.bits is not None and not recipe.lowering.fuse:
+            raise errors.InputError(f"{self.name}: a quantized KV cache is stored by GroupQueryAttention, which --no-fuse "
+                                    "leaves out: drop --no-fuse or --kv-cache")
+
     def lowering_passes(self, recipe, max_positions: int | None = None) -> list[ir.passes.PassBase]:
         level = recipe.lowering.accuracy_level
         if not recipe.lowering.fuse:
             return [ort.LowerToMatMulNBits(level)]
-        return [FuseGroupQueryAttention(max_positions, strict=False), ort.LowerToMatMulNBits(level),
+        # A quantized cache exists only inside GroupQueryAttention: every block must fuse, or the compile fails.
+        return [FuseGroupQueryAttention(max_positions, strict=recipe.kv_cache.bits is not None), ort.LowerToMatMulNBits(level),
                 ort.FuseNormalizations(), ort.PackQKV()]
 
     def read_weight(self, linear):

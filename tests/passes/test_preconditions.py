@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from qcompile import analysis, custom_ops, errors
+from qcompile.calibration import TapStats
 from qcompile.passes import InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeKVCache, RotateValueOutput
 from qcompile.passes._fold import set_tensor
 from tests.conftest import single_matmul_model
@@ -87,9 +88,12 @@ def test_kv_cache_quantization_refuses_a_model_without_cache_outputs():
 
 def test_kv_cache_quantization_of_a_valid_cache():
     model = _kv_cache_model()
-    QuantizeKVCache(4).requires(model)
-    assert QuantizeKVCache(4)(model).modified
-    assert [n.op_type for n in model.graph].count(custom_ops.ASYMMETRIC) == 2
+    kv = QuantizeKVCache(4)
+    kv.requires(model)
+    assert [t.name for t in kv.calibration_request(model).taps] == ["new", "new"]
+    kv.calibrated({"new": TapStats(np.full(32, 0.7, np.float32), np.zeros(32), None, np.zeros(32))}, None)
+    assert kv(model).modified
+    assert [n.op_type for n in model.graph].count(custom_ops.STATIC) == 2
 
 
 # RotateValueOutput
