@@ -6,8 +6,10 @@ import onnx_ir as ir
 import pytest
 
 from qcompile import analysis, errors
+from qcompile.calibration import TapStats
 from qcompile.passes import (Calibrate, FuseGroupQueryAttention, FuseNormGains, InsertOnlineHadamard,
                              InsertQueryKeyHadamard, QuantizeKVCache, RotateResidualStream, RotateValueOutput)
+from qcompile.passes.quantize_kv_cache import _scales
 from qcompile.runtime import Decoder
 from tests.conftest import prompt_and_step
 
@@ -44,10 +46,12 @@ def test_kv_cache_holds_values_quantized_with_calibrated_per_channel_scales(tiny
     logits, cache = reference.forward(ids, reference.empty_cache(), 0)
     qmax = 2 ** (bits - 1) - 1
     # layer 0's keys and values are computed before any quantized cache is read: exactly the float ones, quantized
-    # with max |x| over the calibration windows per (head, channel) / qmax
+    # with a scale per (head, channel) of c · max |x| over the calibration windows / qmax, c in 0.5..1
     _, full = decoder.forward(WINDOWS, decoder.empty_cache(len(WINDOWS)), 0)
     for name in ("past_key_values.0.key", "past_key_values.0.value"):
-        scale = np.abs(full[name]).max(axis=(0, 2), keepdims=True) / qmax
+        scale = model.graph.initializers[name.replace("past_key_values", "present") + ".kv_scale"].const_value.numpy()
+        ratio = scale / (np.abs(full[name]).max(axis=(0, 2), keepdims=True) / qmax)
+        assert ratio.shape == (1, 2, 1, 16) and (ratio > 0.5 - 1e-6).all() and (ratio < 1 + 1e-6).all()
         want = np.clip(np.round(float_cache[name] / scale), -qmax - 1, qmax) * scale
         np.testing.assert_allclose(cache[name], want, atol=1e-5)
     error = np.abs(logits - float_logits).max()
@@ -108,3 +112,17 @@ def test_keys_and_values_quantized_differently_are_left_unfused_with_the_reason(
     value_quantizer.attributes["qmax"] = ir.AttrFloat32("qmax", 7.0)
     with pytest.raises(errors.UnsupportedModelError, match="not quantized alike"):
         FuseGroupQueryAttention(max_positions=256)(model)
+
+
+def test_clip_search_lowers_the_error_of_heavy_tailed_channels():
+    rows = np.random.default_rng(0).standard_normal((1024, 8)).astype(np.float32)
+    rows[0] *= 20  # one outlier token
+    stats = TapStats(np.abs(rows).max(axis=0), np.zeros(8), None, np.zeros(8), rows=[rows])
+    top = np.abs(rows).max(axis=0) / 7
+    scale = _scales(stats, 7)
+    assert (scale < top).all()
+
+    def error(s):
+        return np.square(np.clip(np.rint(rows / s), -8, 7) * s - rows).sum()
+
+    assert error(scale) < 0.5 * error(top)
