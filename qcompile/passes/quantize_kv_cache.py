@@ -77,8 +77,8 @@ def _scales(stats: TapStats, qmax: int) -> np.ndarray:
     rows = stats.samples
     if not len(rows):
         return top.astype(np.float32)
-    errors = [np.square(np.clip(np.rint(rows / (c * top)), -qmax - 1, qmax) * (c * top) - rows).sum(axis=0) for c in _RATIOS]
-    return (top * _RATIOS[np.argmin(errors, axis=0)]).astype(np.float32)
+    losses = [np.square(np.clip(np.rint(rows / (c * top)), -qmax - 1, qmax) * (c * top) - rows).sum(axis=0) for c in _RATIOS]
+    return (top * _RATIOS[np.argmin(losses, axis=0)]).astype(np.float32)
 
 
 def cache_concats(graph: ir.Graph) -> list[tuple[ir.Value, ir.Node]]:
