@@ -12,8 +12,8 @@ the cache's allocated bytes (`Sequence` buffers for prompt + steps tokens), the 
 after loading, after the prompt (chunked prefill) and its peak, and decode ms/token (median of --steps
 greedy steps after the prompt). Writes benchmarks/results/kv_cache.{json,md}.
 
-onnxruntime-genai's builder builds a quantized cache only through its separate calibrate-and-rebuild
-cycle; it is not part of this run.
+onnxruntime-genai's builder's quantized cache (a separate calibrate-and-rebuild cycle) is not part of
+this run.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ def _memory_mb() -> tuple[float, float]:
 def measure(folder: pathlib.Path, prompt: int, steps: int) -> dict:
     """One sequence of `prompt` tokens (WikiText-2 test text) and `steps` greedy steps, in this process."""
     decoder = runtime.Decoder(folder)
-    text = (pathlib.Path(evaluation.__file__).parent / "data" / "wikitext-2" / "test.txt").read_text()
-    ids = runtime.load_tokenizer(folder).encode(text[: prompt * 8]).ids[:prompt]
+    ids = runtime.load_tokenizer(folder).encode(evaluation.wikitext("test")[: prompt * 8]).ids[:prompt]
     loaded, _ = _memory_mb()
     sequence = decoder.sequence(prompt + steps + 1)
     started = time.perf_counter()

@@ -95,16 +95,16 @@ def _gguf_parsed_once():
 
     transformers parses a GGUF file's metadata once for the config, once for the tokenizer and once for
     the weights, and rebuilds gguf's tensor-name map for every module: 32 of the 44 s it took to load
-    SmolLM2-135M. Both are read-only, so one of each serves every caller.
+    SmolLM2-135M under cProfile. Both are read-only, so one of each serves every caller.
     """
     try:
         import gguf
     except ImportError:
         return contextlib.nullcontext()
-    read = functools.lru_cache(maxsize=None)(gguf.GGUFReader)
+    read, names = functools.lru_cache(maxsize=None)(gguf.GGUFReader), functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(gguf, "GGUFReader", lambda path, *a, **k: read(str(path), *a, **k)))
-    stack.enter_context(mock.patch.object(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)))
+    stack.enter_context(mock.patch.object(gguf, "get_tensor_name_map", names))
     return stack
 
 

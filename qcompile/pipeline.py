@@ -266,7 +266,8 @@ def _calibration_windows(plan: Recipe, float_path: pathlib.Path) -> tuple[np.nda
     """The recipe's calibration token windows (None when nothing is calibrated) and their manifest record."""
     if not plan.calibrated:
         return None, None
-    uncalibrated = [*(["--algo rtn"] if plan.weights.algorithm != Algorithm.RTN else []), *(["--lm-head int8"] if plan.lm_head.bits == 4 else []),
+    uncalibrated = [*(["--algo rtn"] if plan.weights.algorithm != Algorithm.RTN else []),
+                    *(["--lm-head int8"] if plan.lm_head.bits == 4 else []),
                     *(["--kv-cache float"] if plan.kv_cache.bits is not None else [])]
     _require_tokenizer(float_path, "calibrate with", f", or pass {' '.join(uncalibrated)} (uncalibrated)" if uncalibrated else "")
     cal = plan.calibration

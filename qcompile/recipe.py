@@ -138,7 +138,8 @@ class Recipe:
     def body_calibrated(self) -> bool:
         a = self.activations
         smoothed = self.rotation.enabled and self.rotation.norm_outputs == NormRotation.SMOOTHED
-        return self.weights.algorithm != Algorithm.RTN or a.smoothquant or a.static or smoothed or self.kv_cache.bits is not None
+        kv = self.kv_cache.bits is not None  # its static scales
+        return self.weights.algorithm != Algorithm.RTN or a.smoothquant or a.static or smoothed or kv
 
     @property
     def calibrated(self) -> bool:

@@ -142,7 +142,8 @@ def _cache_quantizer(value: ir.Value) -> ir.Node | None:
 
 
 def _bits(quantizer: ir.Node) -> int:
-    return 8 if quantizer.attributes.get_float("qmax", 127.0) == 127.0 else 4
+    """The cache width of a quantizer with qmax = 2^(bits−1) − 1."""
+    return int(quantizer.attributes.get_float("qmax", 127.0)).bit_length() + 1
 
 
 def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:

@@ -62,7 +62,8 @@ class QuantizeKVCache(ir.passes.InPlacePass):
             graph.insert_before(concat, node)
             concat.replace_input_with(1, node.outputs[0])
         custom_ops.register(model, custom_ops.STATIC)
-        record = {"bits": self.bits, "scales": "static, per KV head and channel", "max_abs": [round(min(amax), 4), round(max(amax), 4)]}
+        record = {"bits": self.bits, "scales": "static, per KV head and channel",
+                  "max_abs": [round(min(amax), 4), round(max(amax), 4)]}
         return Result(model, modified=bool(caches), record={"kv_cache": record})
 
 
