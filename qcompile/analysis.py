@@ -1,12 +1,20 @@
 """Find the transformer structure of an exported causal LM: the one place that knows the graph's shape.
 
-`analyze(model)` returns a `ModelMap`: the embedding, each block's norms and linears with their roles
-(q, k, v, o, gate, up, down), the residual adds, the final norm and lm_head. Roles come from structure,
-never from tensor names (the exporter names weights `val_76`):
+`analyze(model)` returns a `ModelMap`: the embedding, each block's norms and linears with their roles,
+the residual stream entering and leaving each block, the final norm and lm_head. Roles come from
+structure, never from tensor names (the exporter names weights `val_76`) nor from the model family:
 
     norm ──┬─ MatMul(q) ─ ... ─┐                 norm ──┬─ MatMul(gate) ─ act ─┐
            ├─ MatMul(k) ─ ... ─┴─ MatMul(scores)        └─ MatMul(up) ─────────┴─ Mul ─ MatMul(down)
            └─ MatMul(v) ─ ... ─── MatMul(context, input 1) ─ ... ─ MatMul(o) ─ Add(residual)
+
+The linears that reach an attention MatMul first are the block's attention inputs: three (q, k, v), or
+one fused projection (qkv) whose output is sliced, with each role's output columns where the slices are
+contiguous. o is the first linear after the attention. The other linears are the MLP: the one reached
+from the others is down; before it one plain up (GELU MLP), a fused gate_up, or gate and up. A block's
+linears read a pre-norm, or the residual stream itself (post-norm blocks); a parallel block's MLP reads
+the same stream as its attention. Norms on the attention or MLP output before the residual add
+(post/sandwich norms) are the block's `branch_norms`.
 
 A linear is a MatMul whose second input is a constant [K, N] weight, a DequantizeLinear of one (the
 canonical quantized form), a Transpose of one (a tied lm_head), or a com.microsoft.MatMulNBits. An ORT
@@ -35,6 +43,8 @@ class Role(str, enum.Enum):
     UP = "up"
     DOWN = "down"
     LM_HEAD = "lm_head"
+    QKV = "qkv"  # one fused projection: q, k and v column ranges (`Linear.parts`)
+    GATE_UP = "gate_up"  # one fused projection: gate and up column ranges
 
 
 @dataclasses.dataclass
@@ -60,6 +70,7 @@ class Linear:
     out_features: int
     norm: Norm | None = None
     columns: tuple[int, int] | None = None  # [start, stop) of `node`'s output columns, when it packs several linears
+    parts: dict[Role, tuple[int, int]] | None = None  # a fused projection's roles → [start, stop) output columns
 
     @property
     def weight_input(self) -> ir.Value:
@@ -80,12 +91,14 @@ class Linear:
         return weight.dtype.name if weight is not None else "?"
 
     def float_weight(self) -> np.ndarray:
-        """The float weight as a [K, N] array (a tied lm_head's embedding is transposed)."""
+        """The float weight as a [K, N] array (a tied lm_head's embedding is transposed; a view of a fused
+        projection gets its `columns`)."""
         producer = self.weight_input.producer()
         if self.node.op_type == "MatMulNBits":
             raise errors.InputError(f"linear {self.name} is already quantized ({self.format()}): start from a float model")
         if producer is None:
-            return self.weight_input.const_value.numpy()
+            w = self.weight_input.const_value.numpy()
+            return w[:, slice(*self.columns)] if self.columns else w
         if producer.op_type == "Transpose":
             return producer.inputs[0].const_value.numpy().T
         raise errors.InputError(f"linear {self.name} is already quantized ({self.format()}): start from a float model")
@@ -94,12 +107,47 @@ class Linear:
 @dataclasses.dataclass
 class Block:
     index: int
-    input_norm: Norm
-    post_attention_norm: Norm
-    linears: dict[Role, Linear]
-    attention_residual: ir.Node
-    mlp_residual: ir.Node
+    input: ir.Value  # the residual stream entering the block
+    output: ir.Value  # the residual stream leaving it (the next block's input, or the final norm's)
+    linears: dict[Role, Linear]  # q, k, v (or qkv), o, gate and up (or gate_up, or up alone), down
     attention_probs: ir.Value | None = None  # softmax(q·kᵀ) [b, heads, q, k] of a decomposed attention
+    branch_norms: list[Norm] = dataclasses.field(default_factory=list)  # on o's / down's output (post-norms)
+    parallel: bool = False  # the MLP reads the block's input stream, as the attention does
+
+    def norms(self) -> list[Norm]:
+        """The block's pre-norms (each once), in the order their linears appear."""
+        return list({id(lin.norm): lin.norm for lin in self.linears.values() if lin.norm is not None}.values())
+
+    @property
+    def input_norm(self) -> Norm | None:
+        return self.attention_input().norm
+
+    @property
+    def post_attention_norm(self) -> Norm | None:
+        return self.mlp_input().norm
+
+    def attention_input(self) -> Linear:
+        return self.linears.get(Role.QKV) or self.linears[Role.Q]
+
+    def mlp_input(self) -> Linear:
+        return self.linears.get(Role.GATE_UP) or self.linears.get(Role.GATE) or self.linears[Role.UP]
+
+    @property
+    def gated(self) -> bool:
+        """down reads act(gate)·up (the up part can take a per-column scale), not act(up)."""
+        return Role.GATE in self.linears or Role.GATE_UP in self.linears
+
+    def part(self, role: Role) -> Linear | None:
+        """The linear holding `role` (Q, K, V, GATE, UP): its own, or a view of the fused projection's
+        columns; None where a fused projection does not say which columns are the role's."""
+        if role in self.linears:
+            return self.linears[role]
+        fused = self.linears.get(Role.QKV if role in (Role.Q, Role.K, Role.V) else Role.GATE_UP)
+        if fused is None or fused.parts is None or role not in fused.parts:
+            return None
+        start, stop = fused.parts[role]
+        return dataclasses.replace(fused, name=f"blocks.{self.index}.{role.value}", role=role,
+                                   out_features=stop - start, columns=(start, stop), parts=None)
 
 
 @dataclasses.dataclass
@@ -109,13 +157,23 @@ class ModelMap:
     final_norm: Norm
     lm_head: Linear
     tied_lm_head: bool
+    logit_softcap: float | None = None  # logits = c·tanh(lm_head / c)
 
     @property
     def hidden_size(self) -> int:
         return self.lm_head.in_features
 
     def linears(self) -> list[Linear]:
+        """Every weight once, in block order, lm_head last (a fused projection is one linear)."""
         return [lin for b in self.blocks for lin in b.linears.values()] + [self.lm_head]
+
+    def norm_readers(self) -> list[tuple[Norm, list[Linear]]]:
+        """Every norm that feeds linears, with the linears reading it (the final norm → lm_head last)."""
+        groups: dict[int, tuple[Norm, list[Linear]]] = {}
+        for linear in self.linears():
+            if linear.norm is not None:
+                groups.setdefault(id(linear.norm), (linear.norm, []))[1].append(linear)
+        return list(groups.values())
 
 
 def _is_const(value: ir.Value | None) -> bool:
@@ -280,25 +338,77 @@ def _packed_qkv(node: ir.Node) -> ir.Node | None:
     return attention
 
 
+def _constant_scalar(value: ir.Value | None) -> float | None:
+    if not _is_const(value) or value.const_value.size != 1:
+        return None
+    return float(value.const_value.numpy().reshape(()))
+
+
+def _column_range(node: ir.Node, n: int) -> tuple[int, int] | None:
+    """The [start, stop) columns a Slice of the last axis keeps of a [.., n] tensor, or None."""
+    starts, ends = (_constant_scalar(v) for v in node.inputs[1:3])
+    axes = _constant_scalar(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else 0
+    steps = _constant_scalar(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else 1
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if None in (starts, ends, axes, rank) or steps != 1 or axes not in (-1, rank - 1):
+        return None
+    start, stop = (int(max(0, min(n, x + n if x < 0 else x))) for x in (starts, ends))
+    return start, stop
+
+
+def _output_parts(node: ir.Node, n: int) -> list[tuple[ir.Value, tuple[int, int] | None]] | None:
+    """The pieces a fused projection's output is cut into (through its bias Add): each piece's value and its
+    contiguous column range, or None where the cut is not one along the last axis; None if not cut at all."""
+    value = node.outputs[0]
+    uses = list(value.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and _is_const(uses[0].node.inputs[1 - uses[0].idx]):
+        value = uses[0].node.outputs[0]  # the bias
+        uses = list(value.uses())
+    if uses and all(u.node.op_type == "Slice" and u.idx == 0 for u in uses) and len(uses) > 1:
+        return [(u.node.outputs[0], _column_range(u.node, n)) for u in uses]
+    if len(uses) == 1 and uses[0].node.op_type == "Split":
+        split = uses[0].node
+        axis = split.attributes.get_int("axis", 0)
+        rank = len(value.shape) if value.shape is not None else None
+        sizes = split.inputs[1].const_value.numpy().tolist() if len(split.inputs) > 1 and _is_const(split.inputs[1]) else None
+        if sizes is None and rank is not None and axis in (-1, rank - 1):
+            count = len(split.outputs)
+            sizes = [n // count] * count if n % count == 0 else None
+        if rank is None or axis not in (-1, rank - 1) or sizes is None:
+            return [(out, None) for out in split.outputs]
+        bounds = np.cumsum([0, *sizes]).tolist()
+        return [(out, (int(a), int(b))) for out, a, b in zip(split.outputs, bounds, bounds[1:])]
+    return None
+
+
 class _Analyzer:
     def __init__(self, model: ir.Model):
         self.graph = model.graph
         self.order = {node: i for i, node in enumerate(self.graph)}
         self.linear_nodes = {n: d for n in self.graph if (d := _linear_dims(n)) is not None}
+        self.shared_norms: dict[ir.Node, Norm] = {}
+        self.norm_nodes = {}
+        for node in self.graph:
+            if node.op_type in _FUSED_NORMS or node.op_type == "Mul":
+                norm = match_norm(node.outputs[0])
+                if norm is not None and norm.node is node:
+                    self.norm_nodes[node] = norm
 
     def fail(self, what: str) -> errors.UnsupportedModelError:
         return errors.UnsupportedModelError(
-            f"not a supported decoder-only LLM graph: {what}. qcompile handles Llama-style models "
-            "(RMSNorm/LayerNorm, q/k/v/o attention, gated MLP) exported by `qcompile export`"
+            f"not a supported decoder-only LLM graph: {what}. qcompile handles transformer decoders "
+            "(pre-, post- or sandwich RMSNorm/LayerNorm; q/k/v or fused qkv attention; gated, fused or GELU MLP; "
+            "sequential or parallel blocks) exported by `qcompile export`"
         )
 
     def is_dynamic_matmul(self, node: ir.Node) -> bool:
         return (node.op_type == "MatMul" and node not in self.linear_nodes) or node.op_type in _ATTENTION_OPS
 
     def embedding(self) -> ir.Node:
-        graph_inputs = set(self.graph.inputs)
+        graph_inputs = [v for v in self.graph.inputs if v.name == "input_ids"] or list(self.graph.inputs)
         for node in self.graph:
-            if node.op_type not in ("Gather", "GatherBlockQuantized") or node.inputs[1] not in graph_inputs:
+            if node.op_type not in ("Gather", "GatherBlockQuantized") or (
+                    _skip_back(node.inputs[1], ops=("Reshape", "Cast")) not in graph_inputs):
                 continue
             table = node.inputs[0]
             if (p := table.producer()) is not None and p.op_type in ("DequantizeLinear", "Reshape"):
@@ -307,85 +417,158 @@ class _Analyzer:
                 return node
         raise self.fail("no token-embedding Gather reading a graph input was found")
 
-    def lm_head(self) -> ir.Node:
+    def lm_head(self) -> tuple[ir.Node, float | None]:
+        """lm_head, through its bias and a final logit softcap c·tanh(x / c); and c, if there is one."""
         if not self.graph.outputs:
             raise self.fail("the graph has no outputs")
-        value = _skip_back(self.graph.outputs[0], ops=("Cast", "Identity", "Reshape"))
-        node = value.producer()
+        value, ops = self.graph.outputs[0], []
+        while (node := value.producer()) is not None and node not in self.linear_nodes:
+            data = [v for v in node.inputs if v is not None and not _is_const(v)]
+            if node.op_type not in ("Cast", "Identity", "Reshape", "Tanh", "Add", "Mul", "Div") or len(data) != 1:
+                break
+            ops.append(node)
+            value = data[0]
         if node is None or node not in self.linear_nodes:
             raise self.fail(f"the first output '{self.graph.outputs[0].name}' is not produced by a linear (lm_head)")
-        return node
+        kinds = [n.op_type for n in ops if n.op_type in ("Tanh", "Mul", "Div")]
+        softcap = None
+        if kinds == ["Mul", "Tanh", "Div"]:
+            outer, inner = (_constant_scalar(next(v for v in n.inputs if _is_const(v)))
+                            for n in ops if n.op_type in ("Mul", "Div"))
+            softcap = outer if outer is not None and outer == inner else None
+        return node, softcap
+
+    def stream(self, node: ir.Node) -> tuple[ir.Value, Norm | None]:
+        """The value a linear reads its input from: its pre-norm's input (and the norm), or its own input."""
+        norm = match_norm(node.inputs[0])
+        if norm is not None:
+            norm = self.shared_norms.setdefault(norm.node, norm)  # one Norm per norm node, shared by its readers
+            return norm.input, norm
+        return _skip_back(node.inputs[0], ops=_BETWEEN_NORM_AND_LINEAR + ("Cast", "Identity")), None
 
     def run(self) -> ModelMap:
         embedding = self.embedding()
-        head_node = self.lm_head()
+        head_node, softcap = self.lm_head()
         final_norm = match_norm(head_node.inputs[0])
         if final_norm is None:
             raise self.fail("no norm (RMSNorm/LayerNorm) feeds lm_head")
-        groups: dict[ir.Node, list[ir.Node]] = collections.defaultdict(list)
-        norms: dict[ir.Node, Norm] = {}
-        for node in self.linear_nodes:
-            if node is head_node:
-                continue
-            norm = match_norm(node.inputs[0])
-            if norm is not None:
-                groups[norm.node].append(node)
-                norms[norm.node] = norm
-        attention = sorted((n for n, ls in groups.items() if len(ls) == 3 or (len(ls) == 1 and _packed_qkv(ls[0]))),
-                           key=self.order.get)
-        mlp = sorted((n for n, ls in groups.items() if len(ls) == 2), key=self.order.get)
-        if not attention:
-            raise self.fail("no norm feeding three linears (q, k, v) was found")
-        if len(attention) != len(mlp):
-            raise self.fail(f"found {len(attention)} attention norms but {len(mlp)} MLP norms (gate/up)")
-        blocks = []
-        for i, (an, mn) in enumerate(zip(attention, mlp)):
-            attention, probs = self.attention_roles(i, groups[an], norms[an])
-            linears = {**attention, **self.mlp_roles(i, groups[mn], norms[mn])}
-            blocks.append(Block(
-                i, norms[an], norms[mn], linears,
-                self.residual_add(linears[Role.O]), self.residual_add(linears[Role.DOWN]), probs,
-            ))
+        nodes = sorted((n for n in self.linear_nodes if n is not head_node), key=self.order.get)
+        stop = lambda n: n in self.linear_nodes or self.is_dynamic_matmul(n)  # noqa: E731
+        first_hit = {n: _forward_first(n.outputs[0], stop) for n in nodes}
+        attention_inputs: dict[ir.Value, list[ir.Node]] = {}
+        for node in nodes:
+            hit = first_hit[node]
+            if hit is not None and self.is_dynamic_matmul(hit[0]):
+                attention_inputs.setdefault(self.stream(node)[0], []).append(node)
+        if not attention_inputs:
+            raise self.fail("no linear reaching an attention MatMul (q, k, v) was found")
+        blocks, used = [], set()
+        for i, (stream, qkv) in enumerate(attention_inputs.items()):
+            linears, probs, context = self.attention_roles(i, qkv)
+            blocks.append((i, stream, linears, probs))
+            used.update(lin.node for lin in linears.values())
+        rest = [n for n in nodes if n not in used]
+        downs: dict[ir.Node, list[ir.Node]] = {}
+        for node in rest:
+            hit = first_hit[node]
+            if hit is not None and hit[0] in rest and hit[0] is not node:
+                downs.setdefault(hit[0], []).append(node)
+        downs = {d: ups for d, ups in downs.items() if d not in {u for us in downs.values() for u in us}}
+        mlps: dict[int, tuple[ir.Node, list[ir.Node]]] = {}
+        streams = {stream: i for i, stream, _, _ in blocks}
+        o_positions = [self.order[linears[Role.O].node] for _, _, linears, _ in blocks]
+        for down, ups in downs.items():
+            first = min(ups, key=self.order.get)
+            index = streams.get(self.stream(first)[0])
+            parallel = index is not None
+            if index is None:
+                index = max((i for i, pos in enumerate(o_positions) if pos < self.order[first]), default=None)
+            if index is None or index in mlps:
+                raise self.fail(f"the MLP at '{down.name}' belongs to no block (or a block has two)")
+            mlps[index] = (down, ups, parallel)
+        out = []
+        for i, stream, linears, probs in blocks:
+            if i not in mlps:
+                raise self.fail(f"block {i}: no MLP (up → down linears) after its attention")
+            down, ups, parallel = mlps[i]
+            linears.update(self.mlp_roles(i, ups, down))
+            branch = [n for lin in (linears[Role.O], linears[Role.DOWN]) if (n := self.branch_norm(lin)) is not None]
+            out.append(Block(i, stream, None, linears, probs, branch, parallel))
+        for block, after in zip(out, out[1:]):
+            block.output = after.input
+        out[-1].output = final_norm.input
         k, n = self.linear_nodes[head_node]
         tied = head_node.op_type == "MatMul" and _weight_initializer(head_node) is embedding.inputs[0]
         lm_head = Linear("lm_head", Role.LM_HEAD, None, head_node, k, n, final_norm)
-        return ModelMap(embedding, blocks, final_norm, lm_head, tied)
+        return ModelMap(embedding, out, final_norm, lm_head, tied, softcap)
 
-    def linear(self, block: int, role: Role, node: ir.Node, norm: Norm | None) -> Linear:
+    def linear(self, block: int, role: Role, node: ir.Node, parts=None) -> Linear:
         k, n = self.linear_nodes[node]
-        return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, norm)
+        return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, self.stream(node)[1], parts=parts)
 
-    def attention_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> tuple[dict[Role, Linear], ir.Value | None]:
+    def attention_roles(self, i: int, nodes: list[ir.Node]) -> tuple[dict[Role, Linear], ir.Value | None, ir.Node]:
+        """q, k, v (or the fused qkv) and o of block i, the attention probabilities and the context node."""
+        if len(nodes) == 1 and _packed_qkv(nodes[0]) is not None:
+            return self.packed_attention_roles(i, nodes[0]), None, _packed_qkv(nodes[0])
         if len(nodes) == 1:
-            return self.packed_attention_roles(i, nodes[0], norm), None
-        reached = {}
-        for node in nodes:
-            hit = _forward_first(node.outputs[0], self.is_dynamic_matmul)
-            if hit is None:
-                raise self.fail(f"block {i}: linear '{node.name}' reaches no attention MatMul")
-            reached[node] = hit
-        roles = {}
-        for node, (target, idx) in reached.items():
-            if target.op_type in _ATTENTION_OPS:
-                roles[(Role.Q, Role.K, Role.V)[idx]] = node
-            else:
-                shared = sum(1 for t, _ in reached.values() if t is target)
-                roles[Role.V if shared == 1 else (Role.Q, Role.K)[idx]] = node
-        if set(roles) != {Role.Q, Role.K, Role.V}:
-            raise self.fail(f"block {i}: could not tell q, k and v apart")
-        context = _forward_first(roles[Role.V].outputs[0], self.is_dynamic_matmul)[0]
+            node = nodes[0]
+            pieces = _output_parts(node, self.linear_nodes[node][1]) or [(node.outputs[0], None)]
+            reached = {piece: self.attention_hit(i, value) for value, piece in pieces}
+            roles = self.qkv_roles(i, reached)
+            contiguous = len(pieces) == 3 and all(piece is not None for piece in roles)
+            parts = {role: piece for piece, role in roles.items()} if contiguous else None
+            linears = {Role.QKV: self.linear(i, Role.QKV, node, parts)}
+        elif len(nodes) == 3:
+            reached = {node: self.attention_hit(i, node.outputs[0]) for node in nodes}
+            roles = self.qkv_roles(i, reached)
+            linears = {role: self.linear(i, role, node) for node, role in roles.items()}
+        else:
+            raise self.fail(f"block {i}: {len(nodes)} linears reach the attention (expected q, k, v or one fused qkv)")
+        v_target = [reached[key][0] for key, role in roles.items() if role == Role.V]
+        context = v_target[0] if v_target else self.context(i, next(iter(reached.values()))[0])
         o_hit = _forward_first(context.outputs[0], lambda n: n in self.linear_nodes)
         if o_hit is None:
             raise self.fail(f"block {i}: no output projection after attention")
-        out = {role: self.linear(i, role, node, norm) for role, node in roles.items()}
-        out[Role.O] = self.linear(i, Role.O, o_hit[0], None)
-        return out, _softmax_before(context)
+        linears[Role.O] = self.linear(i, Role.O, o_hit[0])
+        return linears, _softmax_before(context), context
 
-    def packed_attention_roles(self, i: int, node: ir.Node, norm: Norm) -> dict[Role, Linear]:
+    def attention_hit(self, i: int, value: ir.Value) -> tuple[ir.Node, int]:
+        hit = _forward_first(value, self.is_dynamic_matmul)
+        if hit is None:
+            raise self.fail(f"block {i}: a query/key/value projection reaches no attention MatMul")
+        return hit
+
+    def qkv_roles(self, i: int, reached: dict) -> dict:
+        """key → Q, K or V from where each reaches the attention: q and k meet at the scores MatMul, v alone
+        at the context MatMul (or a fused attention op's inputs 0, 1, 2)."""
+        roles = {}
+        for key, (target, idx) in reached.items():
+            if target.op_type in _ATTENTION_OPS:
+                roles[key] = (Role.Q, Role.K, Role.V)[idx]
+            else:
+                shared = sum(1 for t, _ in reached.values() if t is target)
+                roles[key] = Role.V if shared == 1 else (Role.Q, Role.K)[idx]
+        if len(reached) == 3 and sorted(roles.values()) != sorted((Role.Q, Role.K, Role.V)):
+            raise self.fail(f"block {i}: could not tell q, k and v apart")
+        return {key: role for key, role in roles.items()}
+
+    def context(self, i: int, scores: ir.Node) -> ir.Node:
+        """The probabilities·V MatMul after the scores MatMul `scores` (or the fused attention op itself)."""
+        if scores.op_type in _ATTENTION_OPS:
+            return scores
+        hit = _forward_first(scores.outputs[0], lambda n: n.op_type == "Softmax")
+        if hit is not None:
+            context = _forward_first(hit[0].outputs[0], self.is_dynamic_matmul)
+            if context is not None:
+                return context[0]
+        raise self.fail(f"block {i}: no softmax(q·kᵀ)·v after the projections")
+
+    def packed_attention_roles(self, i: int, node: ir.Node) -> dict[Role, Linear]:
         """q, k and v as column ranges of one packed-QKV MatMulNBits: [q heads | kv heads | kv heads] × head size."""
         attention = _packed_qkv(node)
         heads, kv_heads = (attention.attributes.get_int(a) for a in ("num_heads", "kv_num_heads"))
         k, n = self.linear_nodes[node]
+        norm = self.stream(node)[1]
         head = n // (heads + 2 * kv_heads)
         bounds = {Role.Q: (0, heads * head), Role.K: (heads * head, (heads + kv_heads) * head),
                   Role.V: ((heads + kv_heads) * head, n)}
@@ -394,36 +577,43 @@ class _Analyzer:
         o_hit = _forward_first(attention.outputs[0], lambda n: n in self.linear_nodes)
         if o_hit is None:
             raise self.fail(f"block {i}: no output projection after attention")
-        out[Role.O] = self.linear(i, Role.O, o_hit[0], None)
+        out[Role.O] = self.linear(i, Role.O, o_hit[0])
         return out
 
-    def mlp_roles(self, i: int, nodes: list[ir.Node], norm: Norm) -> dict[Role, Linear]:
-        def only_mul(node):
-            uses = list(node.outputs[0].uses())
+    def mlp_roles(self, i: int, nodes: list[ir.Node], down: ir.Node) -> dict[Role, Linear]:
+        def only_mul(value):
+            uses = list(value.uses())
             return len(uses) == 1 and uses[0].node.op_type == "Mul"
 
-        ups = [n for n in nodes if only_mul(n)]
-        if len(ups) != 1:
-            raise self.fail(f"block {i}: could not tell the MLP gate and up projections apart")
-        up = ups[0]
-        gate = nodes[0] if nodes[1] is up else nodes[1]
-        combine = next(iter(up.outputs[0].uses())).node
-        down = _forward_first(combine.outputs[0], lambda n: n in self.linear_nodes)
-        if down is None:
-            raise self.fail(f"block {i}: no down projection after the gated MLP")
-        return {
-            Role.GATE: self.linear(i, Role.GATE, gate, norm),
-            Role.UP: self.linear(i, Role.UP, up, norm),
-            Role.DOWN: self.linear(i, Role.DOWN, down[0], None),
-        }
+        out = {Role.DOWN: self.linear(i, Role.DOWN, down)}
+        if len(nodes) == 2:
+            ups = [n for n in nodes if only_mul(n.outputs[0])]
+            if len(ups) != 1:
+                raise self.fail(f"block {i}: could not tell the MLP gate and up projections apart")
+            gate = nodes[0] if nodes[1] is ups[0] else nodes[1]
+            return {Role.GATE: self.linear(i, Role.GATE, gate), Role.UP: self.linear(i, Role.UP, ups[0]), **out}
+        if len(nodes) != 1:
+            raise self.fail(f"block {i}: {len(nodes)} linears feed the down projection (expected gate and up, or one)")
+        node = nodes[0]
+        pieces = _output_parts(node, self.linear_nodes[node][1])
+        if pieces is None:
+            return {Role.UP: self.linear(i, Role.UP, node), **out}
+        if len(pieces) != 2:
+            raise self.fail(f"block {i}: the fused MLP projection is cut into {len(pieces)} pieces (expected gate, up)")
+        up = [piece for value, piece in pieces if only_mul(value)]
+        parts = None
+        if len(up) == 1 and up[0] is not None and all(p is not None for _, p in pieces):
+            gate = next(p for _, p in pieces if p != up[0])
+            parts = {Role.GATE: gate, Role.UP: up[0]}
+        return {Role.GATE_UP: self.linear(i, Role.GATE_UP, node, parts), **out}
 
-    def residual_add(self, linear: Linear) -> ir.Node:
-        """The Add of `linear`'s output to the residual stream (or the fused Add + norm of an ORT graph)."""
-        hit = _forward_first(linear.node.outputs[0], lambda n: n.op_type in _SKIP_NORMS or (
-            n.op_type == "Add" and not any(map(_is_const, n.inputs))))
-        if hit is None:
-            raise self.fail(f"{linear.name}: no residual Add after it")
-        return hit[0]
+    def branch_norm(self, linear: Linear) -> Norm | None:
+        """A norm on `linear`'s output before the residual add (a post- or sandwich norm), or None."""
+        hit = _forward_first(linear.node.outputs[0], lambda n: n in self.norm_nodes or n.op_type in _SKIP_NORMS or (
+            n.op_type == "Add" and not any(map(_is_const, n.inputs))) or n in self.linear_nodes)
+        if hit is None or hit[0] not in self.norm_nodes or hit[0].op_type in _SKIP_NORMS:
+            return None
+        return self.norm_nodes[hit[0]]
 
 
 def analyze(model: ir.Model) -> ModelMap:

@@ -266,9 +266,10 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
         table.add_column(col)
     for b in mm.blocks:
         for lin in b.linears.values():
-            fed = f"{b.input_norm.kind}norm (input)" if lin.norm is b.input_norm else (
-                f"{b.post_attention_norm.kind}norm (post-attn)" if lin.norm is b.post_attention_norm else "")
-            table.add_row(lin.name, lin.role.value, str(lin.in_features), str(lin.out_features), fed, lin.format())
+            fed = f"{lin.norm.kind}norm" if lin.norm is not None else ("residual stream" if lin.role not in (
+                analysis.Role.O, analysis.Role.DOWN) else "")
+            parts = f" ({', '.join(f'{r.value} {a}:{z}' for r, (a, z) in lin.parts.items())})" if lin.parts else ""
+            table.add_row(lin.name, lin.role.value + parts, str(lin.in_features), str(lin.out_features), fed, lin.format())
     head = mm.lm_head
     table.add_row(head.name, head.role.value, str(head.in_features), str(head.out_features),
                   f"{mm.final_norm.kind}norm (final)", head.format() + (" (tied to embedding)" if mm.tied_lm_head else ""))
@@ -278,7 +279,10 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
     emb = emb.producer().inputs[0] if shared else emb  # lm_head's MatMulNBits weight, read as the table
     console.print(f"embedding: {mm.embedding.op_type} of {emb.name} {list(emb.shape)} {emb.dtype.name}"
                   + (" (lm_head's weight, shared)" if shared else ""))
-    console.print(f"residual adds: {2 * len(mm.blocks)}; norms: {2 * len(mm.blocks) + 1} ({mm.final_norm.kind})")
+    b = mm.blocks[0]
+    console.print(f"blocks: {'parallel' if b.parallel else 'sequential'} attention and {'gated' if b.gated else 'plain'} MLP; "
+                  f"pre-norms per block: {len(b.norms())}, post-norms: {len(b.branch_norms)}; final norm: "
+                  f"{mm.final_norm.kind}" + (f"; logit softcap {mm.logit_softcap:g}" if mm.logit_softcap else ""))
     ops = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph_model.graph)
     quant = {k: v for k, v in ops.items() if any(s in k for s in ("Quantize", "NBits", "Integer", "qcompile"))}
     console.print(f"nodes: {sum(ops.values())}; quantized ops: {quant or 'none'}")

@@ -142,10 +142,58 @@ def _without_pair_rewrites():
     return mock.patch.object(rewriter, "_DEFAULT_REWRITE_RULES", kept)
 
 
+def _canonical_linears(graph) -> None:
+    """Every linear as MatMul(x, W[K, N]) (+ Add(bias)) on the hidden states' own shape: a Gemm over flattened
+    tokens (GPT-2's Conv1D, `addmm`) becomes one, and Reshapes that change no shape go."""
+    import numpy as np
+    import onnx_ir as ir
+
+    for node in list(graph):
+        if node.op_type == "Reshape" and node.inputs[0].shape is not None and node.inputs[0].shape == node.outputs[0].shape \
+                and not node.outputs[0].is_graph_output():
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+            graph.remove(node, safe=True)
+    for gemm in list(graph):
+        if gemm.op_type != "Gemm":
+            continue
+        a, w = gemm.attributes, gemm.inputs[1]
+        if w.const_value is None or a.get_int("transA", 0) or \
+                a.get_float("alpha", 1.0) != 1.0 or a.get_float("beta", 1.0) != 1.0:
+            continue
+        if a.get_int("transB", 0):
+            array = np.ascontiguousarray(w.const_value.numpy().T)
+            w = ir.Value(name=f"{w.name}_t", shape=ir.Shape(array.shape), type=w.type, const_value=ir.tensor(array))
+            graph.register_initializer(w)
+        x, out = gemm.inputs[0], gemm.outputs[0]
+        flatten, uses = x.producer(), list(out.uses())
+        if (flatten is not None and flatten.op_type == "Reshape" and len(uses) == 1 and uses[0].node.op_type == "Reshape"
+                and (s3 := flatten.inputs[0].shape) is not None and uses[0].node.outputs[0].shape is not None
+                and list(uses[0].node.outputs[0].shape) == [*s3[:-1], w.shape[1]]):
+            x, out = flatten.inputs[0], uses[0].node.outputs[0]  # on [batch, seq, K] directly
+        nodes = [ir.node("MatMul", [x, w], name=gemm.name)]
+        if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
+            nodes.append(ir.node("Add", [nodes[0].outputs[0], gemm.inputs[2]], name=f"{gemm.name}_bias"))
+        for n in nodes:
+            n.outputs[0].shape, n.outputs[0].type = out.shape, out.type
+        graph.insert_before(gemm, nodes)
+        out.replace_all_uses_with(nodes[-1].outputs[0])
+    ir.passes.common.RemoveUnusedNodesPass()(ir.Model(graph, ir_version=10))
+
+
 def _io_names(num_layers: int):
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def _cache_shapes(model) -> list[tuple[int, int]]:
+    """(kv heads, head size) of each layer's cache, read from one step of the model: configs spell them in
+    many ways (num_key_value_heads, multi_query, n_head, head_dim) and some leave them implicit."""
+    import torch
+
+    with torch.no_grad(), _quiet():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
+    return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in out.cache.layers]
 
 
 def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
@@ -157,9 +205,8 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
     from transformers import DynamicCache
 
     config = model.config
-    layers = config.num_hidden_layers
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache_shapes = _cache_shapes(model)
+    layers = len(cache_shapes)
 
     class KVDecoder(torch.nn.Module):
         def __init__(self, lm):
@@ -182,7 +229,7 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
     ids = torch.randint(0, min(config.vocab_size, 1000), (batch, seq))
     mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     pos = torch.arange(past_len, past_len + seq).expand(batch, seq)
-    past = [torch.zeros(batch, kv_heads, past_len, head_dim) for _ in range(2 * layers)]
+    past = [torch.zeros(batch, heads, past_len, size) for heads, size in cache_shapes for _ in "kv"]
     bs = {0: "batch_size"}
     dynamic = (
         {**bs, 1: "sequence_length"},
@@ -197,6 +244,7 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
             dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
         )
     ir_model = program.model
+    _canonical_linears(ir_model.graph)
     for value in ir_model.graph.outputs[1:]:  # "past_sequence_length + sequence_length" reads badly
         value.shape = value.shape.__class__([*value.shape[:2], "total_sequence_length", value.shape[3]])
     ir_model.producer_name = "qcompile"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -15,7 +18,11 @@ def set_tensor(value: ir.Value, array: np.ndarray) -> None:
 
 
 def set_weight(linear: analysis.Linear, w: np.ndarray) -> None:
-    """Replace `linear`'s float [K, N] weight."""
+    """Replace `linear`'s float [K, N] weight (a view's `columns` of its fused projection's)."""
+    if linear.columns:
+        full = linear.weight_input.const_value.numpy().copy()
+        full[:, slice(*linear.columns)] = w
+        w = full
     set_tensor(linear.weight_input, w)
 
 
@@ -31,15 +38,60 @@ def scale_norm(norm: analysis.Norm, factor: np.ndarray) -> None:
         set_tensor(value, value.const_value.numpy() * factor)
 
 
+def scale_columns(linear: analysis.Linear, factor: np.ndarray) -> None:
+    """`linear`'s output (its `columns`, if a view of a fused projection) scaled per column by `factor`."""
+    set_weight(linear, linear.float_weight() * factor[None, :])
+
+
+def input_scalings(model_map: analysis.ModelMap) -> list[tuple[list[analysis.Linear], Callable[[np.ndarray], None]]]:
+    """Groups of linears sharing one input that the graph can scale per channel exactly, each with the
+    function that scales it by f: a block's pre-norm (its gain, and bias) for the linears reading it, and in
+    a gated MLP down's input through up's output columns (act(gate)·up is linear in up). A plain MLP's
+    down (after a GELU), linears reading the residual stream directly, and lm_head are not scalable."""
+    groups = []
+    for norm, readers in model_map.norm_readers():
+        if norm is model_map.final_norm or norm.gain is None or norm.gain.const_value is None:
+            continue
+        if {use.node for use in norm.output.uses()} != {lin.node for lin in readers}:
+            continue  # the norm's output also goes elsewhere
+        groups.append((readers, functools.partial(scale_norm, norm)))
+    for block in model_map.blocks:
+        up = block.part(analysis.Role.UP)
+        if block.gated and up is not None:
+            groups.append(([block.linears[analysis.Role.DOWN]], functools.partial(scale_columns, up)))
+    return groups
+
+
 def bias_of(linear: analysis.Linear) -> ir.Value | None:
-    """The constant [N] bias added right after `linear` (MatMul → Add(·, b)), or None."""
+    """The constant [N] bias added right after `linear` (MatMul → Add(·, b)), or None (for a view of a
+    fused projection: the whole projection's bias)."""
     uses = list(linear.node.outputs[0].uses())
     if len(uses) != 1 or uses[0].node.op_type != "Add":
         return None
     other = uses[0].node.inputs[1 - uses[0].idx]
-    if other is None or other.const_value is None or other.const_value.shape != (linear.out_features,):
+    n = linear.weight_input.const_value.shape[1] if linear.columns else linear.out_features
+    if other is None or other.const_value is None or other.const_value.shape != (n,):
         return None
     return other
+
+
+def bias_array(linear: analysis.Linear) -> np.ndarray | None:
+    """`linear`'s bias as an array (its columns, for a view of a fused projection), or None."""
+    bias = bias_of(linear)
+    if bias is None:
+        return None
+    b = bias.const_value.numpy()
+    return b[slice(*linear.columns)] if linear.columns else b
+
+
+def set_bias(linear: analysis.Linear, b: np.ndarray) -> None:
+    """Replace `linear`'s bias (its columns, for a view of a fused projection)."""
+    bias = bias_of(linear)
+    if linear.columns:
+        full = bias.const_value.numpy().copy()
+        full[slice(*linear.columns)] = b
+        b = full
+    set_tensor(bias, b)
 
 
 def untie_lm_head(model: ir.Model) -> bool:

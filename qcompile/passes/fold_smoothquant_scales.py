@@ -7,11 +7,11 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import analysis, errors
+from qcompile import analysis
 from qcompile.algorithms.smoothquant import search_alpha, smoothing_scales
 from qcompile.calibration import Request, TapStats
 from qcompile.passes._canonical import bits_for
-from qcompile.passes._fold import scale_norm, set_weight
+from qcompile.passes._fold import input_scalings, set_weight
 from qcompile.passes._result import Result
 from qcompile.schemes import ActivationScheme, WeightScheme
 
@@ -21,9 +21,9 @@ R = analysis.Role
 class FoldSmoothQuantScales(ir.passes.InPlacePass):
     """x·W = (x/s)·(diag(s)·W) per group of linears sharing an input x (see `algorithms.smoothquant`).
 
-    Groups per block: input norm → q, k, v and post-attention norm → gate, up (1/s folded into the norm's
-    gain, and bias for LayerNorm); with `scheme.smooth_up_down`, up → down (1/s folded into up's output
-    columns: the gated product is linear in up). s comes from the calibration `stats` of the float model
+    Groups: `_fold.input_scalings` — each pre-norm with the linears reading it (1/s folded into the norm's
+    gain, and bias for LayerNorm); with `scheme.smooth_up_down`, a gated MLP's down (1/s folded into up's
+    output columns). Linears whose input cannot be scaled keep their activations as they are. s comes from the calibration `stats` of the float model
     (keyed by tap name); α is `scheme.alpha`, or searched per group when it is None (`quantize_weight`
     then gives the weights' fake quantization, and the stats must hold sampled rows).
 
@@ -49,32 +49,18 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
     def calibrated(self, stats: dict[str, TapStats], request: Request) -> None:
         self.stats = stats
 
-    def requires(self, model: ir.Model) -> None:
-        for norm in [n for b in analysis.analyze(model).blocks for n in (b.input_norm, b.post_attention_norm)]:
-            if norm.gain is None or norm.gain.const_value is None:
-                raise errors.UnsupportedModelError(
-                    f"SmoothQuant folds scales into norm gains; the norm at '{norm.node.name}' has no constant gain: "
-                    "use --no-smoothquant"
-                )
-
     def call(self, model: ir.Model) -> Result:
         alphas: dict[str, float] = {}
-        for block in analysis.analyze(model).blocks:
-            lin = block.linears
-            groups = [
-                ([lin[R.Q], lin[R.K], lin[R.V]], lambda f, norm=block.input_norm: scale_norm(norm, f)),
-                ([lin[R.GATE], lin[R.UP]], lambda f, norm=block.post_attention_norm: scale_norm(norm, f)),
-            ]
-            if self.scheme.smooth_up_down:
-                groups.append(([lin[R.DOWN]], lambda f, up=lin[R.UP]: set_weight(up, up.float_weight() * f[None, :])))
-            for members, scale_input in groups:
-                if any(m.name in self.skip for m in members):
-                    continue
-                s, alphas[members[0].name] = self._scales(members)
-                scale_input(1 / s)
-                for m in members:
-                    set_weight(m, m.float_weight() * s[:, None])
-                self.stats[members[0].node.inputs[0].name].scale_channels(s)
+        for members, scale_input in input_scalings(analysis.analyze(model)):
+            if members[0].role == R.DOWN and not self.scheme.smooth_up_down:
+                continue
+            if any(m.name in self.skip for m in members):
+                continue
+            s, alphas[members[0].name] = self._scales(members)
+            scale_input(1 / s)
+            for m in members:
+                set_weight(m, m.float_weight() * s[:, None])
+            self.stats[members[0].node.inputs[0].name].scale_channels(s)
         return Result(model, modified=bool(alphas), record={"alphas": alphas})
 
     def _scales(self, members: list[analysis.Linear]) -> tuple[np.ndarray, float]:

@@ -10,19 +10,18 @@ from qcompile.passes._fold import set_tensor, set_weight, untie_lm_head
 
 
 def norm_readers(model_map: analysis.ModelMap) -> list[tuple[analysis.Norm, list[analysis.Linear]]]:
-    """Every norm with the linears reading it: input norm → q, k, v; post-attention norm → gate, up;
-    final norm → lm_head."""
-    R = analysis.Role
-    groups = []
-    for b in model_map.blocks:
-        groups.append((b.input_norm, [b.linears[R.Q], b.linears[R.K], b.linears[R.V]]))
-        groups.append((b.post_attention_norm, [b.linears[R.GATE], b.linears[R.UP]]))
-    groups.append((model_map.final_norm, [model_map.lm_head]))
-    return groups
+    """Every norm with the linears reading it (the final norm → lm_head last)."""
+    return model_map.norm_readers()
 
 
 def check_rms_norms(model_map: analysis.ModelMap, what: str) -> None:
     """Refuse graphs whose norms are not RMSNorms with a constant gain that only the linears read."""
+    for block in model_map.blocks:
+        if block.branch_norms:
+            raise errors.UnsupportedModelError(
+                f"{what} needs every norm before the linears it feeds; block {block.index} normalizes an attention "
+                f"or MLP output before the residual add (post-norm at '{block.branch_norms[0].node.name}'), which a "
+                "rotation of the residual stream cannot pass: use a target or recipe without rotations")
     for norm, readers in norm_readers(model_map):
         if norm.kind != "rms":
             raise errors.UnsupportedModelError(

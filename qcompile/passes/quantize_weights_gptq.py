@@ -101,7 +101,7 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
             finished = {lin.name for b in model_map.blocks[:start] for lin in b.linears.values()} & names
             layers.update((r["name"], r) for r in self._quantize(model, {}, finished, "") if r["name"] in finished)
             model_map = analysis.analyze(model)
-        entry = model_map.blocks[start - 1].mlp_residual.outputs[0] if start else model_map.blocks[0].input_norm.input
+        entry = model_map.blocks[start - 1].output if start else model_map.blocks[0].input
         if hidden is None:
             hidden = calibration.values(model, entry, self.windows, progress=self.progress,
                                         label="Calibrating (embeddings)")
@@ -112,7 +112,7 @@ class QuantizeWeightsGPTQ(ir.passes.InPlacePass):
             last = index == len(model_map.blocks)
             linears = [model_map.lm_head] if last else list(model_map.blocks[index].linears.values())
             linears = [lin for lin in linears if lin.name in names]
-            exit_ = None if last else model_map.blocks[index].mlp_residual.outputs[0]
+            exit_ = None if last else model_map.blocks[index].output
             float_exit = None
             if linears:
                 keep = None if self.sequential else exit_  # parallel: the float block's output, from the same run

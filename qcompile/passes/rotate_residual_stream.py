@@ -11,12 +11,11 @@ from qcompile.passes._fold import bias_of, set_tensor, set_weight
 from qcompile.passes.fuse_norm_gains import check_rms_norms, norm_readers
 
 R = analysis.Role
-READERS = (R.Q, R.K, R.V, R.GATE, R.UP)
 WRITERS = (R.O, R.DOWN)
 
 
 class RotateResidualStream(ir.passes.InPlacePass):
-    """The hidden state h becomes h·Q everywhere: embedding E ← E·Q; readers (q, k, v, gate, up, lm_head)
+    """The hidden state h becomes h·Q everywhere: embedding E ← E·Q; readers (q, k, v, gate, up, fused projections, lm_head)
     W ← Qᵀ·W; writers (o, down) W ← W·Q and b ← b·Q. Exact because every norm between is an RMSNorm with
     γ = 1 (run FuseNormGains first): RMSNorm(h·Q) = RMSNorm(h)·Q. Outliers of h are spread over all
     channels, which is what makes 4-bit activations possible.
@@ -48,11 +47,10 @@ class RotateResidualStream(ir.passes.InPlacePass):
         table = model_map.embedding.inputs[0]
         set_tensor(table, table.const_value.numpy().astype(np.float64) @ q)
         for block in model_map.blocks:
-            for role in READERS:
-                linear = block.linears[role]
-                set_weight(linear, q.T @ linear.float_weight().astype(np.float64))
-            for role in WRITERS:
-                linear = block.linears[role]
+            for role, linear in block.linears.items():
+                if role not in WRITERS:
+                    set_weight(linear, q.T @ linear.float_weight().astype(np.float64))
+                    continue
                 set_weight(linear, linear.float_weight().astype(np.float64) @ q)
                 if (bias := bias_of(linear)) is not None:
                     set_tensor(bias, bias.const_value.numpy().astype(np.float64) @ q)

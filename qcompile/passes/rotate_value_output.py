@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from qcompile import analysis, errors
 from qcompile.algorithms.hadamard import random_orthogonal
-from qcompile.passes._fold import bias_of, set_tensor, set_weight
+from qcompile.passes._fold import bias_array, set_bias, set_weight
 
 R = analysis.Role
 
@@ -27,12 +27,22 @@ def head_dim(model: ir.Model) -> int:
 def head_counts(block: analysis.Block, d: int) -> tuple[int, int]:
     """(KV heads, query heads) of the block's v and o for head size d; UnsupportedModelError unless v's
     columns and o's rows are whole heads, each KV head read by the same number of query heads."""
-    v, o = block.linears[R.V], block.linears[R.O]
+    v, o = value_projection(block), block.linears[R.O]
     kv_heads, heads = v.out_features // d, o.in_features // d
     if v.out_features % d or o.in_features % d or heads % kv_heads:
         raise errors.UnsupportedModelError(
             f"{v.name}: {v.out_features} value columns / {o.in_features} o rows are not whole heads of {d}")
     return kv_heads, heads
+
+
+def value_projection(block: analysis.Block) -> analysis.Linear:
+    """The block's v projection (its own, or its columns of a fused qkv); UnsupportedModelError if unknown."""
+    v = block.part(R.V)
+    if v is None:
+        raise errors.UnsupportedModelError(
+            f"block {block.index}: the fused qkv projection interleaves its value columns with the others, so a "
+            "per-head rotation of the values cannot be folded into them: use a recipe without value rotations")
+    return v
 
 
 class RotateValueOutput(ir.passes.InPlacePass):
@@ -56,7 +66,7 @@ class RotateValueOutput(ir.passes.InPlacePass):
         d = head_dim(model)
         for block in analysis.analyze(model).blocks:
             head_counts(block, d)
-            for linear in (block.linears[R.V], block.linears[R.O]):
+            for linear in (value_projection(block), block.linears[R.O]):
                 linear.float_weight()  # InputError if already quantized
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -65,14 +75,14 @@ class RotateValueOutput(ir.passes.InPlacePass):
         signs = np.random.default_rng([self.seed, 1])
         blocks = analysis.analyze(model).blocks
         for block in blocks:
-            v, o = block.linears[R.V], block.linears[R.O]
+            v, o = value_projection(block), block.linears[R.O]
             kv_heads, heads = head_counts(block, d)
             hs = h[None] * signs.choice([-1.0, 1.0], size=(kv_heads, 1, d))  # [kv_heads, d, d]: H_g
             w = v.float_weight().astype(np.float64).reshape(v.in_features, kv_heads, d)
             set_weight(v, np.einsum("kgi,gij->kgj", w, hs).reshape(v.in_features, v.out_features))
-            if (bias := bias_of(v)) is not None:
-                b = bias.const_value.numpy().astype(np.float64).reshape(kv_heads, d)
-                set_tensor(bias, np.einsum("gi,gij->gj", b, hs).reshape(-1))
+            if (b := bias_array(v)) is not None:
+                b = b.astype(np.float64).reshape(kv_heads, d)
+                set_bias(v, np.einsum("gi,gij->gj", b, hs).reshape(-1))
             per_query = np.repeat(hs, heads // kv_heads, axis=0)  # query head j reads KV head j // group
             w = o.float_weight().astype(np.float64).reshape(heads, d, o.out_features)
             set_weight(o, np.einsum("hji,hjn->hin", per_query, w).reshape(o.in_features, o.out_features))

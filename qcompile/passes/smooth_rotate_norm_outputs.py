@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from qcompile import analysis, calibration, custom_ops
 from qcompile.passes._canonical import _initializer, _remove_if_unused
-from qcompile.passes._fold import set_weight
+from qcompile.passes._fold import scale_columns, set_weight
 from qcompile.passes._result import Result
 from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.fuse_norm_gains import check_rms_norms, norm_readers
@@ -67,8 +67,7 @@ class SmoothRotateNormOutputs(ir.passes.InPlacePass):
         for block, down in zip(model_map.blocks, downs):
             w = down.float_weight().astype(np.float64)
             t = self._scales(np.linalg.norm(w, axis=1), stats[down.node.inputs[0].name].rms)
-            up = block.linears[analysis.Role.UP]
-            set_weight(up, up.float_weight().astype(np.float64) * t[None, :])
+            scale_columns(block.part(analysis.Role.UP), t)
             set_weight(down, w / t[:, None])
         graph, factors = model.graph, {}
         rng = np.random.default_rng([self.seed, 2])
