@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -113,6 +114,7 @@ class Block:
     attention_probs: ir.Value | None = None  # softmax(q·kᵀ) [b, heads, q, k] of a decomposed attention
     branch_norms: list[Norm] = dataclasses.field(default_factory=list)  # on o's / down's output (post-norms)
     parallel: bool = False  # the MLP reads the block's input stream, as the attention does
+    sliding_window: int | None = None  # the attention sees only the last this-many positions (the export's record)
 
     def norms(self) -> list[Norm]:
         """The block's pre-norms (each once), in the order their linears appear."""
@@ -384,6 +386,7 @@ def _output_parts(node: ir.Node, n: int) -> list[tuple[ir.Value, tuple[int, int]
 class _Analyzer:
     def __init__(self, model: ir.Model):
         self.graph = model.graph
+        self.windows = json.loads(model.metadata_props.get("qcompile.sliding_windows", "[]"))
         self.order = {node: i for i, node in enumerate(self.graph)}
         self.linear_nodes = {n: d for n in self.graph if (d := _linear_dims(n)) is not None}
         self.shared_norms: dict[ir.Node, Norm] = {}
@@ -447,6 +450,10 @@ class _Analyzer:
         return _skip_back(node.inputs[0], ops=_BETWEEN_NORM_AND_LINEAR + ("Cast", "Identity")), None
 
     def run(self) -> ModelMap:
+        if router := next((n for n in self.graph if n.op_type == "TopK"), None):
+            raise errors.UnsupportedModelError(
+                f"a router (TopK at '{router.name}') picks experts per token: mixture-of-experts MLPs are not "
+                "supported yet (qcompile quantizes dense decoders)")
         embedding = self.embedding()
         head_node, softcap = self.lm_head()
         final_norm = match_norm(head_node.inputs[0])
@@ -493,7 +500,8 @@ class _Analyzer:
             down, ups, parallel = mlps[i]
             linears.update(self.mlp_roles(i, ups, down))
             branch = [n for lin in (linears[Role.O], linears[Role.DOWN]) if (n := self.branch_norm(lin)) is not None]
-            out.append(Block(i, stream, None, linears, probs, branch, parallel))
+            window = self.windows[i] if i < len(self.windows) and self.windows[i] else None
+            out.append(Block(i, stream, None, linears, probs, branch, parallel, window))
         for block, after in zip(out, out[1:]):
             block.output = after.input
         out[-1].output = final_norm.input

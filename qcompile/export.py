@@ -24,8 +24,10 @@ from unittest import mock
 from qcompile import errors
 from qcompile.sources import Source, SourceKind
 
+EXPORT_FORMAT = 2  # bumped when the exported graph or its files change: cached exports of older formats are redone
 OPSET = 21  # blocked DequantizeLinear (the canonical int4 form) needs opset 21
 MODEL_FILE = "model.onnx"
+SLIDING_WINDOWS_KEY = "qcompile.sliding_windows"  # metadata: JSON list, per layer, of its attention window (0: none)
 DATA_FILE = "model.onnx.data"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 EXPORT_PIP = "pip install torch==2.13.0 && pip install 'qcompile[export]'"
@@ -186,6 +188,15 @@ def _io_names(num_layers: int):
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
+def _sliding_windows(config, layers: int) -> list[int]:
+    """Each layer's attention window (0: attends to the whole past), as transformers masks it."""
+    window = getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [window] * layers
+    return [window if kind == "sliding_attention" else 0 for kind in types[:layers]]
+
+
 def _cache_shapes(model) -> list[tuple[int, int]]:
     """(kv heads, head size) of each layer's cache, read from one step of the model: configs spell them in
     many ways (num_key_value_heads, multi_query, n_head, head_dim) and some leave them implicit."""
@@ -205,6 +216,8 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
     from transformers import DynamicCache
 
     config = model.config
+    if "grouped_mm" in getattr(model, "get_experts_implementation", dict)().values():
+        model.set_experts_implementation("batched_mm")  # grouped_mm is a custom op with no ONNX translation
     cache_shapes = _cache_shapes(model)
     layers = len(cache_shapes)
 
@@ -214,7 +227,8 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
             self.lm = lm
 
         def forward(self, input_ids, attention_mask, position_ids, past):
-            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=config)
+            # no config: every layer keeps its whole past (a sliding-window layer masks it, as GQA's local window does)
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)])
             out = self.lm(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=cache, use_cache=True,
@@ -245,6 +259,9 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
         )
     ir_model = program.model
     _canonical_linears(ir_model.graph)
+    windows = _sliding_windows(config, layers)
+    if any(windows):  # the graph masks these layers to their last `window` positions; a fused attention must too
+        ir_model.metadata_props[SLIDING_WINDOWS_KEY] = json.dumps(windows)
     for value in ir_model.graph.outputs[1:]:  # "past_sequence_length + sequence_length" reads badly
         value.shape = value.shape.__class__([*value.shape[:2], "total_sequence_length", value.shape[3]])
     ir_model.producer_name = "qcompile"
@@ -254,6 +271,12 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
     ir.save(ir_model, path, external_data=DATA_FILE)
     hf_config = config.to_dict()
     hf_config.pop("quantization_config", None)  # the GGUF loader's marker; the export is plain fp32
+    # the shape under the names qcompile and onnxruntime-genai read, however the family spells it (n_head, n_positions,
+    # multi_query, ...): the cache's own heads and head size, as exported
+    kv_heads, head_dim = cache_shapes[0]
+    hf_config.update(num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim,
+                     **{key: getattr(config, key) for key in ("num_attention_heads", "hidden_size", "max_position_embeddings")
+                        if getattr(config, key, None) is not None})
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

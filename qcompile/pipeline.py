@@ -22,6 +22,7 @@ from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineH
                              QuantizeEmbedding, QuantizeKVCache, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN,
                              RotateResidualStream, RotateValueOutput, SmoothRotateNormOutputs)
 from qcompile.passes import _canonical
+from qcompile.passes._result import WherePossible
 from qcompile.passes.calibrate import Calibrate
 from qcompile.recipe import NormRotation, Recipe
 from qcompile.runtime import Decoder, load_tokenizer
@@ -46,7 +47,7 @@ def _export(src: sources.Source, out_dir, progress) -> pathlib.Path:
     if src.kind == sources.SourceKind.ONNX:
         raise errors.InputError(f"'{src.path}' is already ONNX: pass it straight to `qcompile model` or `eval`")
     if out_dir is None:
-        out = cache_root() / "exports" / f"{src.name}-{src.sha256[:16]}-{__version__}"
+        out = cache_root() / "exports" / f"{src.name}-{src.sha256[:16]}-{__version__}-e{export_mod.EXPORT_FORMAT}"
         if (out / "model.onnx").is_file():
             return out
     else:
@@ -227,7 +228,7 @@ def _manifest(src, tgt, plan, calib_record, results, lowered, fidelity_record, m
         "target": {"name": tgt.name, "runtime": tgt.runtime},
         "recipe": recipe_mod.to_dict(plan),
         "calibration": calib_record,
-        "passes": [{"name": type(p).__name__, "modified": r.modified, **getattr(r, "record", {})} for p, r in results + lowered],
+        "passes": [{"name": getattr(p, "manifest_name", type(p).__name__), "modified": r.modified, **getattr(r, "record", {})} for p, r in results + lowered],
         "layers": merged_layers(r for _, r in results),
         "fidelity": fidelity_record,
         "versions": artifact.package_versions(),
@@ -324,8 +325,9 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     passes: list[ir.passes.PassBase] = []
     if rot.enabled:
         online = InsertOnlineHadamard((Role.DOWN, Role.O) if rot.attention_hadamards else (Role.DOWN,))
-        passes += [*_NORM_ROTATIONS[rot.norm_outputs](rot, windows, progress), RotateValueOutput(rot.seed), online,
-                   *([InsertQueryKeyHadamard()] if rot.attention_hadamards else [])]
+        passes += [WherePossible(*_NORM_ROTATIONS[rot.norm_outputs](rot, windows, progress)),  # each where the
+                   WherePossible(RotateValueOutput(rot.seed)), online,                       # structure allows it
+                   *([WherePossible(InsertQueryKeyHadamard())] if rot.attention_hadamards else [])]
     head = QuantizeWeightsGPTQ(scheme, None, scheme.act_order, scheme.damp, progress, names={"lm_head"}) if plan.head_calibrated else None
     make_weights, shares_calibration = _WEIGHT_PASSES[scheme.algorithm]
     weights = make_weights(dataclasses.replace(scheme, skip=(*scheme.skip, "lm_head")) if head else scheme, windows, progress, saved)

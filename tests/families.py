@@ -12,7 +12,7 @@ from __future__ import annotations
 import pathlib
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024,
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 _LONGROPE = dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[1.5] * 8,
@@ -40,7 +40,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layers=[1, 0])),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, n_inner=128)),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
     "falcon": ("FalconConfig", "FalconForCausalLM", dict(num_kv_heads=1)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
@@ -77,6 +77,9 @@ def write_byte_tokenizer(folder: pathlib.Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.save(str(folder / "tokenizer.json"))
+    # loaded as it is: without this, transformers picks the family's tokenizer class (GPT-2's, Gemma's), which
+    # adds special tokens the byte vocabulary does not have
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
 
 
 def write_folder(family: str, folder: pathlib.Path):

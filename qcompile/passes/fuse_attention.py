@@ -94,7 +94,8 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
         raise fail("the query/key/value head counts and head size are not static [batch, heads, seq, head_dim]")
     heads, kv_heads, head_dim = dims[0][1], dims[1][1], dims[0][3]
     scale = _constant_factor(scores.inputs[1], key_concat.outputs[0], KEY_PATH_OPS, fail)
-    scale *= _constant_factor(block.attention_probs.producer().inputs[0], scores.outputs[0], SCORE_PATH_OPS, fail)
+    softcap, inner = _softcap_and_scale(block.attention_probs.producer().inputs[0], scores.outputs[0], fail)
+    scale *= inner
     attention_out = _context_output(block.linears[analysis.Role.O].node.inputs[0], context, fail)
 
     prefix = f"blocks.{block.index}.attention"
@@ -110,6 +111,10 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
         extra, do_rotary = (), 0
     inputs = [*packed, key_concat.inputs[0], value_concat.inputs[0], seqlens, total, *extra]
     attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale), "do_rotary": do_rotary}
+    if block.sliding_window:  # the export masks all but the last `window` positions; so does GQA's local window
+        attributes["local_window_size"] = block.sliding_window
+    if softcap:  # GQA: c·tanh(q·kᵀ·scale / c), so its scale carries the c the graph divides by
+        attributes.update(softcap=float(softcap), scale=float(scale * softcap))
     cache_type, cache_dim = None, head_dim
     if quantizers[0] is not None:  # GQA quantizes what it appends, after its own RoPE: the reference's order
         bits = _bits(quantizers[0])
@@ -259,6 +264,20 @@ def _pack_heads(graph: ir.Graph, value: ir.Value, before: ir.Node, name: str) ->
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """The shared initializer `name` (made on first use)."""
     return graph.initializers[name] if name in graph.initializers else _initializer(graph, name, array)
+
+
+def _softcap_and_scale(value: ir.Value, stop: ir.Value, fail) -> tuple[float | None, float]:
+    """(c, f) for scores reaching the softmax as c·tanh(f·q·kᵀ) (+ mask), or (None, f) as f·q·kᵀ (+ mask)."""
+    tanh = value
+    for _ in range(24):
+        node = tanh.producer()
+        if node is None or tanh is stop:
+            break
+        if node.op_type == "Tanh":
+            outer = _constant_factor(value, node.outputs[0], SCORE_PATH_OPS - {"Tanh"}, fail)
+            return outer, _constant_factor(node.inputs[0], stop, SCORE_PATH_OPS - {"Tanh"}, fail)
+        tanh = next((v for v in node.inputs if v is not None and v.const_value is None and _reaches(v, stop)), stop)
+    return None, _constant_factor(value, stop, SCORE_PATH_OPS - {"Tanh"}, fail)
 
 
 def _constant_factor(value: ir.Value, stop: ir.Value, allowed: set[str], fail) -> float:

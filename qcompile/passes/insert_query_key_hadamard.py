@@ -8,9 +8,9 @@ import onnx_ir as ir
 from qcompile import analysis, custom_ops, errors
 from qcompile.passes.insert_online_hadamard import hadamard_factors, known_hadamard
 
-# ops between the attention scores MatMul and the softmax (mask, scale), and between a cache Concat and
-# the scores MatMul's key input (GQA's repeat, transposes, the scale)
-SCORE_PATH_OPS = {"Add", "Where", "Mul", "Div", "Cast"}
+# ops between the attention scores MatMul and the softmax (mask, scale, a softcap c·tanh(s / c)), and between
+# a cache Concat and the scores MatMul's key input (GQA's repeat, transposes, the scale)
+SCORE_PATH_OPS = {"Add", "Where", "Mul", "Div", "Cast", "Tanh"}
 KEY_PATH_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Mul", "Div", "Cast", "Identity"}
 
 

@@ -1,0 +1,129 @@
+"""Every architecture family, from tiny random models (tests/families.py): the export matches transformers,
+the ModelMap finds the structure, float-equivalent passes keep the logits, and every target compiles,
+verifies and decodes. One export per family, shared through the session."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qcompile
+from qcompile import analysis, errors
+from qcompile.passes import (FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, RotateResidualStream,
+                             RotateValueOutput)
+from tests.conftest import prompt_and_step, run_logits
+from tests.families import FAMILIES, write_folder
+
+R = analysis.Role
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+DENSE = [f for f in FAMILIES if f not in MOE]
+FAST = ["phi3", "gpt2", "gemma2"]  # fused projections, GELU MLP + biases + Conv1D, sandwich norms + softcap
+params = [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in DENSE]
+
+
+@pytest.fixture(scope="session")
+def family_export(tmp_path_factory):
+    """family → (hf model, its folder, the exported model.onnx), each exported once per session."""
+    from qcompile.export import export_model
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"family-{family}")
+            model = write_folder(family, folder / "hf")
+            (folder / "onnx").mkdir()
+            cache[family] = (model, folder / "hf", export_model(model, folder / "onnx"))
+        return cache[family]
+
+    return get
+
+
+def _hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("family", params)
+def test_export_matches_transformers_prompt_and_cached_steps(family_export, family):
+    model, _, path = family_export(family)
+    ids = np.random.default_rng(0).integers(3, 256, size=(1, 16))
+    prompt, later, _ = prompt_and_step(path, ids)
+    want = _hf_logits(model, ids)
+    np.testing.assert_allclose(prompt, want[:, :prompt.shape[1]], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(later, want[:, prompt.shape[1]:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", params)
+def test_model_map_has_every_role(family_export, family):
+    model_map = analysis.analyze(ir.load(family_export(family)[2]))
+    assert len(model_map.blocks) == 2
+    for block in model_map.blocks:
+        assert R.O in block.linears and R.DOWN in block.linears
+        assert (R.QKV in block.linears) != ({R.Q, R.K, R.V} <= set(block.linears))
+        assert block.part(R.UP) is not None or R.GATE_UP in block.linears
+        qkv = block.linears.get(R.QKV)
+        if qkv is not None and qkv.parts:  # contiguous q | k | v columns cover the projection
+            spans = sorted(qkv.parts.values())
+            assert spans[0][0] == 0 and spans[-1][1] == qkv.out_features
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def _rotations(model_map: analysis.ModelMap):
+    """The float-equivalent rotation passes that apply to this structure: QuaRot's residual rotation needs
+    RMSNorms and no post-norms; the value rotation needs v's columns."""
+    if any(b.branch_norms for b in model_map.blocks) or any(n.kind != "rms" for n, _ in model_map.norm_readers()):
+        return [RotateValueOutput, InsertOnlineHadamard, InsertQueryKeyHadamard]
+    return [FuseNormGains, RotateResidualStream, RotateValueOutput, InsertOnlineHadamard, InsertQueryKeyHadamard]
+
+
+@pytest.mark.parametrize("family", params)
+def test_float_equivalent_passes_keep_logits(family_export, family, tmp_path):
+    _, _, path = family_export(family)
+    model = ir.load(path)
+    applied = []
+    for cls in _rotations(analysis.analyze(model)):
+        try:
+            cls()(model)
+        except errors.UnsupportedModelError as e:  # a refusal names the structural reason, before any change
+            assert cls is RotateValueOutput and "interleaves its value columns" in str(e)
+            continue
+        applied.append(cls.__name__)
+    assert applied
+    out = tmp_path / "model.onnx"
+    ir.save(model, out, external_data="model.onnx.data")
+    ids = np.random.default_rng(1).integers(3, 256, size=(2, 16))
+    np.testing.assert_allclose(run_logits(out, ids), run_logits(path, ids), atol=1e-4, rtol=0)
+
+
+def test_rotations_refuse_layernorm_and_post_norm_families_with_the_reason(family_export):
+    with pytest.raises(errors.UnsupportedModelError, match="LayerNorm"):
+        FuseNormGains()(ir.load(family_export("gpt2")[2]))
+    with pytest.raises(errors.UnsupportedModelError, match="post-norm"):
+        FuseNormGains()(ir.load(family_export("gemma2")[2]))
+
+
+def test_moe_is_refused_in_one_line_naming_the_router(tmp_path):
+    folder = tmp_path / "mixtral"
+    write_folder("mixtral", folder)
+    with pytest.raises(errors.UnsupportedModelError, match="router .* experts per token") as info:
+        qcompile.compile(folder, "ort-int4", tmp_path / "out", eval_windows=None, algo="rtn")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", params)
+def test_every_target_compiles_verifies_and_decodes(family_export, family, tmp_path):
+    _, folder, _ = family_export(family)
+    arts = qcompile.compile_many(folder, ["ort-int4", "trt-int4", "edge-int4"], tmp_path / "int4", eval_windows=None)
+    report = qcompile.verify_all([art.path for art in arts.values()])
+    assert report["passed"], report
+    for target in ("ort-w8a8", "trt-int8", "trt-fp8", "ort-w4a8"):
+        arts[target] = qcompile.compile(folder, target, tmp_path / target, eval_windows=None)
+    ids = np.random.default_rng(2).integers(3, 256, size=(1, 12))
+    for target, art in arts.items():
+        prompt, later, _ = prompt_and_step(art.model_path, ids)
+        assert np.isfinite(prompt).all() and np.isfinite(later).all(), target
