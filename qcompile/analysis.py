@@ -532,8 +532,9 @@ class _Analyzer:
             linears = {role: self.linear(i, role, node) for node, role in roles.items()}
         else:
             raise self.fail(f"block {i}: {len(nodes)} linears reach the attention (expected q, k, v or one fused qkv)")
-        v_target = [reached[key][0] for key, role in roles.items() if role == Role.V]
-        context = v_target[0] if v_target else self.context(i, next(iter(reached.values()))[0])
+        targets = [target for target, _ in reached.values()]
+        context = next((t for t in targets if t.op_type in _ATTENTION_OPS or _softmax_before(t) is not None), None)
+        context = context or self.context(i, targets[0])
         o_hit = _forward_first(context.outputs[0], lambda n: n in self.linear_nodes)
         if o_hit is None:
             raise self.fail(f"block {i}: no output projection after attention")
@@ -561,9 +562,7 @@ class _Analyzer:
         return {key: role for key, role in roles.items()}
 
     def context(self, i: int, scores: ir.Node) -> ir.Node:
-        """The probabilities·V MatMul after the scores MatMul `scores` (or the fused attention op itself)."""
-        if scores.op_type in _ATTENTION_OPS:
-            return scores
+        """The probabilities·V MatMul after the scores MatMul `scores`."""
         hit = _forward_first(scores.outputs[0], lambda n: n.op_type == "Softmax")
         if hit is not None:
             context = _forward_first(hit[0].outputs[0], self.is_dynamic_matmul)

@@ -142,7 +142,14 @@ def tapped_session(model: ir.Model, outputs: list[ir.Value], start: ir.Value | N
     copy.graph.outputs.extend(dict.fromkeys(values[v.name] for v in outputs))
     if start is not None:
         fed = ir.Value(name=START_INPUT, shape=start.shape, type=start.type)
-        ir.convenience.replace_all_uses_with(values[start.name], fed)
+        old = values[start.name]
+        if old in copy.graph.outputs:  # a tap on the start itself (linears reading the block's input stream)
+            tap = ir.node("Identity", [fed], name=f"{START_INPUT}_tap")
+            tap.outputs[0].name, tap.outputs[0].shape, tap.outputs[0].type = f"{old.name}_tap", old.shape, old.type
+            copy.graph.append(tap)
+            copy.graph.outputs[list(copy.graph.outputs).index(old)] = tap.outputs[0]
+            old.name, tap.outputs[0].name = f"{old.name}_replaced", old.name
+        ir.convenience.replace_all_uses_with(old, fed)
         copy.graph.inputs.append(fed)
     RemoveUnusedNodesPass()(copy)
     with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:

@@ -27,7 +27,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(original_max_position_embeddings=1024)),
     "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM", dict(rope_parameters=dict(rope_theta=10000.0, **_LONGROPE),
                                                             original_max_position_embeddings=128)),
     "phi": ("PhiConfig", "PhiForCausalLM", {}),
