@@ -4,7 +4,8 @@
 
 For every family of tests/families.py (tiny random models from transformers configs, saved as Hugging Face
 folders with a byte-level tokenizer): `qcompile.compile` for each target (its default recipe, on 2 short
-calibration windows, no evaluation), then a cached decode of the artifact; and onnxruntime-genai's model
+calibration windows, no evaluation), then a cached decode of the artifact (the edge package: onnxruntime-genai generates 4 tokens from it); and
+onnxruntime-genai's model
 builder (`-p int4 -e cpu`) on the same folder, whose model is then run by onnxruntime-genai for 4 tokens.
 A cell is `ok`, or the first line of why not. Writes benchmarks/results/architectures.{json,md}.
 """
@@ -47,6 +48,8 @@ def qcompile_cell(folder: pathlib.Path, target: str, out: pathlib.Path) -> tuple
         logits, _ = decoder.forward(ids[:, -1:], cache, ids.shape[1] - 1)
         if not np.isfinite(logits).all():
             return "non-finite logits", {}
+        if target.startswith("edge") and (fails := genai_fails(art.path)) is not None:
+            return f"compiled; onnxruntime-genai fails: {fails}", {}
         skipped = [p["skipped"] for p in art.manifest["passes"] if "skipped" in p]
         unfused = [p["fused_attention"] for p in art.manifest["passes"] if p.get("fused_attention", "all blocks") != "all blocks"]
         return "ok", {"seconds": round(time.perf_counter() - started, 1), "skipped": skipped, "unfused": unfused}
@@ -62,12 +65,18 @@ def builder_cell(folder: pathlib.Path, out: pathlib.Path) -> str:
                          capture_output=True, text=True, timeout=900)
     if run.returncode:
         return first_line(run.stderr or run.stdout)
+    fails = genai_fails(out)
+    return "ok" if fails is None else "built; generation fails: " + fails
+
+
+def genai_fails(folder: pathlib.Path) -> str | None:
+    """None if onnxruntime-genai loads the model folder and generates 4 tokens, else the first line of why."""
     check = ("import onnxruntime_genai as og, sys\n"
              "m = og.Model(sys.argv[1]); p = og.GeneratorParams(m); p.set_search_options(max_length=12)\n"
              "g = og.Generator(m, p); g.append_tokens([[3, 4, 5, 6, 7, 8, 9, 10]])\n"
              "for _ in range(4): g.generate_next_token()\n")
-    run = subprocess.run([sys.executable, "-c", check, str(out)], capture_output=True, text=True, timeout=300)
-    return "ok" if run.returncode == 0 else "built; generation fails: " + first_line(run.stderr or run.stdout)
+    run = subprocess.run([sys.executable, "-c", check, str(folder)], capture_output=True, text=True, timeout=300)
+    return None if run.returncode == 0 else first_line(run.stderr or run.stdout)
 
 
 def main() -> None:
