@@ -99,6 +99,28 @@ def test_float_equivalent_passes_keep_logits(family_export, family, tmp_path):
     np.testing.assert_allclose(run_logits(out, ids), run_logits(path, ids), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", params)
+def test_folded_smoothing_scales_keep_logits(family_export, family, tmp_path):
+    """SmoothQuant's fold through every scalable input the ModelMap offers (pre-norm gains and biases, a gated
+    MLP's up columns, fused gate_up's included), with α = 0.5: the logits do not move."""
+    from qcompile import calibration
+    from qcompile.algorithms.smoothquant import fake_quantize
+    from qcompile.passes import FoldSmoothQuantScales
+    from qcompile.schemes import ActivationKind, ActivationScheme
+
+    _, _, path = family_export(family)
+    model = ir.load(path)
+    taps = list(dict.fromkeys(lin.node.inputs[0] for lin in analysis.analyze(model).linears()))
+    stats = calibration.collect(model, taps, np.random.default_rng(0).integers(3, 256, size=(2, 32)), hessian=False)
+    scheme = ActivationScheme(ActivationKind.INT8_STATIC, True, 0.5, smooth_up_down=True)
+    result = FoldSmoothQuantScales(scheme, stats, lambda w: fake_quantize(w, ActivationKind.INT8_DYNAMIC))(model)
+    assert result.modified
+    out = tmp_path / "model.onnx"
+    ir.save(model, out, external_data="model.onnx.data")
+    ids = np.random.default_rng(1).integers(3, 256, size=(2, 16))
+    np.testing.assert_allclose(run_logits(out, ids), run_logits(path, ids), atol=1e-4, rtol=0)
+
+
 def test_rotations_refuse_layernorm_and_post_norm_families_with_the_reason(family_export):
     with pytest.raises(errors.UnsupportedModelError, match="LayerNorm"):
         FuseNormGains()(ir.load(family_export("gpt2")[2]))
