@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--no-builder", action="store_true")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only --families and replace their rows in the saved results")
     args = parser.parse_args()
     families, targets = args.families.split(","), args.targets.split(",")
 
@@ -100,6 +102,15 @@ def main() -> None:
             row["builder"] = builder_cell(folder, work / family / "genai")
             print(f"{family:14s} builder    {row['builder']}", flush=True)
         rows.append(row)
+    if args.update:
+        import json
+
+        from _results import RESULTS
+
+        new = {r["family"]: r for r in rows}
+        saved = json.loads((RESULTS / "architectures.json").read_text())["rows"]
+        rows = [new.pop(r["family"], r) for r in saved] + list(new.values())
+        targets = list(rows[0]["qcompile"])
 
     covered = {"qcompile": sum(all(v == "ok" for v in r["qcompile"].values()) for r in rows)}
     if not args.no_builder:

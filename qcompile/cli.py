@@ -284,7 +284,7 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
                   f"pre-norms per block: {len(b.norms())}, post-norms: {len(b.branch_norms)}; final norm: "
                   f"{mm.final_norm.kind}" + (f"; logit softcap {mm.logit_softcap:g}" if mm.logit_softcap else ""))
     ops = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph_model.graph)
-    quant = {k: v for k, v in ops.items() if any(s in k for s in ("Quantize", "NBits", "Integer", "qcompile"))}
+    quant = {k: v for k, v in ops.items() if any(s in k.lower() for s in ("quantize", "nbits", "integer", "qcompile"))}
     console.print(f"nodes: {sum(ops.values())}; quantized ops: {quant or 'none'}")
 
 

@@ -42,7 +42,10 @@ def genai_config(folder: pathlib.Path) -> dict:
             "pad_token_id": hf.get("pad_token_id") if hf.get("pad_token_id") is not None else eos[0],
             "context_length": context,
             "vocab_size": hf["vocab_size"],
-            "type": hf.get("model_type", "llama"),
+            # onnxruntime-genai's decoder-only class: qcompile's export has the same inputs and outputs for every
+            # family and holds the whole computation (rotary, norms, softcaps, windows), so genai needs no family
+            # of its own (and refuses families it does not list: olmo2, gpt_neox, falcon, stablelm, gpt2)
+            "type": "llama",
             "decoder": {
                 "session_options": {"log_id": "qcompile", "provider_options": []},
                 "filename": "model.onnx",

@@ -4,6 +4,8 @@ verifies and decodes. One export per family, shared through the session."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -151,6 +153,10 @@ def test_every_target_compiles_verifies_and_decodes(family_export, family, tmp_p
     rotatable = not any(b.branch_norms for b in model_map.blocks) and all(
         n.kind == "rms" for n, _ in model_map.norm_readers())
     assert rotations["modified"] == rotatable and ("skipped" in rotations) != rotatable  # else: why, in the manifest
+    from qcompile.package import genai_greedy
+
+    golden = json.loads((arts["edge-int4"].path / "golden.json").read_text())  # onnxruntime-genai runs the package
+    assert genai_greedy(arts["edge-int4"].path, golden["prompt_ids"], 8) == golden["greedy_ids"][:8]
     ids = np.random.default_rng(2).integers(3, 256, size=(1, 12))
     for target, art in arts.items():
         prompt, later, _ = prompt_and_step(art.model_path, ids)

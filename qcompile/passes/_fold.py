@@ -31,10 +31,18 @@ def scale_norm(norm: analysis.Norm, factor: np.ndarray) -> None:
 
     The bias of a fused LayerNormalization (input 2) is scaled too; an RMSNorm has none.
     """
-    values = [norm.gain]
+    indices = [list(norm.node.inputs).index(norm.gain)]
     if norm.node.op_type == "LayerNormalization" and len(norm.node.inputs) > 2 and norm.node.inputs[2] is not None:
-        values.append(norm.node.inputs[2])
-    for value in values:
+        indices.append(2)
+    for index in indices:
+        value = norm.node.inputs[index]
+        if len(value.uses()) > 1:  # the exporter shares equal constants (a LayerNorm's ones and zeros): own a copy
+            value = ir.Value(name=f"{norm.node.name}.input{index}", shape=value.shape, type=value.type,
+                             const_value=value.const_value)
+            norm.node.graph.register_initializer(value)
+            norm.node.replace_input_with(index, value)
+            if index == indices[0]:
+                norm.gain = value
         set_tensor(value, value.const_value.numpy() * factor)
 
 
