@@ -64,7 +64,7 @@ def builder_cell(folder: pathlib.Path, out: pathlib.Path) -> str:
                           "-p", "int4", "-e", "cpu", "-c", str(out.parent / f"{out.name}-cache")],
                          capture_output=True, text=True, timeout=900)
     if run.returncode:
-        return first_line(run.stderr or run.stdout)
+        return first_line(run.stderr or run.stdout).replace(str(folder), "<folder>")
     fails = genai_fails(out)
     return "ok" if fails is None else "built; generation fails: " + fails
 
