@@ -35,6 +35,9 @@ import onnx_ir as ir
 from qcompile import errors
 
 
+SLIDING_WINDOWS_KEY = "qcompile.sliding_windows"  # the export's metadata: JSON list of each layer's window (0: none)
+
+
 class Role(str, enum.Enum):
     Q = "q"
     K = "k"
@@ -386,7 +389,7 @@ def _output_parts(node: ir.Node, n: int) -> list[tuple[ir.Value, tuple[int, int]
 class _Analyzer:
     def __init__(self, model: ir.Model):
         self.graph = model.graph
-        self.windows = json.loads(model.metadata_props.get("qcompile.sliding_windows", "[]"))
+        self.windows = json.loads(model.metadata_props.get(SLIDING_WINDOWS_KEY, "[]"))
         self.order = {node: i for i, node in enumerate(self.graph)}
         self.linear_nodes = {n: d for n in self.graph if (d := _linear_dims(n)) is not None}
         self.shared_norms: dict[ir.Node, Norm] = {}

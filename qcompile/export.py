@@ -22,12 +22,12 @@ import warnings
 from unittest import mock
 
 from qcompile import errors
+from qcompile.analysis import SLIDING_WINDOWS_KEY
 from qcompile.sources import Source, SourceKind
 
 EXPORT_FORMAT = 2  # bumped when the exported graph or its files change: cached exports of older formats are redone
 OPSET = 21  # blocked DequantizeLinear (the canonical int4 form) needs opset 21
 MODEL_FILE = "model.onnx"
-SLIDING_WINDOWS_KEY = "qcompile.sliding_windows"  # metadata: JSON list, per layer, of its attention window (0: none)
 DATA_FILE = "model.onnx.data"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 EXPORT_PIP = "pip install torch==2.13.0 && pip install 'qcompile[export]'"
@@ -261,7 +261,7 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
     _canonical_linears(ir_model.graph)
     windows = _sliding_windows(config, layers)
     if any(windows):  # the graph masks these layers to their last `window` positions; a fused attention must too
-        ir_model.metadata_props[SLIDING_WINDOWS_KEY] = json.dumps(windows)
+        ir_model.metadata_props[SLIDING_WINDOWS_KEY] = json.dumps(windows)  # read by analysis
     for value in ir_model.graph.outputs[1:]:  # "past_sequence_length + sequence_length" reads badly
         value.shape = value.shape.__class__([*value.shape[:2], "total_sequence_length", value.shape[3]])
     ir_model.producer_name = "qcompile"
