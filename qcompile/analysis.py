@@ -393,12 +393,6 @@ class _Analyzer:
         self.order = {node: i for i, node in enumerate(self.graph)}
         self.linear_nodes = {n: d for n in self.graph if (d := _linear_dims(n)) is not None}
         self.shared_norms: dict[ir.Node, Norm] = {}
-        self.norm_nodes = {}
-        for node in self.graph:
-            if node.op_type in _FUSED_NORMS or node.op_type == "Mul":
-                norm = match_norm(node.outputs[0])
-                if norm is not None and norm.node is node:
-                    self.norm_nodes[node] = norm
 
     def fail(self, what: str) -> errors.UnsupportedModelError:
         return errors.UnsupportedModelError(
@@ -474,7 +468,7 @@ class _Analyzer:
             raise self.fail("no linear reaching an attention MatMul (q, k, v) was found")
         blocks, used = [], set()
         for i, (stream, qkv) in enumerate(attention_inputs.items()):
-            linears, probs, context = self.attention_roles(i, qkv)
+            linears, probs = self.attention_roles(i, qkv)
             blocks.append((i, stream, linears, probs))
             used.update(lin.node for lin in linears.values())
         rest = [n for n in nodes if n not in used]
@@ -484,7 +478,7 @@ class _Analyzer:
             if hit is not None and hit[0] in rest and hit[0] is not node:
                 downs.setdefault(hit[0], []).append(node)
         downs = {d: ups for d, ups in downs.items() if d not in {u for us in downs.values() for u in us}}
-        mlps: dict[int, tuple[ir.Node, list[ir.Node]]] = {}
+        mlps: dict[int, tuple[ir.Node, list[ir.Node], bool]] = {}  # block → (down, its inputs' linears, parallel)
         streams = {stream: i for i, stream, _, _ in blocks}
         o_positions = [self.order[linears[Role.O].node] for _, _, linears, _ in blocks]
         for down, ups in downs.items():
@@ -517,10 +511,10 @@ class _Analyzer:
         k, n = self.linear_nodes[node]
         return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, self.stream(node)[1], parts=parts)
 
-    def attention_roles(self, i: int, nodes: list[ir.Node]) -> tuple[dict[Role, Linear], ir.Value | None, ir.Node]:
-        """q, k, v (or the fused qkv) and o of block i, the attention probabilities and the context node."""
+    def attention_roles(self, i: int, nodes: list[ir.Node]) -> tuple[dict[Role, Linear], ir.Value | None]:
+        """q, k, v (or the fused qkv) and o of block i, and the attention probabilities."""
         if len(nodes) == 1 and _packed_qkv(nodes[0]) is not None:
-            return self.packed_attention_roles(i, nodes[0]), None, _packed_qkv(nodes[0])
+            return self.packed_attention_roles(i, nodes[0]), None
         if len(nodes) == 1:
             node = nodes[0]
             pieces = _output_parts(node, self.linear_nodes[node][1]) or [(node.outputs[0], None)]
@@ -542,7 +536,7 @@ class _Analyzer:
         if o_hit is None:
             raise self.fail(f"block {i}: no output projection after attention")
         linears[Role.O] = self.linear(i, Role.O, o_hit[0])
-        return linears, _softmax_before(context), context
+        return linears, _softmax_before(context)
 
     def attention_hit(self, i: int, value: ir.Value) -> tuple[ir.Node, int]:
         hit = _forward_first(value, self.is_dynamic_matmul)
@@ -562,7 +556,7 @@ class _Analyzer:
                 roles[key] = Role.V if shared == 1 else (Role.Q, Role.K)[idx]
         if len(reached) == 3 and sorted(roles.values()) != sorted((Role.Q, Role.K, Role.V)):
             raise self.fail(f"block {i}: could not tell q, k and v apart")
-        return {key: role for key, role in roles.items()}
+        return roles
 
     def context(self, i: int, scores: ir.Node) -> ir.Node:
         """The probabilities·V MatMul after the scores MatMul `scores`."""
@@ -619,11 +613,15 @@ class _Analyzer:
 
     def branch_norm(self, linear: Linear) -> Norm | None:
         """A norm on `linear`'s output before the residual add (a post- or sandwich norm), or None."""
-        hit = _forward_first(linear.node.outputs[0], lambda n: n in self.norm_nodes or n.op_type in _SKIP_NORMS or (
-            n.op_type == "Add" and not any(map(_is_const, n.inputs))) or n in self.linear_nodes)
-        if hit is None or hit[0] not in self.norm_nodes or hit[0].op_type in _SKIP_NORMS:
-            return None
-        return self.norm_nodes[hit[0]]
+        def norm_at(node: ir.Node) -> Norm | None:
+            if node.op_type not in _FUSED_NORMS and node.op_type != "Mul":
+                return None
+            norm = match_norm(node.outputs[0])
+            return norm if norm is not None and norm.node is node else None
+
+        hit = _forward_first(linear.node.outputs[0], lambda n: n.op_type in _SKIP_NORMS or n in self.linear_nodes or (
+            n.op_type == "Add" and not any(map(_is_const, n.inputs))) or norm_at(n) is not None)
+        return None if hit is None or hit[0].op_type in _SKIP_NORMS else norm_at(hit[0])
 
 
 def analyze(model: ir.Model) -> ModelMap:

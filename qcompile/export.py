@@ -144,12 +144,13 @@ def _without_pair_rewrites():
     return mock.patch.object(rewriter, "_DEFAULT_REWRITE_RULES", kept)
 
 
-def _canonical_linears(graph) -> None:
+def _canonical_linears(model) -> None:
     """Every linear as MatMul(x, W[K, N]) (+ Add(bias)) on the hidden states' own shape: a Gemm over flattened
     tokens (GPT-2's Conv1D, `addmm`) becomes one, and Reshapes that change no shape go."""
     import numpy as np
     import onnx_ir as ir
 
+    graph = model.graph
     for node in list(graph):
         if node.op_type == "Reshape" and node.inputs[0].shape is not None and node.inputs[0].shape == node.outputs[0].shape \
                 and not node.outputs[0].is_graph_output():
@@ -179,7 +180,7 @@ def _canonical_linears(graph) -> None:
             n.outputs[0].shape, n.outputs[0].type = out.shape, out.type
         graph.insert_before(gemm, nodes)
         out.replace_all_uses_with(nodes[-1].outputs[0])
-    ir.passes.common.RemoveUnusedNodesPass()(ir.Model(graph, ir_version=10))
+    ir.passes.common.RemoveUnusedNodesPass()(model)
 
 
 def _io_names(num_layers: int):
@@ -258,7 +259,7 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
             dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
         )
     ir_model = program.model
-    _canonical_linears(ir_model.graph)
+    _canonical_linears(ir_model)
     windows = _sliding_windows(config, layers)
     if any(windows):  # the graph masks these layers to their last `window` positions; a fused attention must too
         ir_model.metadata_props[SLIDING_WINDOWS_KEY] = json.dumps(windows)  # read by analysis

@@ -20,9 +20,8 @@ from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
 from qcompile.analysis import Role
 from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
                              QuantizeEmbedding, QuantizeKVCache, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN,
-                             RotateResidualStream, RotateValueOutput, SmoothRotateNormOutputs)
+                             RotateResidualStream, RotateValueOutput, SmoothRotateNormOutputs, WherePossible)
 from qcompile.passes import _canonical
-from qcompile.passes._result import WherePossible
 from qcompile.passes.calibrate import Calibrate
 from qcompile.recipe import NormRotation, Recipe
 from qcompile.runtime import Decoder, load_tokenizer

@@ -9,6 +9,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from tests.families import write_byte_tokenizer  # noqa: F401  (tests import it from here too)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _export_cache(tmp_path_factory):
     """Exports are cached by content hash; tests use a fresh cache unless QCOMPILE_CACHE_DIR is set."""
@@ -38,18 +41,6 @@ def tiny_hf_model(arch: str, **config):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     return model
-
-
-def write_byte_tokenizer(folder: pathlib.Path) -> None:
-    """A byte-level tokenizer.json with one token per byte (ids 0..255: within the tiny models' vocabulary),
-    so that tiny models calibrate and evaluate on real text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(folder / "tokenizer.json"))
 
 
 @pytest.fixture(scope="session")

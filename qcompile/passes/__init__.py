@@ -16,6 +16,7 @@ from qcompile.passes.quantize_weights_rtn import QuantizeWeightsRTN
 from qcompile.passes.rotate_residual_stream import RotateResidualStream
 from qcompile.passes.rotate_value_output import RotateValueOutput
 from qcompile.passes.smooth_rotate_norm_outputs import SmoothRotateNormOutputs
+from qcompile.passes.where_possible import WherePossible
 
 __all__ = ["Calibrate", "FoldAWQScales", "FoldSmoothQuantScales", "FuseGroupQueryAttention", "FuseNormGains", "InsertOnlineHadamard", "InsertQueryKeyHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeKVCache", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
-           "RotateResidualStream", "RotateValueOutput", "SmoothRotateNormOutputs"]
+           "RotateResidualStream", "RotateValueOutput", "SmoothRotateNormOutputs", "WherePossible"]

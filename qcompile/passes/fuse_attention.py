@@ -27,7 +27,9 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
     on the new keys and values becomes GQA's own quantized cache (kv_cache_bit_width, PER_CHANNEL scales):
     the past/present tensors turn int8, or uint8 holding two 4-bit values, and GQA quantizes what it
     appends exactly as the quantizer did. Its scale is the product of the constant factors on the query,
-    key and score paths.
+    key and score paths. Scores capped as c·tanh(f·q·kᵀ) (Gemma 2) become GQA's softcap=c with scale=f·c (GQA
+    computes c·tanh(scale·q·kᵀ / c)); a block the export records with a sliding window w (each query sees its
+    last w positions, itself included) gets local_window_size=w, which GQA masks alike.
     The cache keeps qcompile's layout, [batch, kv_heads, total, head_dim], growing by concatenation. The
     mask becomes GQA's `seqlens_k` (attention_mask sum − 1) and `total_sequence_length`, and with
     do_rotary=1 the positions follow from them (position_ids stays an input but is unused): the same as

@@ -9,11 +9,6 @@ from qcompile import analysis, errors
 from qcompile.passes._fold import set_tensor, set_weight, untie_lm_head
 
 
-def norm_readers(model_map: analysis.ModelMap) -> list[tuple[analysis.Norm, list[analysis.Linear]]]:
-    """Every norm with the linears reading it (the final norm → lm_head last)."""
-    return model_map.norm_readers()
-
-
 def check_rms_norms(model_map: analysis.ModelMap, what: str) -> None:
     """Refuse graphs whose norms are not RMSNorms with a constant gain that only the linears read."""
     for block in model_map.blocks:
@@ -22,7 +17,7 @@ def check_rms_norms(model_map: analysis.ModelMap, what: str) -> None:
                 f"{what} needs every norm before the linears it feeds; block {block.index} normalizes an attention "
                 f"or MLP output before the residual add (post-norm at '{block.branch_norms[0].node.name}'), which a "
                 "rotation of the residual stream cannot pass: use a target or recipe without rotations")
-    for norm, readers in norm_readers(model_map):
+    for norm, readers in model_map.norm_readers():
         if norm.kind != "rms":
             raise errors.UnsupportedModelError(
                 f"{what} needs RMSNorm; '{norm.node.name}' is a LayerNorm (folding its mean subtraction is not "
@@ -53,7 +48,7 @@ class FuseNormGains(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.check(model)
         untie_lm_head(model)
-        groups = norm_readers(analysis.analyze(model))
+        groups = analysis.analyze(model).norm_readers()
         # read every γ before writing any: two norms could share one initializer
         gains = [norm.gain.const_value.numpy().astype(np.float64) for norm, _ in groups]
         for (norm, readers), gain in zip(groups, gains):

@@ -14,10 +14,10 @@ cannot carry s, which must act before the rotation, in the channels' own basis. 
 relative output error drops 1.3–2.0× at ½ (per-token int4, clip 0.75; 5 blocks measured,
 benchmarks/bench_norm_rotation_error.py).
 
-With `down_inputs`, down_proj's input x (the gated product, whose online Hadamard InsertOnlineHadamard adds
-later) gets the same choice of scale from the same calibration run: down(x) = (x·diag(t))·(diag(1/t)·W_down)
+With `down_inputs`, a gated MLP's down_proj input x (the gated product, whose online Hadamard
+InsertOnlineHadamard adds later) gets the same choice of scale from the same calibration run: down(x) = (x·diag(t))·(diag(1/t)·W_down)
 with t_j = (‖W_down,j‖ / rms(x_j))^½, and x·diag(t) = act(gate)·(y·W_up·diag(t)), so t goes into up_proj's
-columns offline. Float-equivalent.
+columns offline (a plain MLP's act(up) cannot carry t: its down is left as it is). Float-equivalent.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import onnx_ir as ir
 
 from qcompile import analysis, calibration, custom_ops
 from qcompile.passes._canonical import _initializer, _remove_if_unused
-from qcompile.passes._fold import scale_columns, set_weight
+from qcompile.passes._fold import input_scalings, set_weight
 from qcompile.passes._result import Result
 from qcompile.passes.calibrate import Calibrate
-from qcompile.passes.fuse_norm_gains import check_rms_norms, norm_readers
+from qcompile.passes.fuse_norm_gains import check_rms_norms
 from qcompile.passes.insert_online_hadamard import hadamard_factors
 
 
@@ -50,24 +50,22 @@ class SmoothRotateNormOutputs(ir.passes.InPlacePass):
 
     def calibration_request(self, model: ir.Model) -> calibration.Request:
         model_map = analysis.analyze(model)
-        taps = [norm.output for norm, _ in norm_readers(model_map) if norm is not model_map.final_norm]
-        downs = [block.linears[analysis.Role.DOWN] for block in model_map.blocks] if self.down_inputs else []
-        return calibration.Request(taps + [down.node.inputs[0] for down in downs])
+        taps = [norm.output for norm, _ in model_map.norm_readers() if norm is not model_map.final_norm]
+        return calibration.Request(taps + [down.node.inputs[0] for down, _ in self._downs(model_map)])
 
     def calibrated(self, stats: dict, request: calibration.Request) -> None:
         self.stats = stats
 
     def call(self, model: ir.Model) -> Result:
         model_map = analysis.analyze(model)
-        groups = [(norm, readers) for norm, readers in norm_readers(model_map) if norm is not model_map.final_norm]
-        downs = [block.linears[analysis.Role.DOWN] for block in model_map.blocks] if self.down_inputs else []
+        groups = [(norm, readers) for norm, readers in model_map.norm_readers() if norm is not model_map.final_norm]
         if self.stats is None:
             Calibrate(self.windows, [self], self.progress, "Calibrating (norm outputs)")(model)
         stats = self.stats
-        for block, down in zip(model_map.blocks, downs):
+        for down, scale_input in self._downs(model_map):
             w = down.float_weight().astype(np.float64)
             t = self._scales(np.linalg.norm(w, axis=1), stats[down.node.inputs[0].name].rms)
-            scale_columns(block.part(analysis.Role.UP), t)
+            scale_input(t)
             set_weight(down, w / t[:, None])
         graph, factors = model.graph, {}
         rng = np.random.default_rng([self.seed, 2])
@@ -88,6 +86,12 @@ class SmoothRotateNormOutputs(ir.passes.InPlacePass):
                 set_weight(linear, h.T @ ((gain / s)[:, None] * w))
         custom_ops.register(model, custom_ops.HADAMARD)
         return Result(model, modified=bool(groups))
+
+    def _downs(self, model_map: analysis.ModelMap) -> list:
+        """(down, how to scale its input) for each down whose input the graph can scale: a gated MLP's."""
+        if not self.down_inputs:
+            return []
+        return [(members[0], scale) for members, scale in input_scalings(model_map) if members[0].role == analysis.Role.DOWN]
 
     def _scales(self, row_norms: np.ndarray, rms_x: np.ndarray) -> np.ndarray:
         """(‖W_j‖ / rms(x_j))^α per input channel j, normalised to a geometric mean of 1."""

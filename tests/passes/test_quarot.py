@@ -170,12 +170,11 @@ def test_smoothed_norm_rotation_leaves_float_logits_unchanged(tiny_export, tmp_p
     scaled by t through up_proj's columns before its Hadamard: same logits, and the rest of QuaRot's online
     rotations compose with them."""
     from qcompile.passes._fold import set_tensor
-    from qcompile.passes.fuse_norm_gains import norm_readers
 
     _, path = tiny_export(arch)
     model = ir.load(path)
     rng = np.random.default_rng(0)
-    for norm, _ in norm_readers(analysis.analyze(model)):  # uneven gains, so that γ/s is not trivial
+    for norm, _ in analysis.analyze(model).norm_readers():  # uneven gains, so that γ/s is not trivial
         set_tensor(norm.gain, rng.uniform(0.2, 3.0, norm.gain.const_value.shape))
     reference = tmp_path / "reference.onnx"
     ir.save(model, reference, external_data="reference.onnx.data")
