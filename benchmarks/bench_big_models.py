@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import pathlib
 import re
 import shutil
@@ -36,26 +37,55 @@ import qcompile
 from qcompile import artifact
 from _results import RESULTS, meta, save
 
-SIZES = {  # LlamaConfig fields; tied embeddings like the real models
-    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8),
+SIZES = {  # LlamaConfig fields: SmolLM2-135M, Llama-3.2-1B and -3B (tied embeddings, SmolLM2's vocabulary), Llama-3.1-8B
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                 vocab_size=49152, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=49152, tie_word_embeddings=True),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+               vocab_size=49152, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
 }
 NAME = "big_models"
+SHARD_BYTES = 2 << 30
 
 
 def build_hf(size: str, folder: pathlib.Path) -> int:
-    """A random bf16 Llama of `size` saved as an HF folder with SmolLM2's tokenizer; returns its parameter count."""
+    """A random bf16 Llama of `size` written as a sharded HF folder (safetensors shards of about 2 GiB and their
+    index) with SmolLM2's tokenizer, one shard at a time: the model is never built. Returns its parameter count."""
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, **SIZES[size])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(folder)
-    del model
+    config = LlamaConfig(**{"max_position_embeddings": 2048, "rope_theta": 100000.0, "bos_token_id": 1, "eos_token_id": 2,
+                            **SIZES[size]})
+    with torch.device("meta"):
+        shapes = [(name, tuple(p.shape)) for name, p in LlamaForCausalLM(config).named_parameters()]  # tied: once
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict = {}
+
+    def write() -> None:
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    for name, shape in shapes:
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensor = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > SHARD_BYTES:
+            write()
+        shard[name] = tensor
+    write()
+    params = sum(math.prod(s) for _, s in shapes)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 2 * params}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(folder)
     tokenizer = qcompile.export("smollm2-135m")  # cached after the first run
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tokenizer / name).is_file():
@@ -74,8 +104,11 @@ def timed(args: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_bytes": rss}
 
 
-STAGES = {"rtn": ("ort-int4 rtn", ["--target", "ort-int4"]),
+UNCALIBRATED = ["--algo", "rtn", "--lm-head", "int8"]
+STAGES = {"rtn": ("ort-int4 rtn", ["--target", "ort-int4", *UNCALIBRATED]),
+          "trt": ("trt-int4 rtn", ["--target", "trt-int4", *UNCALIBRATED]),
           "gptq": ("ort-int4 gptq", ["--target", "ort-int4", "--algo", "gptq"])}
+PROMPT = "The capital of France is"
 
 
 def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: int, row: dict | None) -> dict:
@@ -87,7 +120,7 @@ def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: in
         row = {"size": size, "params": build_hf(size, hf), "config": SIZES[size], "stages": {}}
         row["stages"]["export"] = timed(["export", str(hf), "-o", str(exported)])
         row["float_weight_bytes"] = (exported / "model.onnx.data").stat().st_size
-    for stage in [s for s in stages if s != "export"]:
+    for stage in [s for s in stages if s in STAGES]:
         name, options = STAGES[stage]
         out = work / name.replace(" ", "-")
         shutil.rmtree(out, ignore_errors=True)
@@ -95,6 +128,8 @@ def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: in
             options = [*options, "--calib-samples", str(calib_samples)]
         row["stages"][name] = timed(["model", str(exported / "model.onnx"), *options, "--no-eval", "-o", str(out)])
         row["stages"][name]["artifact_bytes"] = artifact.model_bytes(out / "model.onnx")
+        if stage == "rtn" and "run" in stages:  # the artifact decodes within the machine's memory
+            row["stages"]["run 8 tokens"] = timed(["run", str(out), "-p", PROMPT, "-n", "8"])
         shutil.rmtree(out)
     for stage in row["stages"].values():
         stage["rss_over_float_weights"] = round(stage["peak_rss_bytes"] / row["float_weight_bytes"], 3)
@@ -119,7 +154,7 @@ def table(rows: list[dict], calib_samples: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    parser.add_argument("--stages", nargs="+", choices=["export", *STAGES], default=["export", *STAGES])
+    parser.add_argument("--stages", nargs="+", choices=["export", *STAGES, "run"], default=["export", "rtn", "run", "trt", "gptq"])
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--work", type=pathlib.Path, default=None,
                         help="Folder that keeps each size's model and export between runs [default: a temporary one]")

@@ -13,6 +13,7 @@ on load and models past 2 GB work. torch and transformers are imported only here
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -25,11 +26,14 @@ from qcompile import errors
 from qcompile.analysis import SLIDING_WINDOWS_KEY
 from qcompile.sources import Source, SourceKind
 
+log = logging.getLogger(__name__)
+
 EXPORT_FORMAT = 2  # bumped when the exported graph or its files change: cached exports of older formats are redone
 OPSET = 21  # blocked DequantizeLinear (the canonical int4 form) needs opset 21
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+DEDUP_LIMIT = 1 << 16  # initializers of at most this many values are compared for equal twins (norm gains, biases)
 EXPORT_PIP = "pip install torch==2.13.0 && pip install 'qcompile[export]'"
 
 
@@ -45,51 +49,65 @@ def _require_export_deps():
 
 
 def load_hf(source: Source):
-    """Load (model, tokenizer) from a HF folder or GGUF file, in fp32 and eval mode."""
+    """Load (model, tokenizer) from a HF folder or GGUF file, in fp32 and eval mode: the whole model in memory
+    (the streaming export reads the checkpoint itself; this serves checkpoints it cannot read and comparisons)."""
     _require_export_deps()
     with _gguf_parsed_once():
         return _load_hf(source)
+
+
+def _hf_args(source: Source) -> tuple[pathlib.Path, dict]:
+    """The folder and keyword arguments transformers' `from_pretrained` reads `source` with."""
+    if source.kind != SourceKind.GGUF:
+        return source.path, {}
+    try:
+        import gguf
+    except ImportError:
+        raise errors.MissingDependencyError(f"reading GGUF needs the gguf package: run `{EXPORT_PIP}`") from None
+    try:
+        gguf.GGUFReader(source.path)  # memory-mapped: a cheap check before transformers reads it
+    except Exception as e:
+        raise errors.CorruptModelError(
+            f"'{source.path}' is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]}): "
+            "re-download or re-convert it"
+        ) from None
+    return source.path.parent, {"gguf_file": source.path.name}
+
+
+def _unreadable(source: Source, e: Exception) -> errors.CorruptModelError:
+    # a user's file: whatever transformers raises, the fix is in the input
+    return errors.CorruptModelError(
+        f"cannot load '{source.path}' as a causal LM ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+        "check that the file is complete and is a supported text model"
+    )
+
+
+def _load_tokenizer(source: Source):
+    """The source's tokenizer, or None for a weights-only folder (evaluation then asks for tokenizer.json).
+    Without tokenizer files transformers may build an empty tokenizer instead of failing: look for the files first."""
+    import transformers
+
+    folder, kwargs = _hf_args(source)
+    if source.kind != SourceKind.GGUF and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    try:
+        with _quiet():
+            return transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception:
+        return None
 
 
 def _load_hf(source: Source):
     import torch
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    if source.kind == SourceKind.GGUF:
-        try:
-            import gguf
-        except ImportError:
-            raise errors.MissingDependencyError(f"reading GGUF needs the gguf package: run `{EXPORT_PIP}`") from None
-        try:
-            gguf.GGUFReader(source.path)  # memory-mapped: a cheap check before transformers reads it
-        except Exception as e:
-            raise errors.CorruptModelError(
-                f"'{source.path}' is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]}): "
-                "re-download or re-convert it"
-            ) from None
-        folder, kwargs = source.path.parent, {"gguf_file": source.path.name}
-    else:
-        folder, kwargs = source.path, {}
+    folder, kwargs = _hf_args(source)
     try:
         with _quiet():
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    except Exception as e:  # a user's file: whatever transformers raises, the fix is in the input
-        raise errors.CorruptModelError(
-            f"cannot load '{source.path}' as a causal LM ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-            "check that the file is complete and is a supported text model"
-        ) from None
-    # A weights-only folder still compiles; evaluation then asks for tokenizer.json. (Without tokenizer
-    # files transformers may build an empty tokenizer instead of failing, so look for the files first.)
-    tokenizer = None
-    if source.kind == SourceKind.GGUF or any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        try:
-            with _quiet():
-                tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-        except Exception:
-            tokenizer = None
-    return model.eval(), tokenizer
+    except Exception as e:
+        raise _unreadable(source, e) from None
+    return model.eval(), _load_tokenizer(source)
 
 
 def _gguf_parsed_once():
@@ -113,8 +131,10 @@ def _gguf_parsed_once():
 @contextlib.contextmanager
 def _quiet():
     """Silence the libraries' own bars and warnings; qcompile reports progress itself."""
+    import transformers
     import transformers.modeling_gguf_pytorch_utils as gguf_utils  # its tqdm ignores transformers' switch
 
+    transformers.utils.logging.disable_progress_bar()
     loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "transformers")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -164,8 +184,8 @@ def _canonical_linears(model) -> None:
                 a.get_float("alpha", 1.0) != 1.0 or a.get_float("beta", 1.0) != 1.0:
             continue
         if a.get_int("transB", 0):
-            array = np.ascontiguousarray(w.const_value.numpy().T)
-            w = ir.Value(name=f"{w.name}_t", shape=ir.Shape(array.shape), type=w.type, const_value=ir.tensor(array))
+            tensor = _lazy_transpose(w.const_value, [1, 0])
+            w = ir.Value(name=f"{w.name}_t", shape=tensor.shape, type=w.type, const_value=tensor)
             graph.register_initializer(w)
         x, out = gemm.inputs[0], gemm.outputs[0]
         flatten, uses = x.producer(), list(out.uses())
@@ -199,27 +219,113 @@ def _sliding_windows(config, layers: int) -> list[int]:
 
 
 def _cache_shapes(model) -> list[tuple[int, int]]:
-    """(kv heads, head size) of each layer's cache, read from one step of the model: configs spell them in
+    """(kv heads, head size) of each layer's cache, read from one step of the (meta) model: configs spell them in
     many ways (num_key_value_heads, multi_query, n_head, head_dim) and some leave them implicit."""
     import torch
 
-    with torch.no_grad(), _quiet():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), _quiet(), FakeTensorMode(allow_non_fake_inputs=True):  # shapes only: no weight is read
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
     return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in out.cache.layers]
 
 
-def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
-    """Export an in-memory HF causal LM to `out_dir/model.onnx`; returns that path.
+def _meta_model(config):
+    """(model, buffers): the causal LM of `config` with uninitialised parameters (allocated, never written, so
+    never resident: the export traces shapes and reads the weights from the checkpoint), and its buffers
+    (rotary frequencies, ...), computed as its constructor does."""
+    import torch
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), _quiet():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # part of the initialisation skipped above
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers(remove_duplicate=False)}
+    return model.eval(), buffers
+
+
+def _aliases(model) -> dict[str, list[str]]:
+    """Every parameter and buffer name -> all names of that tensor (tied weights have several)."""
+    names: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    return {name: group for group in names.values() for name in group}
+
+
+def _resolve_weights(model, buffers: dict, shapes: dict) -> dict[str, str | None]:
+    """Each parameter name -> the checkpoint name that holds it (None: a buffer computed from the config).
+    Raises KeyError naming a parameter the checkpoint lacks or holds in another shape."""
+    aliases, found = _aliases(model), {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        held = [a for a in aliases[name] if a in shapes]
+        if not held or tuple(shapes[held[0]]) != tuple(param.shape):
+            raise KeyError(f"{name} {tuple(param.shape)}" + (f" is {tuple(shapes[held[0]])} in the checkpoint" if held else ""))
+        found[name] = held[0]
+    for name in buffers:
+        found[name] = next((a for a in aliases[name] if a in shapes), None)
+    return found
+
+
+def _open_checkpoint(source: Source, model, buffers: dict):
+    """(weights reader, {model name: checkpoint name}) for `source`; a checkpoint whose names or layout the
+    streaming readers do not match (transformers renames it while loading, or pickled .bin weights) is loaded
+    whole instead."""
+    from qcompile import weights
+
+    if source.kind == SourceKind.GGUF:
+        reader = weights.GGUFWeights(source.path, model)
+    elif any(source.path.glob("*.safetensors")):
+        reader = weights.SafetensorsWeights(source.path)
+    else:
+        reader = None
+    if reader is not None:
+        try:
+            return reader, _resolve_weights(model, buffers, reader.shapes())
+        except KeyError as e:
+            log.info("the checkpoint does not hold %s under transformers' names: loading it whole", e.args[0])
+    loaded, _ = _load_hf(source)
+    reader = weights.ModuleWeights(loaded)
+    return reader, _resolve_weights(model, buffers, reader.shapes())
+
+
+def export_source(source: Source, out_dir: pathlib.Path, progress=None) -> pathlib.Path:
+    """Export a HF folder or GGUF file to `out_dir/model.onnx` without loading the model: the graph is traced
+    with meta weights and each initializer is written straight from the checkpoint. Returns that path.
 
     `out_dir` must exist and be empty (callers write into a temporary folder and rename it).
     """
+    _require_export_deps()
+    import transformers
+
+    folder, kwargs = _hf_args(source)
+    with _gguf_parsed_once():
+        try:
+            with _quiet():
+                config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
+            model, buffers = _meta_model(config)
+        except Exception as e:
+            raise _unreadable(source, e) from None
+        reader, names = _open_checkpoint(source, model, buffers)
+        tokenizer = _load_tokenizer(source)
+    return _export(model, buffers, reader, names, out_dir, tokenizer, progress)
+
+
+def export_model(model, out_dir: pathlib.Path, tokenizer=None, progress=None) -> pathlib.Path:
+    """Export an in-memory HF causal LM to `out_dir/model.onnx` (traced as `export_source` does, its weights read
+    from `model`); returns that path. `out_dir` must exist and be empty."""
+    from qcompile import weights
+
+    meta, buffers = _meta_model(model.config)
+    reader = weights.ModuleWeights(model)
+    return _export(meta, buffers, reader, _resolve_weights(meta, buffers, reader.shapes()), out_dir, tokenizer, progress)
+
+
+def _trace(model, cache_shapes):
+    """The KV-cache decoder graph of a meta `model` (onnx_ir), unoptimized, its initializers without values."""
     import torch
     from transformers import DynamicCache
 
-    config = model.config
-    if "grouped_mm" in getattr(model, "get_experts_implementation", dict)().values():
-        model.set_experts_implementation("batched_mm")  # grouped_mm is a custom op with no ONNX translation
-    cache_shapes = _cache_shapes(model)
     layers = len(cache_shapes)
 
     class KVDecoder(torch.nn.Module):
@@ -241,7 +347,7 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
 
     # Past and new lengths get separate dims; the mask's length is a third (the exporter refuses Dim + Dim).
     batch, past_len, seq = 2, 3, 4
-    ids = torch.randint(0, min(config.vocab_size, 1000), (batch, seq))
+    ids = torch.zeros(batch, seq, dtype=torch.int64)
     mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     pos = torch.arange(past_len, past_len + seq).expand(batch, seq)
     past = [torch.zeros(batch, heads, past_len, size) for heads, size in cache_shapes for _ in "kv"]
@@ -253,11 +359,106 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
         [{**bs, 2: "past_sequence_length"}] * (2 * layers),
     )
     inputs, outputs = _io_names(layers)
-    with _quiet(), _without_pair_rewrites(), torch.no_grad():
+    with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             KVDecoder(model).eval(), (ids, mask, pos, past), input_names=inputs, output_names=outputs,
-            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
         )
+    return program
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read:
+    """The function of an initializer's LazyTensor: reads checkpoint tensor `key` as `dtype`, transposed by `perm`."""
+
+    reader: object
+    key: str
+    dtype: object  # numpy dtype
+    perm: tuple[int, ...] | None = None
+
+    def __call__(self):
+        import onnx_ir as ir
+
+        return ir.tensor(self.reader.read(self.key, self.perm).astype(self.dtype, copy=False))
+
+
+def _bind(graph, reader, names: dict, buffers: dict) -> None:
+    """Give each initializer its value as a lazy tensor: read from the checkpoint (or taken from the
+    buffers) when it is written, one at a time, never held."""
+    import onnx_ir as ir
+
+    prefix = "lm."  # the KVDecoder wrapper's attribute
+    for value in graph.initializers.values():
+        name = value.name.removeprefix(prefix)
+        if name not in names:
+            raise errors.UnsupportedModelError(
+                f"the exported graph has a constant '{value.name}' that is neither a parameter nor a buffer: "
+                "this model computes a tensor at load time that qcompile cannot export"
+            )
+        dtype = value.const_value.dtype
+        if names[name] is None:
+            read = functools.partial(ir.tensor, buffers[name].numpy().astype(dtype.numpy(), copy=False))
+        else:
+            read = _Read(reader, names[name], dtype.numpy())
+        value.const_value = ir.LazyTensor(read, dtype=dtype, shape=value.const_value.shape, name=value.name)
+
+
+def _lazy_transpose(tensor, perm):
+    """`tensor` transposed by `perm`, computed when it is written (a checkpoint tensor is transposed as it is read)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    perm = tuple(perm)
+    shape = ir.Shape([tensor.shape[p] for p in perm])
+    if isinstance(tensor, ir.LazyTensor) and isinstance(tensor.raw, _Read) and tensor.raw.perm is None:
+        return ir.LazyTensor(dataclasses.replace(tensor.raw, perm=perm), dtype=tensor.dtype, shape=shape)
+    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().transpose(perm))),
+                         dtype=tensor.dtype, shape=shape)
+
+
+def _fold_weight_transposes(graph) -> None:
+    """Transpose(W) of an initializer W read by nothing else becomes a transposed initializer, lazily (the
+    optimizer folds these, but would hold every weight in memory to do it)."""
+    import onnx_ir as ir
+
+    for node in list(graph):
+        w = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if w is None or not w.is_initializer() or len(w.uses()) != 1:
+            continue
+        perm = node.attributes.get_ints("perm", list(reversed(range(len(w.shape)))))
+        tensor = _lazy_transpose(w.const_value, perm)
+        folded = ir.Value(name=node.outputs[0].name, shape=tensor.shape, type=w.type, const_value=tensor)
+        node.outputs[0].replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(w.name)
+        node.outputs[0].name = None
+        graph.register_initializer(folded)
+
+
+def _optimize(program) -> None:
+    """torch's own `optimize=True` (onnxscript's optimizer and fusions), without its pair rule (see
+    `_without_pair_rewrites`) and deduplicating only small constants: hashing every weight would read the
+    whole checkpoint once more."""
+    import onnx_ir as ir
+
+    dedup = functools.partial(ir.passes.common.DeduplicateInitializersPass, size_limit=DEDUP_LIMIT)
+    with _without_pair_rewrites(), mock.patch.object(ir.passes.common, "DeduplicateInitializersPass", dedup):
+        program.optimize()
+
+
+def _export(model, buffers: dict, reader, names: dict, out_dir: pathlib.Path, tokenizer, progress) -> pathlib.Path:
+    import onnx_ir as ir
+
+    config = model.config
+    if "grouped_mm" in getattr(model, "get_experts_implementation", dict)().values():
+        model.set_experts_implementation("batched_mm")  # grouped_mm is a custom op with no ONNX translation
+    cache_shapes = _cache_shapes(model)
+    layers = len(cache_shapes)
+    program = _trace(model, cache_shapes)
+    _bind(program.model.graph, reader, names, buffers)
+    _fold_weight_transposes(program.model.graph)
+    with _quiet():
+        _optimize(program)
     ir_model = program.model
     _canonical_linears(ir_model)
     windows = _sliding_windows(config, layers)
@@ -266,12 +467,13 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None) -> pathlib.Path:
     for value in ir_model.graph.outputs[1:]:  # "past_sequence_length + sequence_length" reads badly
         value.shape = value.shape.__class__([*value.shape[:2], "total_sequence_length", value.shape[3]])
     ir_model.producer_name = "qcompile"
-    import onnx_ir as ir
 
     path = out_dir / MODEL_FILE
-    ir.save(ir_model, path, external_data=DATA_FILE)
+    advance = progress.task("Writing the weights", len(ir_model.graph.initializers)) if progress else None
+    ir.save(ir_model, path, external_data=DATA_FILE, callback=(lambda *_: advance()) if advance else None)
     hf_config = config.to_dict()
     hf_config.pop("quantization_config", None)  # the GGUF loader's marker; the export is plain fp32
+    hf_config["dtype"] = "float32"  # the export's, whatever the checkpoint's
     # the shape under the names qcompile and onnxruntime-genai read, however the family spells it (n_head, n_positions,
     # multi_query, ...): the cache's own heads and head size, as exported
     kv_heads, head_dim = cache_shapes[0]

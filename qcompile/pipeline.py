@@ -13,7 +13,7 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import __version__, analysis, artifact, calibration, checkpoint, errors, evaluation, export as export_mod, fidelity, sources, targets
+from qcompile import __version__, analysis, artifact, calibration, checkpoint, errors, evaluation, export as export_mod, fidelity, scratch, sources, targets
 from qcompile import engine as engine_mod
 from qcompile import recipe as recipe_mod
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
@@ -51,14 +51,11 @@ def _export(src: sources.Source, out_dir, progress) -> pathlib.Path:
             return out
     else:
         out = pathlib.Path(out_dir)
-    artifact.check_output(out)  # before the minutes of loading and exporting
-    model, tokenizer = export_mod.load_hf(src)
-    advance = progress.task("Exporting to ONNX (torch.onnx, dynamo)", 1) if progress else (lambda: None)
+    artifact.check_output(out)  # before the minutes of tracing and writing
     with artifact.atomic_folder(out) as tmp:
-        export_mod.export_model(model, tmp, tokenizer)
+        export_mod.export_source(src, tmp, progress)
         (tmp / "export.json").write_text(json.dumps({"source": src.describe(), "qcompile": __version__,
                                                       "versions": artifact.package_versions()}, indent=2))
-    advance()
     return out
 
 
@@ -115,8 +112,9 @@ def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = No
     src = sources.resolve(source)
     out = pathlib.Path(out_dir) if out_dir is not None else DEFAULT_OUT_ROOT / f"{src.name}-{tgt.name}"
     artifact.check_output(out)
-    canonical = _quantize(src, plan, [tgt], eval_windows is not None, out, resume, progress)
-    return _lower(canonical, plan, tgt, out, eval_windows, max_ppl_increase, engine, progress, started)
+    with artifact.scratch_folder(out) as tmp, scratch.into(tmp):  # big tensors wait on disk, not in memory
+        canonical = _quantize(src, plan, [tgt], eval_windows is not None, out, resume, progress)
+        return _lower(canonical, plan, tgt, out, eval_windows, max_ppl_increase, engine, progress, started)
 
 
 def compile_many(source: str | pathlib.Path, target_names: list[str], out_dir: str | pathlib.Path | None = None,
@@ -139,12 +137,12 @@ def compile_many(source: str | pathlib.Path, target_names: list[str], out_dir: s
     outs = [pathlib.Path(out_dir) / tgt.name if out_dir is not None else DEFAULT_OUT_ROOT / f"{src.name}-{tgt.name}" for tgt in tgts]
     for out in outs:
         artifact.check_output(out)
-    canonical = _quantize(src, plans[0], tgts, eval_windows is not None, outs[0], False, progress)
     arts = {}
-    with artifact.scratch_folder(outs[0]) as scratch:
-        ir.save(canonical.model, scratch / "model.onnx", external_data="model.onnx.data")
+    with artifact.scratch_folder(outs[0]) as tmp, scratch.into(tmp):
+        canonical = _quantize(src, plans[0], tgts, eval_windows is not None, outs[0], False, progress)
+        ir.save(canonical.model, tmp / "model.onnx", external_data="model.onnx.data")
         for plan, tgt, out in zip(plans, tgts, outs):  # each target lowers its own load of the saved canonical model
-            canonical.model = artifact.load_onnx(scratch / "model.onnx")
+            canonical.model = scratch.unmapped(artifact.load_onnx(tmp / "model.onnx"))
             arts[tgt.name] = _lower(canonical, plan, tgt, out, eval_windows, max_ppl_increase, engine and tgt.builds_engines,
                                     progress, started)
     return arts
@@ -175,7 +173,7 @@ class _Canonical:
 def _quantize(src: sources.Source, plan: Recipe, tgts: list[targets.Target], evaluated: bool, out: pathlib.Path,
               resume: bool, progress) -> _Canonical:
     float_path = src.path if src.kind == sources.SourceKind.ONNX else _export(src, None, progress) / export_mod.MODEL_FILE
-    model = artifact.load_onnx(float_path)
+    model = scratch.unmapped(artifact.load_onnx(float_path))
     tied = analysis.analyze(model).tied_lm_head  # and fail early, before any work, on an unsupported graph
     for tgt in tgts:
         tgt.check_source(float_path.parent)

@@ -26,8 +26,10 @@ params = [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in 
 
 @pytest.fixture(scope="session")
 def family_export(tmp_path_factory):
-    """family → (hf model, its folder, the exported model.onnx), each exported once per session."""
-    from qcompile.export import export_model
+    """family → (hf model, its folder, the exported model.onnx: the folder's streaming export), each exported once
+    per session."""
+    from qcompile import sources
+    from qcompile.export import export_source
 
     cache = {}
 
@@ -36,7 +38,7 @@ def family_export(tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"family-{family}")
             model = write_folder(family, folder / "hf")
             (folder / "onnx").mkdir()
-            cache[family] = (model, folder / "hf", export_model(model, folder / "onnx"))
+            cache[family] = (model, folder / "hf", export_source(sources.resolve(folder / "hf"), folder / "onnx"))
         return cache[family]
 
     return get

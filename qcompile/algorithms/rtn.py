@@ -98,16 +98,29 @@ def dequantize_values(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray |
     return (q if zero_point is None else q - zero_point.astype(np.float32)) * scale
 
 
+CHUNK = 1 << 24  # weights quantized this many values at a time: a 128k-vocabulary lm_head's temporaries stay small
+
+
 def quantize_rtn(w: np.ndarray, bits: int = 4, group_size: int = 128, symmetric: bool = True,
                  clip: np.ndarray | float = 1.0, positive: bool = False) -> QuantizedWeight:
-    """Quantize a [K, N] float weight blockwise along K by round-to-nearest (`clip`: [G, N] or scalar)."""
+    """Quantize a [K, N] float weight blockwise along K by round-to-nearest (`clip`: [G, N] or scalar).
+    Columns are independent: a big weight is quantized a slice of columns at a time."""
     if w.ndim != 2:
         raise ValueError(f"expected a [K, N] weight, got shape {w.shape}")
-    k = w.shape[0]
-    blocks = _blocks(np.asarray(w, dtype=np.float32), group_size or k)
+    k, n = w.shape
+    step = max(1, CHUNK // k)
+    parts = [_quantize_columns(w[:, j:j + step], bits, group_size or k, symmetric,
+                               clip[..., j:j + step] if np.ndim(clip) else clip, positive) for j in range(0, n, step)]
+    q, scale, zero_point = (np.concatenate(p, axis=-1) if p[0] is not None else None for p in zip(*parts))
+    return QuantizedWeight(q, scale, zero_point, bits, group_size)
+
+
+def _quantize_columns(w: np.ndarray, bits: int, group_size: int, symmetric: bool, clip: np.ndarray | float,
+                      positive: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    blocks = _blocks(np.asarray(w, dtype=np.float32), group_size)
     scale, zero_point = block_params(blocks, bits, symmetric, clip, positive)
     q = quantize_values(blocks, scale[:, None, :], None if zero_point is None else zero_point[:, None, :], bits)
-    return QuantizedWeight(q.reshape(-1, w.shape[1])[:k], scale, zero_point, bits, group_size)
+    return q.reshape(-1, w.shape[1])[:w.shape[0]], scale, zero_point
 
 
 def quantize_fp8(w: np.ndarray) -> QuantizedWeight:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.algorithms.rtn import QuantizedWeight
-from qcompile import analysis
+from qcompile import analysis, scratch
 from qcompile.analysis import Linear, Role
 from qcompile.schemes import WeightScheme
 
@@ -143,7 +143,7 @@ def read_dequantized(graph: ir.Graph, consumer: ir.Node, index: int, name: str, 
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    value = ir.Value(name=name, const_value=scratch.tensor(array, name))
     value.shape = ir.Shape(array.shape)
     value.dtype = value.const_value.dtype
     graph.register_initializer(value)

@@ -8,13 +8,13 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import analysis
+from qcompile import analysis, scratch
 from qcompile.passes._canonical import _initializer, _remove_if_unused
 
 
 def set_tensor(value: ir.Value, array: np.ndarray) -> None:
     """Replace the constant behind `value` (stored as float32)."""
-    value.const_value = ir.tensor(np.asarray(array, dtype=np.float32), name=value.name)
+    value.const_value = scratch.tensor(np.asarray(array, dtype=np.float32), value.name)
 
 
 def set_weight(linear: analysis.Linear, w: np.ndarray) -> None:

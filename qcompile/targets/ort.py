@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase
 
-from qcompile import custom_ops
+from qcompile import custom_ops, scratch
 from qcompile.analysis import Linear
 from qcompile.passes import _canonical
 from qcompile.passes._canonical import _INT_TYPES, Decoded, _array
@@ -150,9 +150,9 @@ class _DequantizeMatMulToNBits(RewriteRuleClassBase):
             zps = None if zps is None else np.repeat(zps[None], groups, axis=0)
         b, scales, zps = pack_matmul_nbits(q.const_value.numpy(), scales, zps, bits, block)
         base = q.name.removesuffix("_q")
-        inputs = [op.initializer(ir.tensor(b, name=f"{base}_nbits_B")), op.initializer(ir.tensor(scales, name=f"{base}_nbits_scales"))]
+        inputs = [op.initializer(scratch.tensor(b, f"{base}_nbits_B")), op.initializer(scratch.tensor(scales, f"{base}_nbits_scales"))]
         if zps is not None:
-            inputs.append(op.initializer(ir.tensor(zps, name=f"{base}_nbits_zero_points")))
+            inputs.append(op.initializer(scratch.tensor(zps, f"{base}_nbits_zero_points")))
         return op.MatMulNBits(
             x, *inputs, _domain="com.microsoft",
             K=int(k), N=int(n), bits=bits, block_size=block, accuracy_level=self.accuracy_level,
@@ -189,7 +189,7 @@ class _DequantizeGatherToBlockQuantized(RewriteRuleClassBase):
         data = q
         if bits == 8:
             codes = (q.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)
-            data = op.initializer(ir.tensor(codes, name=f"{q.name.removesuffix('_q')}_gbq_data"))
+            data = op.initializer(scratch.tensor(codes, f"{q.name.removesuffix('_q')}_gbq_data"))
         return op.GatherBlockQuantized(
             data, ids, scale, _domain="com.microsoft",
             gather_axis=0, quantize_axis=1, block_size=dq.attributes.get_int("block_size", 0), bits=bits,
@@ -314,7 +314,7 @@ def _pack_qkv(graph: ir.Graph, attention: ir.Node) -> bool:
     for index, suffix in zip(range(1, len(q.inputs)), ("B", "scales", "zero_points")):
         array = np.concatenate([p.inputs[index].const_value.numpy() for p in projections])
         value = ir.Value(name=f"{q.name}_qkv_{suffix}", shape=ir.Shape(array.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array))
+                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=scratch.tensor(array))
         graph.register_initializer(value)
         stacked.append(value)
     node = ir.node("MatMulNBits", [q.inputs[0], *stacked], domain="com.microsoft", name=f"{q.name}_qkv",

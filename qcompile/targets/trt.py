@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import errors
+from qcompile import errors, scratch
 from qcompile.analysis import Linear
 from qcompile.passes import _canonical
 from qcompile.passes._canonical import Decoded
@@ -49,7 +49,7 @@ class PadPartialBlocks(ir.passes.InPlacePass):
             k, n = q.const_value.shape
             extra = -k % block
             array = q.const_value.numpy()
-            q.const_value = ir.Tensor(np.concatenate([array, np.zeros((extra, n), array.dtype)]), name=q.name)
+            q.const_value = scratch.tensor(np.concatenate([array, np.zeros((extra, n), array.dtype)]), q.name)
             q.shape = ir.Shape([k + extra, n])
             dq.outputs[0].shape = ir.Shape([k + extra, n])
             key = (node.inputs[0], extra)

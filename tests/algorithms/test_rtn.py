@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from qcompile.algorithms import rtn
 from qcompile.algorithms.rtn import quantize_rtn
 
 
@@ -106,3 +107,18 @@ def test_matches_onnxruntime_matmul_nbits_quantizer():
         theirs = unpack_matmul_nbits(ort_b, ort_scales, ort_zp.reshape(n, -1) if ort_zp is not None else None, k, 4, 128)
         # the same weights except at exact rounding ties, which random data essentially never hits
         assert (ours == theirs).mean() > 0.999
+
+
+@pytest.mark.parametrize("symmetric, positive", [(True, False), (True, True), (False, False)])
+def test_big_weights_quantized_in_column_slices_give_the_same_codes(monkeypatch, symmetric, positive):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((256, 300)).astype(np.float32)
+    clip = rng.uniform(0.8, 1.0, (2, 300)).astype(np.float32)
+    whole = rtn.quantize_rtn(w, 4, 128, symmetric, clip, positive)
+    monkeypatch.setattr(rtn, "CHUNK", 256 * 7)  # 43 slices of 7 columns
+    sliced = rtn.quantize_rtn(w, 4, 128, symmetric, clip, positive)
+    np.testing.assert_array_equal(sliced.q, whole.q)
+    np.testing.assert_array_equal(sliced.scale, whole.scale)
+    assert (sliced.zero_point is None) == symmetric
+    if not symmetric:
+        np.testing.assert_array_equal(sliced.zero_point, whole.zero_point)
