@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import qcompile
 from qcompile import artifact
@@ -111,6 +112,36 @@ STAGES = {"rtn": ("ort-int4 rtn", ["--target", "ort-int4", *UNCALIBRATED]),
 PROMPT = "The capital of France is"
 
 
+def gptq_blocks(exported: pathlib.Path, out: pathlib.Path, calib_samples: int, blocks: int = 2) -> dict:
+    """Start `ort-int4 --algo gptq` and stop it once `blocks` blocks are quantized (the resumable state saves
+    each quantized linear as a file): seconds until the first block is done, seconds per block after it, peak
+    RSS, and the projected total (first block, then one block's time per remaining block and for lm_head)."""
+    layers = json.loads((exported.parent / "config.json").read_text())["num_hidden_layers"]
+    state = out.parent / f".{out.name}.qcompile-state"
+    args = ["model", str(exported), "--target", "ort-int4", "--algo", "gptq", "--lm-head", "int8",
+            "--calib-samples", str(calib_samples), "--no-eval", "-o", str(out)]
+    started = time.time()
+    proc = subprocess.Popen(["/usr/bin/time", "-v", sys.executable, "-m", "qcompile", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    per_block = 7  # q, k, v, o, gate, up, down
+    while proc.poll() is None:
+        done = sorted(p.stat().st_mtime for p in state.glob("*.npz")) if state.is_dir() else []
+        if len(done) >= blocks * per_block:
+            subprocess.run(["pkill", "-INT", "-P", str(proc.pid)])  # the compile, not /usr/bin/time
+            break
+        time.sleep(2)
+    stderr = proc.communicate()[1]
+    shutil.rmtree(state, ignore_errors=True)
+    if len(done) < blocks * per_block:
+        raise SystemExit(f"the GPTQ compile ended before {blocks} blocks:\n{stderr[-3000:]}")
+    first = done[per_block - 1] - started
+    block = (done[blocks * per_block - 1] - done[per_block - 1]) / (blocks - 1)
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1)) * 1024
+    return {"seconds_to_first_block": round(first, 1), "seconds_per_block": round(block, 1), "blocks_run": blocks,
+            "projected_total_seconds": round(first + block * layers), "peak_rss_bytes": rss,
+            "seconds": round(first + block * (blocks - 1), 1)}
+
+
 def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: int, row: dict | None) -> dict:
     """Measure `stages` of `size` in `work`; `row` holds earlier stages of the same size (kept in `work`)."""
     hf, exported = work / "hf", work / "export"
@@ -120,6 +151,8 @@ def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: in
         row = {"size": size, "params": build_hf(size, hf), "config": SIZES[size], "stages": {}}
         row["stages"]["export"] = timed(["export", str(hf), "-o", str(exported)])
         row["float_weight_bytes"] = (exported / "model.onnx.data").stat().st_size
+    if "gptq-blocks" in stages:
+        row["stages"]["ort-int4 gptq, 2 blocks"] = gptq_blocks(exported / "model.onnx", work / "gptq-blocks", calib_samples)
     for stage in [s for s in stages if s in STAGES]:
         name, options = STAGES[stage]
         out = work / name.replace(" ", "-")
@@ -154,7 +187,8 @@ def table(rows: list[dict], calib_samples: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    parser.add_argument("--stages", nargs="+", choices=["export", *STAGES, "run"], default=["export", "rtn", "run", "trt", "gptq"])
+    parser.add_argument("--stages", nargs="+", choices=["export", *STAGES, "run", "gptq-blocks"],
+                        default=["export", "rtn", "run", "trt", "gptq"])
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--work", type=pathlib.Path, default=None,
                         help="Folder that keeps each size's model and export between runs [default: a temporary one]")

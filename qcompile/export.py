@@ -33,6 +33,7 @@ OPSET = 21  # blocked DequantizeLinear (the canonical int4 form) needs opset 21
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_INLINE_BYTES = 256  # smaller initializers stay in model.onnx (onnx_ir's default)
 DEDUP_LIMIT = 1 << 16  # initializers of at most this many values are compared for equal twins (norm gains, biases)
 EXPORT_PIP = "pip install torch==2.13.0 && pip install 'qcompile[export]'"
 
@@ -452,6 +453,7 @@ def _export(model, buffers: dict, reader, names: dict, out_dir: pathlib.Path, to
     config = model.config
     if "grouped_mm" in getattr(model, "get_experts_implementation", dict)().values():
         model.set_experts_implementation("batched_mm")  # grouped_mm is a custom op with no ONNX translation
+    traced = progress.task("Tracing the model (torch.onnx, dynamo)", 1) if progress else (lambda: None)
     cache_shapes = _cache_shapes(model)
     layers = len(cache_shapes)
     program = _trace(model, cache_shapes)
@@ -459,6 +461,7 @@ def _export(model, buffers: dict, reader, names: dict, out_dir: pathlib.Path, to
     _fold_weight_transposes(program.model.graph)
     with _quiet():
         _optimize(program)
+    traced()
     ir_model = program.model
     _canonical_linears(ir_model)
     windows = _sliding_windows(config, layers)
@@ -469,8 +472,10 @@ def _export(model, buffers: dict, reader, names: dict, out_dir: pathlib.Path, to
     ir_model.producer_name = "qcompile"
 
     path = out_dir / MODEL_FILE
-    advance = progress.task("Writing the weights", len(ir_model.graph.initializers)) if progress else None
-    ir.save(ir_model, path, external_data=DATA_FILE, callback=(lambda *_: advance()) if advance else None)
+    external = sum(v.const_value.nbytes > _INLINE_BYTES for v in ir_model.graph.initializers.values())
+    advance = progress.task("Writing the weights", external) if progress else None
+    ir.save(ir_model, path, external_data=DATA_FILE, size_threshold_bytes=_INLINE_BYTES,
+            callback=(lambda *_: advance()) if advance else None)
     hf_config = config.to_dict()
     hf_config.pop("quantization_config", None)  # the GGUF loader's marker; the export is plain fp32
     hf_config["dtype"] = "float32"  # the export's, whatever the checkpoint's
