@@ -226,8 +226,13 @@ def _cache_shapes(model) -> list[tuple[int, int]]:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    attributes = {id(m): set(vars(m)) for m in model.modules()}
     with torch.no_grad(), _quiet(), FakeTensorMode(allow_non_fake_inputs=True):  # shapes only: no weight is read
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
+    for m in model.modules():  # tensors a module cached on its first call (Phi-3's long rotary frequencies) are fake
+        for name in set(vars(m)) - attributes[id(m)]:
+            if isinstance(vars(m)[name], torch.Tensor):
+                delattr(m, name)
     return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in out.cache.layers]
 
 
@@ -384,18 +389,15 @@ class _Read:
 
 
 def _bind(graph, reader, names: dict, buffers: dict) -> None:
-    """Give each initializer its value as a lazy tensor: read from the checkpoint (or taken from the
-    buffers) when it is written, one at a time, never held."""
+    """Give each parameter's and buffer's initializer its value as a lazy tensor: read from the checkpoint (or
+    taken from the buffers) when it is written, one at a time, never held."""
     import onnx_ir as ir
 
     prefix = "lm."  # the KVDecoder wrapper's attribute
     for value in graph.initializers.values():
         name = value.name.removeprefix(prefix)
-        if name not in names:
-            raise errors.UnsupportedModelError(
-                f"the exported graph has a constant '{value.name}' that is neither a parameter nor a buffer: "
-                "this model computes a tensor at load time that qcompile cannot export"
-            )
+        if name not in names:  # a tensor the model's code made (Phi-3's long rotary frequencies): traced as it is
+            continue
         dtype = value.const_value.dtype
         if names[name] is None:
             read = functools.partial(ir.tensor, buffers[name].numpy().astype(dtype.numpy(), copy=False))
