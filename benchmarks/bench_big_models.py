@@ -1,21 +1,25 @@
 """Streaming compiles of big models: wall time and peak RSS of export and quantization against model size.
 
-    python benchmarks/bench_big_models.py [--sizes 135m 1b 3b] [--stages export rtn gptq] [--calib-samples 8] [--work DIR]
+    python benchmarks/bench_big_models.py [--sizes 135m 1b 3b 8b] [--stages export rtn run trt gptq gptq-blocks]
+                                          [--calib-samples 8] [--work DIR]
 
-Each size is a randomly initialised Llama built from a transformers config (no download), shaped like
-SmolLM2-135M, Llama-3.2-1B and Llama-3.2-3B, with SmolLM2's tokenizer and vocabulary (49,152 tokens) so the
-calibration text tokenizes. Per size, three processes run under `/usr/bin/time -v`, each alone:
+Each size is a randomly initialised bf16 Llama written as a sharded safetensors checkpoint one tensor at a
+time (the model is never built in memory): shaped like SmolLM2-135M, Llama-3.2-1B and Llama-3.2-3B (SmolLM2's
+vocabulary of 49,152 tokens, tied embeddings) and Llama-3.1-8B (vocabulary 128,256, untied), with SmolLM2's
+tokenizer so the calibration text tokenizes. Each stage is its own process under `/usr/bin/time -v`:
 
-    qcompile export <hf folder> -o <export>                                # fp32 ONNX, external data
-    qcompile model <export>/model.onnx --target ort-int4 --no-eval         # RTN
-    qcompile model <export>/model.onnx --target ort-int4 --algo gptq --calib-samples N --no-eval
+    export       qcompile export <hf folder> -o <export>                            # fp32 ONNX, external data
+    rtn          qcompile model <export> --target ort-int4 --algo rtn --lm-head int8 --no-eval   # uncalibrated
+    run          qcompile run <the rtn artifact> -p "The capital of France is" -n 8
+    trt          qcompile model <export> --target trt-int4 --algo rtn --lm-head int8 --no-eval
+    gptq         qcompile model <export> --target ort-int4 --algo gptq --calib-samples N --no-eval
+    gptq-blocks  the same with --lm-head int8, stopped after two blocks: time to the first block, time per
+                 block, peak RSS, and the whole compile projected from them
 
-and the table reports wall time and peak RSS (maximum resident set, which counts the memory-mapped weight
-pages a process touched) against the float weight bytes (the export's model.onnx.data). GPTQ calibrates on N
-windows of 512 tokens (default 8, not 128: the 1B GPTQ stage takes 19 min on 2 cores with 8; the windows
-only change the [N, 512, hidden] float32 hidden state GPTQ keeps between blocks).
+and the table reports wall time and peak RSS (maximum resident set) against the float weight bytes (the
+export's model.onnx.data). GPTQ calibrates on N windows of 512 tokens (default 8).
 Rows accumulate across runs (one size, or one stage, per invocation is fine): with `--work DIR` the random
-model and its export are kept in DIR/<size>/, so a later invocation can run only `--stages gptq` on them;
+model and its export are kept in DIR/<size>/, so a later invocation can run only some stages on them;
 a run that includes `export` builds a new model and starts that size's row afresh.
 Writes benchmarks/results/big_models.{json,md}.
 """
@@ -123,13 +127,14 @@ def gptq_blocks(exported: pathlib.Path, out: pathlib.Path, calib_samples: int, b
     started = time.time()
     proc = subprocess.Popen(["/usr/bin/time", "-v", sys.executable, "-m", "qcompile", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    per_block = 7  # q, k, v, o, gate, up, down
+    per_block = 7  # q, k, v, o, gate, up, down: saved as blocks.<i>.<role>.npz
     while proc.poll() is None:
-        done = sorted(p.stat().st_mtime for p in state.glob("*.npz")) if state.is_dir() else []
+        done = sorted(p.stat().st_mtime for p in state.glob("blocks.*.npz")) if state.is_dir() else []
         if len(done) >= blocks * per_block:
-            subprocess.run(["pkill", "-INT", "-P", str(proc.pid)])  # the compile, not /usr/bin/time
+            # the compile, not /usr/bin/time (which still reports); Ctrl-C waits for ORT's current run to end
+            subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])
             break
-        time.sleep(2)
+        time.sleep(1)
     stderr = proc.communicate()[1]
     shutil.rmtree(state, ignore_errors=True)
     if len(done) < blocks * per_block:
@@ -151,8 +156,6 @@ def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: in
         row = {"size": size, "params": build_hf(size, hf), "config": SIZES[size], "stages": {}}
         row["stages"]["export"] = timed(["export", str(hf), "-o", str(exported)])
         row["float_weight_bytes"] = (exported / "model.onnx.data").stat().st_size
-    if "gptq-blocks" in stages:
-        row["stages"]["ort-int4 gptq, 2 blocks"] = gptq_blocks(exported / "model.onnx", work / "gptq-blocks", calib_samples)
     for stage in [s for s in stages if s in STAGES]:
         name, options = STAGES[stage]
         out = work / name.replace(" ", "-")
@@ -164,6 +167,8 @@ def run_size(size: str, work: pathlib.Path, stages: list[str], calib_samples: in
         if stage == "rtn" and "run" in stages:  # the artifact decodes within the machine's memory
             row["stages"]["run 8 tokens"] = timed(["run", str(out), "-p", PROMPT, "-n", "8"])
         shutil.rmtree(out)
+    if "gptq-blocks" in stages:
+        row["stages"]["ort-int4 gptq, 2 blocks"] = gptq_blocks(exported / "model.onnx", work / "gptq-blocks", calib_samples)
     for stage in row["stages"].values():
         stage["rss_over_float_weights"] = round(stage["peak_rss_bytes"] / row["float_weight_bytes"], 3)
     print(json.dumps(row, indent=2))
@@ -179,8 +184,12 @@ def table(rows: list[dict], calib_samples: int) -> list[str]:
     for row in sorted(rows, key=lambda r: r["params"]):
         for stage, m in row["stages"].items():
             art = gb(m["artifact_bytes"]) if "artifact_bytes" in m else "–"
+            wall = f"{m['seconds']:.0f}"
+            if "projected_total_seconds" in m:
+                wall = (f"{m['seconds_to_first_block']:.0f} to block 1, {m['seconds_per_block']:.0f}/block; "
+                        f"projected {m['projected_total_seconds']:.0f}")
             lines.append(f"| {row['size']} | {row['params'] / 1e9:.2f} B | {gb(row['float_weight_bytes'])} | {stage} | "
-                         f"{m['seconds']:.0f} | {gb(m['peak_rss_bytes'])} | {m['rss_over_float_weights']:.2f} | {art} |")
+                         f"{wall} | {gb(m['peak_rss_bytes'])} | {m['rss_over_float_weights']:.2f} | {art} |")
     return lines
 
 

@@ -6,8 +6,10 @@ The graph follows the I/O names onnxruntime-genai expects:
     past_key_values.N.key/.value [b, kv_heads, past, head_dim]
       -> logits [b, s, vocab], present.N.key/.value [b, kv_heads, past + s, head_dim]
 
-Weights are fp32 initializers saved as external data (`model.onnx.data`) so that they are memory-mapped
-on load and models past 2 GB work. torch and transformers are imported only here (the `export` extra).
+Weights are fp32 initializers saved as external data (`model.onnx.data`), so models past 2 GB work. The export
+streams: the model is built from its config without initialising its parameters (never resident), traced, and
+each initializer is then read from the checkpoint (`qcompile.weights`) as it is written, so memory holds the
+graph and one tensor whatever the model's size. torch and transformers are imported only here (the `export` extra).
 """
 
 from __future__ import annotations
@@ -220,7 +222,7 @@ def _sliding_windows(config, layers: int) -> list[int]:
 
 
 def _cache_shapes(model) -> list[tuple[int, int]]:
-    """(kv heads, head size) of each layer's cache, read from one step of the (meta) model: configs spell them in
+    """(kv heads, head size) of each layer's cache, read from one shape-only step of the model: configs spell them in
     many ways (num_key_value_heads, multi_query, n_head, head_dim) and some leave them implicit."""
     import torch
 
@@ -236,7 +238,7 @@ def _cache_shapes(model) -> list[tuple[int, int]]:
     return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in out.cache.layers]
 
 
-def _meta_model(config):
+def _unloaded_model(config):
     """(model, buffers): the causal LM of `config` with uninitialised parameters (allocated, never written, so
     never resident: the export traces shapes and reads the weights from the checkpoint), and its buffers
     (rotary frequencies, ...), computed as its constructor does."""
@@ -297,7 +299,7 @@ def _open_checkpoint(source: Source, model, buffers: dict):
 
 def export_source(source: Source, out_dir: pathlib.Path, progress=None) -> pathlib.Path:
     """Export a HF folder or GGUF file to `out_dir/model.onnx` without loading the model: the graph is traced
-    with meta weights and each initializer is written straight from the checkpoint. Returns that path.
+    with uninitialised weights and each initializer is written straight from the checkpoint. Returns that path.
 
     `out_dir` must exist and be empty (callers write into a temporary folder and rename it).
     """
@@ -309,7 +311,7 @@ def export_source(source: Source, out_dir: pathlib.Path, progress=None) -> pathl
         try:
             with _quiet():
                 config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
-            model, buffers = _meta_model(config)
+            model, buffers = _unloaded_model(config)
         except Exception as e:
             raise _unreadable(source, e) from None
         reader, names = _open_checkpoint(source, model, buffers)
@@ -322,13 +324,13 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None, progress=None) ->
     from `model`); returns that path. `out_dir` must exist and be empty."""
     from qcompile import weights
 
-    meta, buffers = _meta_model(model.config)
+    traced, buffers = _unloaded_model(model.config)
     reader = weights.ModuleWeights(model)
-    return _export(meta, buffers, reader, _resolve_weights(meta, buffers, reader.shapes()), out_dir, tokenizer, progress)
+    return _export(traced, buffers, reader, _resolve_weights(traced, buffers, reader.shapes()), out_dir, tokenizer, progress)
 
 
 def _trace(model, cache_shapes):
-    """The KV-cache decoder graph of a meta `model` (onnx_ir), unoptimized, its initializers without values."""
+    """The ONNXProgram of `model`'s KV-cache decoder, unoptimized (its parameters' initializers hold no values yet)."""
     import torch
     from transformers import DynamicCache
 
