@@ -23,6 +23,8 @@ import struct
 
 import numpy as np
 
+from qcompile import errors
+
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
                        "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -33,13 +35,23 @@ class SafetensorsWeights:
     def __init__(self, folder: pathlib.Path):
         self._entries: dict[str, tuple[pathlib.Path, str, tuple[int, ...], int, int]] = {}
         for path in sorted(folder.glob("*.safetensors")):
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            for name, info in header.items():
-                if name != "__metadata__":
-                    start, end = info["data_offsets"]
-                    self._entries[name] = (path, info["dtype"], tuple(info["shape"]), 8 + length + start, end - start)
+            try:
+                with open(path, "rb") as f:
+                    (length,) = struct.unpack("<Q", f.read(8))
+                    if length > path.stat().st_size:
+                        raise ValueError("header length past the end")
+                    header = json.loads(f.read(length))
+                entries = {name: (path, info["dtype"], tuple(info["shape"]), 8 + length + info["data_offsets"][0],
+                                  info["data_offsets"][1] - info["data_offsets"][0])
+                           for name, info in header.items() if name != "__metadata__"}
+            except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+                raise errors.CorruptModelError(f"'{path}' is not a readable safetensors file ({type(e).__name__}): "
+                                               "re-download or re-save the checkpoint") from None
+            size = path.stat().st_size
+            if any(offset + n > size for _, _, _, offset, n in entries.values()):
+                raise errors.CorruptModelError(f"'{path}' is truncated ({size} bytes, shorter than its header says): "
+                                               "re-download or re-save the checkpoint")
+            self._entries.update(entries)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: entry[2] for name, entry in self._entries.items()}

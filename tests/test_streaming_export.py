@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from qcompile import sources, weights
+from qcompile import errors, sources, weights
 from qcompile.export import export_model, export_source, load_hf
 from tests.conftest import run_logits, tiny_hf_model, write_byte_tokenizer
 
@@ -94,3 +94,13 @@ def test_gguf_reader_gives_transformers_tensors_exactly():
             np.testing.assert_array_equal(reader.read(name), param.numpy(), err_msg=name)
             checked += 1
     assert checked == len(shapes) > 200
+
+
+@pytest.mark.parametrize("damage, message", [(lambda data: data[:len(data) // 2], "is truncated"),
+                                             (lambda data: b"\xff" * 16, "not a readable safetensors file")])
+def test_a_damaged_safetensors_shard_is_named_before_any_work(tmp_path, damage, message):
+    folder = _saved(tmp_path)
+    shard = folder / "model.safetensors"
+    shard.write_bytes(damage(shard.read_bytes()))
+    with pytest.raises(errors.CorruptModelError, match=message):
+        export_source(sources.resolve(folder), tmp_path)
