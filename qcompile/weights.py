@@ -1,6 +1,6 @@
 """A checkpoint's tensors, read one at a time as numpy arrays, for the streaming export.
 
-The export traces the model without its weights (parameters on the meta device) and writes each
+The export traces the model without its weights (parameters never initialised) and writes each
 initializer straight from here, so memory holds one tensor at a time whatever the model's size:
 
 - `SafetensorsWeights`: a HF folder's `*.safetensors` shards, read with plain file reads (no memory map,
@@ -51,6 +51,10 @@ class SafetensorsWeights:
             if any(offset + n > size for _, _, _, offset, n in entries.values()):
                 raise errors.CorruptModelError(f"'{path}' is truncated ({size} bytes, shorter than its header says): "
                                                "re-download or re-save the checkpoint")
+            unknown = {dtype for _, dtype, *_ in entries.values()} - {*_SAFETENSORS_DTYPES, "BF16"}
+            if unknown:
+                raise errors.UnsupportedModelError(f"'{path}' holds {', '.join(sorted(unknown))} tensors, which qcompile "
+                                                   "does not read: export from a bf16, fp16 or fp32 checkpoint")
             self._entries.update(entries)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -64,7 +68,7 @@ class SafetensorsWeights:
             values = np.fromfile(f, stored, count=size // np.dtype(stored).itemsize).reshape(shape)
         values = _transposed(values, perm)  # before widening: the transient copy is the narrow one
         if dtype != "BF16":
-            return values
+            return values.astype(np.float32) if values.dtype.kind == "f" else values
         widened = np.empty(values.shape, np.uint32)  # bfloat16 is float32's top half: widening is exact
         widened[...] = values
         widened <<= 16
