@@ -291,7 +291,8 @@ def _open_checkpoint(source: Source, model, buffers: dict):
         try:
             return reader, _resolve_weights(model, buffers, reader.shapes())
         except KeyError as e:
-            log.info("the checkpoint does not hold %s under transformers' names: loading it whole", e.args[0])
+            log.warning("the checkpoint does not hold %s under transformers' names: loading it whole to export it "
+                        "(memory grows with the model)", e.args[0])
     loaded, _ = _load_hf(source)
     reader = weights.ModuleWeights(loaded)
     return reader, _resolve_weights(model, buffers, reader.shapes())
