@@ -182,8 +182,32 @@ def _quantize(src: sources.Source, plan: Recipe, tgts: list[targets.Target], eva
     windows, calib_record = _calibration_windows(plan, float_path)
     saved = checkpoint.Checkpoint(out, {"qcompile": __version__, "source": src.describe(), "recipe": recipe_mod.to_dict(plan),
                                         "calibration": calib_record}, resume) if plan.weights.algorithm == Algorithm.GPTQ else None
-    results = run_passes(model, build_passes(plan, windows, progress, saved, tied))
+    passes = build_passes(plan, windows, progress, saved, tied)
+    _check_calibration_fits(passes, float_path)
+    results = run_passes(model, passes)
     return _Canonical(model, src, float_path, results, fidelity.digests(model, _canonical), calib_record, saved)
+
+
+def _check_calibration_fits(passes: list, float_path: pathlib.Path) -> None:
+    """The shared calibration runs the float model up to its last norm in one ONNX Runtime session: refuse,
+    before any work, a model whose float weights exceed the memory available (ORT would be killed midway)."""
+    if not any(isinstance(p, Calibrate) for p in passes):
+        return
+    need, free = artifact.model_bytes(float_path), available_memory()
+    if free is not None and need > free:
+        raise errors.InputError(
+            f"this recipe calibrates the whole float model ({need / 1e9:.1f} GB) in one ONNX Runtime session, more "
+            f"than the {free / 1e9:.1f} GB of memory available: pass --algo gptq (it calibrates one block at a time) "
+            "or --algo rtn --lm-head int8 (no calibration)")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where it is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _lower(canonical: _Canonical, plan: Recipe, tgt: targets.Target, out: pathlib.Path, eval_windows: int | None,

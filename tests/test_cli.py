@@ -133,6 +133,23 @@ def test_evaluation_refuses_a_context_shorter_than_its_windows(capsys, tiny_expo
                    "context (256 tokens) is shorter than the 512-token evaluation windows")
 
 
+def test_a_calibration_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatch, capsys, tiny_export, tmp_path):
+    from qcompile import pipeline
+
+    _, path = tiny_export("llama")
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 1000)  # less than the tiny model's weights
+    ran = []
+    monkeypatch.setattr(pipeline, "run_passes", lambda *a: ran.append(a))
+    _fails_cleanly(capsys, tmp_path, ["model", str(path), "-o", str(tmp_path / "out"), "--no-eval"],
+                   "pass --algo gptq (it calibrates one block at a time) or --algo rtn --lm-head int8")
+    assert not ran
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 1000)
+    # block-by-block GPTQ and an uncalibrated recipe hold no whole-model session: they compile
+    for options in (["--algo", "gptq"], ["--algo", "rtn", "--lm-head", "int8"]):
+        assert main(["model", str(path), "-o", str(tmp_path / "ok"), "--no-eval", *options]) == 0
+
+
 def test_interrupted_compile_leaves_nothing(monkeypatch, capsys, tiny_export, tmp_path):
     _, path = tiny_export("llama")
 
