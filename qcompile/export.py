@@ -239,9 +239,9 @@ def _cache_shapes(model) -> list[tuple[int, int]]:
 
 
 def _unloaded_model(config):
-    """(model, buffers): the causal LM of `config` with uninitialised parameters (allocated, never written, so
-    never resident: the export traces shapes and reads the weights from the checkpoint), and its buffers
-    (rotary frequencies, ...), computed as its constructor does."""
+    """The causal LM of `config` with uninitialised parameters (allocated, never written, so never resident: the
+    export traces shapes and reads the weights from the checkpoint); its buffers (rotary frequencies, ...) are
+    computed by its constructor, and the trace keeps them."""
     import torch
     import transformers
     from transformers.initialization import no_init_weights
@@ -249,8 +249,7 @@ def _unloaded_model(config):
     with no_init_weights(), _quiet():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # part of the initialisation skipped above
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers(remove_duplicate=False)}
-    return model.eval(), buffers
+    return model.eval()
 
 
 def _aliases(model) -> dict[str, list[str]]:
@@ -261,8 +260,8 @@ def _aliases(model) -> dict[str, list[str]]:
     return {name: group for group in names.values() for name in group}
 
 
-def _resolve_weights(model, buffers: dict, shapes: dict) -> dict[str, str | None]:
-    """Each parameter name -> the checkpoint name that holds it (None: a buffer computed from the config).
+def _resolve_weights(model, shapes: dict) -> dict[str, str]:
+    """Each parameter name, and each buffer name the checkpoint holds, -> the checkpoint name that holds it.
     Raises KeyError naming a parameter the checkpoint lacks or holds in another shape."""
     aliases, found = _aliases(model), {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -270,12 +269,12 @@ def _resolve_weights(model, buffers: dict, shapes: dict) -> dict[str, str | None
         if not held or tuple(shapes[held[0]]) != tuple(param.shape):
             raise KeyError(f"{name} {tuple(param.shape)}" + (f" is {tuple(shapes[held[0]])} in the checkpoint" if held else ""))
         found[name] = held[0]
-    for name in buffers:
-        found[name] = next((a for a in aliases[name] if a in shapes), None)
+    for name, _ in model.named_buffers(remove_duplicate=False):
+        found.update((name, a) for a in aliases[name][:1] if a in shapes)
     return found
 
 
-def _open_checkpoint(source: Source, model, buffers: dict):
+def _open_checkpoint(source: Source, model):
     """(weights reader, {model name: checkpoint name}) for `source`; a checkpoint whose names or layout the
     streaming readers do not match (transformers renames it while loading, or pickled .bin weights) is loaded
     whole instead."""
@@ -289,13 +288,13 @@ def _open_checkpoint(source: Source, model, buffers: dict):
         reader = None
     if reader is not None:
         try:
-            return reader, _resolve_weights(model, buffers, reader.shapes())
+            return reader, _resolve_weights(model, reader.shapes())
         except KeyError as e:
             log.warning("the checkpoint does not hold %s under transformers' names: loading it whole to export it "
                         "(memory grows with the model)", e.args[0])
     loaded, _ = _load_hf(source)
     reader = weights.ModuleWeights(loaded)
-    return reader, _resolve_weights(model, buffers, reader.shapes())
+    return reader, _resolve_weights(model, reader.shapes())
 
 
 def export_source(source: Source, out_dir: pathlib.Path, progress=None) -> pathlib.Path:
@@ -307,17 +306,17 @@ def export_source(source: Source, out_dir: pathlib.Path, progress=None) -> pathl
     _require_export_deps()
     import transformers
 
-    folder, kwargs = _hf_args(source)
-    with _gguf_parsed_once():
+    with _gguf_parsed_once():  # one parse of a GGUF file for the config, the tokenizer and the weights
+        folder, kwargs = _hf_args(source)
         try:
             with _quiet():
                 config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
-            model, buffers = _unloaded_model(config)
+            model = _unloaded_model(config)
         except Exception as e:
             raise _unreadable(source, e) from None
-        reader, names = _open_checkpoint(source, model, buffers)
+        reader, names = _open_checkpoint(source, model)
         tokenizer = _load_tokenizer(source)
-    return _export(model, buffers, reader, names, out_dir, tokenizer, progress)
+    return _export(model, reader, names, out_dir, tokenizer, progress)
 
 
 def export_model(model, out_dir: pathlib.Path, tokenizer=None, progress=None) -> pathlib.Path:
@@ -325,9 +324,9 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None, progress=None) ->
     from `model`); returns that path. `out_dir` must exist and be empty."""
     from qcompile import weights
 
-    traced, buffers = _unloaded_model(model.config)
+    traced = _unloaded_model(model.config)
     reader = weights.ModuleWeights(model)
-    return _export(traced, buffers, reader, _resolve_weights(traced, buffers, reader.shapes()), out_dir, tokenizer, progress)
+    return _export(traced, reader, _resolve_weights(traced, reader.shapes()), out_dir, tokenizer, progress)
 
 
 def _trace(model, cache_shapes):
@@ -391,22 +390,19 @@ class _Read:
         return ir.tensor(self.reader.read(self.key, self.perm).astype(self.dtype, copy=False))
 
 
-def _bind(graph, reader, names: dict, buffers: dict) -> None:
-    """Give each parameter's and buffer's initializer its value as a lazy tensor: read from the checkpoint (or
-    taken from the buffers) when it is written, one at a time, never held."""
+def _bind(graph, reader, names: dict) -> None:
+    """Give each initializer the checkpoint holds its value as a lazy tensor, read when it is written, one at a
+    time, never held. The others (buffers the constructor computed, tensors the model's code made) keep their
+    traced values."""
     import onnx_ir as ir
 
     prefix = "lm."  # the KVDecoder wrapper's attribute
     for value in graph.initializers.values():
-        name = value.name.removeprefix(prefix)
-        if name not in names:  # a tensor the model's code made (Phi-3's long rotary frequencies): traced as it is
-            continue
-        dtype = value.const_value.dtype
-        if names[name] is None:
-            read = functools.partial(ir.tensor, buffers[name].numpy().astype(dtype.numpy(), copy=False))
-        else:
-            read = _Read(reader, names[name], dtype.numpy())
-        value.const_value = ir.LazyTensor(read, dtype=dtype, shape=value.const_value.shape, name=value.name)
+        key = names.get(value.name.removeprefix(prefix))
+        if key is not None:
+            dtype = value.const_value.dtype
+            value.const_value = ir.LazyTensor(_Read(reader, key, dtype.numpy()), dtype=dtype,
+                                              shape=value.const_value.shape, name=value.name)
 
 
 def _lazy_transpose(tensor, perm):
@@ -452,7 +448,7 @@ def _optimize(program) -> None:
         program.optimize()
 
 
-def _export(model, buffers: dict, reader, names: dict, out_dir: pathlib.Path, tokenizer, progress) -> pathlib.Path:
+def _export(model, reader, names: dict, out_dir: pathlib.Path, tokenizer, progress) -> pathlib.Path:
     import onnx_ir as ir
 
     config = model.config
@@ -462,7 +458,7 @@ def _export(model, buffers: dict, reader, names: dict, out_dir: pathlib.Path, to
     cache_shapes = _cache_shapes(model)
     layers = len(cache_shapes)
     program = _trace(model, cache_shapes)
-    _bind(program.model.graph, reader, names, buffers)
+    _bind(program.model.graph, reader, names)
     _fold_weight_transposes(program.model.graph)
     with _quiet():
         _optimize(program)
