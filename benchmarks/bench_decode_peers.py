@@ -51,25 +51,28 @@ VARIANTS = {  # qcompile rows: (target, compile() options)
 }
 
 
-def build_genai(work: pathlib.Path) -> pathlib.Path:
-    """onnxruntime-genai's builder, int4 CPU, on an HF folder saved from the built-in GGUF model."""
+def build_genai(work: pathlib.Path, extra_options: str | None = None, name: str = "genai-int4") -> pathlib.Path:
+    """onnxruntime-genai's builder, int4 CPU (with its `--extra_options`, e.g. int4_algo_config=k_quant_mixed), on an
+    HF folder saved from the built-in GGUF model (saved once per `work`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = sources.resolve("smollm2-135m").path
     hf = work / "hf"
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.config.quantization_config = None  # the GGUF loader's marker: the weights are plain fp32 now
-    model.hf_quantizer, model.is_quantized = None, False
-    model.save_pretrained(hf)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf)
-    config = json.loads((hf / "config.json").read_text())
-    config.pop("quantization_config", None)  # the builder reads a null one as a quantized checkpoint
-    (hf / "config.json").write_text(json.dumps(config, indent=2))
-    del model
-    out = work / "genai-int4"
+    if not (hf / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.config.quantization_config = None  # the GGUF loader's marker: the weights are plain fp32 now
+        model.hf_quantizer, model.is_quantized = None, False
+        model.save_pretrained(hf)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf)
+        config = json.loads((hf / "config.json").read_text())
+        config.pop("quantization_config", None)  # the builder reads a null one as a quantized checkpoint
+        (hf / "config.json").write_text(json.dumps(config, indent=2))
+        del model
+    out = work / name
     started = time.perf_counter()
+    extra = ["--extra_options", extra_options] if extra_options else []
     run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                          "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], capture_output=True, text=True)
+                          "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"), *extra], capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"onnxruntime-genai's builder failed: {run.stderr[-2000:]}")
     print(f"genai builder: {time.perf_counter() - started:.0f} s")

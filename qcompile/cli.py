@@ -81,6 +81,9 @@ def model(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity and latency measurement."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: fail (exit 3, nothing written) when perplexity rises more than this percentage over the float model's."),
     engine: bool = typer.Option(False, "--engine", help="trt-* targets: also build a TensorRT engine (see `qcompile build`)."),
+    bits_per_weight: Optional[float] = typer.Option(None, "--bits-per-weight", help="Mixed precision: choose each linear's format (and lm_head's) by measured sensitivity, for the least estimated loss within this many stored bits per weight (scales included), e.g. 3.5."),
+    search: bool = typer.Option(False, "--search", help="Mixed precision under --max-ppl-increase alone: the smallest mix whose measured perplexity meets it (larger mixes are tried while it misses)."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Formats the search chooses among, comma-separated, e.g. int2g64,int4g128,int8g128,float [default: the target's; `qcompile targets`]."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="QuaRot: rotate the residual stream and value heads, online Hadamard before down_proj [default: on for ort-w4a8]."),
     rotation_seed: Optional[int] = typer.Option(None, "--rotation-seed", help="Seed of the rotations' random signs [default: 0]."),
     attention_hadamards: Optional[bool] = typer.Option(None, "--attention-hadamards/--no-attention-hadamards", help="QuaRot: online Hadamards also before o_proj and on post-RoPE queries/keys [default: on with --rotate when activations are int4 or the KV cache is quantized]."),
@@ -93,16 +96,19 @@ def model(
 
     options = _recipe_options(locals())
     run = dict(eval_windows=None if no_eval else eval_windows, max_ppl_increase=max_ppl_increase, engine=engine)
+    searched = dict(bits_per_weight=bits_per_weight, search=search, formats=formats.split(",") if formats else None)
     if target and "," in target:
         if resume:
             raise errors.InputError("--resume continues one target's GPTQ compile: name one --target")
+        if search or bits_per_weight is not None:
+            raise errors.InputError("a mixed-precision search compiles for one target: name one --target")
         with _progress() as progress:
             arts = pipeline.compile_many(source, [t.strip() for t in target.split(",")], out, recipe, progress=progress, **run, **options)
         for art in arts.values():
             _print_summary(art)
         return _print_verification(fidelity.verify_all([art.path for art in arts.values()]))
     with _progress() as progress:
-        art = pipeline.compile(source, target, out, recipe, resume=resume, progress=progress, **run, **options)
+        art = pipeline.compile(source, target, out, recipe, resume=resume, progress=progress, **run, **searched, **options)
     _print_summary(art)
 
 
@@ -165,6 +171,10 @@ def _print_summary(art) -> None:
                       f"{f['prefill_ms'] / q['prefill_ms']:.2f}× faster")
         table.add_row("decode per token", f"{f['decode_ms_per_token']:.1f} ms", f"{q['decode_ms_per_token']:.1f} ms",
                       f"{m['decode_speedup']:.2f}× faster")
+    if m.get("bits_per_weight") is not None:
+        search = art.manifest.get("search")
+        note = f"estimated {search['estimated_ppl_increase_pct']:+.2f} % ppl" if search else ""
+        table.add_row("bits per weight (stored)", "", f"{m['bits_per_weight']:.3f}", note)
     if "accuracy_gate" in m:
         table.add_row("accuracy gate", "", f"passed (≤ {m['accuracy_gate']['max_ppl_increase_pct']:g} %)", "")
     table.add_row("compile time", "", f"{m['compile_seconds']:.0f} s", "")

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import pathlib
 import time
@@ -13,9 +14,10 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import __version__, analysis, artifact, calibration, checkpoint, errors, evaluation, export as export_mod, fidelity, scratch, sources, targets
+from qcompile import __version__, analysis, artifact, calibration, checkpoint, errors, evaluation, export as export_mod, fidelity, mixed, scratch, sources, targets
 from qcompile import engine as engine_mod
 from qcompile import recipe as recipe_mod
+from qcompile.algorithms.gptq import quantize_gptq
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
 from qcompile.analysis import Role
 from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
@@ -25,7 +27,7 @@ from qcompile.passes import _canonical
 from qcompile.passes.calibrate import Calibrate
 from qcompile.recipe import NormRotation, Recipe
 from qcompile.runtime import Decoder, load_tokenizer
-from qcompile.schemes import ActivationKind, Algorithm, WeightScheme
+from qcompile.schemes import ActivationKind, Algorithm, WeightScheme, format_name, parse_format
 
 DEFAULT_OUT_ROOT = pathlib.Path("qcompile-out")
 
@@ -57,6 +59,11 @@ def _export(src: sources.Source, out_dir, progress) -> pathlib.Path:
         (tmp / "export.json").write_text(json.dumps({"source": src.describe(), "qcompile": __version__,
                                                       "versions": artifact.package_versions()}, indent=2))
     return out
+
+
+def _float_model(src: sources.Source, progress) -> pathlib.Path:
+    """The float model file of `src`: itself when it is ONNX, else its (cached) export."""
+    return src.path if src.kind == sources.SourceKind.ONNX else _export(src, None, progress) / export_mod.MODEL_FILE
 
 
 @dataclasses.dataclass
@@ -92,6 +99,7 @@ def _float_cache(src: sources.Source) -> pathlib.Path:
 def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = None, out_dir: str | pathlib.Path | None = None,
             recipe: str | pathlib.Path | dict | Recipe | None = None, *, eval_windows: int | None = 32,
             max_ppl_increase: float | None = None, engine: bool = False, resume: bool = False, progress=None,
+            bits_per_weight: float | None = None, search: bool = False, formats: list[str] | None = None,
             **overrides) -> artifact.Artifact:
     """Compile `source` for `target`; returns the Artifact (its `.metrics` is the manifest's metrics).
 
@@ -104,15 +112,28 @@ def compile(source: str | pathlib.Path = "smollm2-135m", target: str | None = No
     targets) also builds an engine; `resume=True` continues an interrupted GPTQ compile from the state
     kept beside `out_dir` (the artifact is byte-identical to an uninterrupted run's). The output folder
     appears only when everything succeeded.
+
+    Mixed precision (see `mixed`): `bits_per_weight=B` chooses each linear's format among the target's
+    (`Target.mixed_formats`, or `formats`, e.g. ["int4g32", "int8g128"]) by measured sensitivity, for the least
+    estimated loss within B stored bits per weight; `search=True` with `max_ppl_increase=P` alone chooses the
+    smallest mix that meets P, measured (trying larger mixes while the measurement misses). The chosen formats
+    are the artifact recipe's `weights.layers` and `lm_head`: `recipe=ART/manifest.json` replays them.
     """
     started = time.perf_counter()
     plan = recipe_mod.resolve(target, recipe, overrides)
     tgt = targets.get(plan.target)
     _check_run_options(plan, tgt, eval_windows, max_ppl_increase, engine, resume)
+    search = search or bits_per_weight is not None
+    candidates = tuple(formats or tgt.mixed_formats)
+    if search:
+        _check_search(plan, tgt, candidates, bits_per_weight, max_ppl_increase, resume)
     src = sources.resolve(source)
     out = pathlib.Path(out_dir) if out_dir is not None else DEFAULT_OUT_ROOT / f"{src.name}-{tgt.name}"
     artifact.check_output(out)
     with artifact.scratch_folder(out) as tmp, scratch.into(tmp):  # big tensors wait on disk, not in memory
+        if search:
+            return _compile_searched(src, plan, tgt, candidates, out, bits_per_weight, eval_windows, max_ppl_increase, engine,
+                                     progress, started)
         canonical = _quantize(src, plan, [tgt], eval_windows is not None, out, resume, progress)
         return _lower(canonical, plan, tgt, out, eval_windows, max_ppl_increase, engine, progress, started)
 
@@ -148,6 +169,133 @@ def compile_many(source: str | pathlib.Path, target_names: list[str], out_dir: s
     return arts
 
 
+MAX_SEARCH_TRIES = 4  # compiles a perplexity-bound search measures before it gives up
+
+
+def _check_search(plan: Recipe, tgt: targets.Target, candidates: tuple[str, ...], bits_per_weight: float | None, max_ppl_increase: float | None,
+                  resume: bool) -> None:
+    if bits_per_weight is None and max_ppl_increase is None:
+        raise errors.InputError("--search needs a budget: --bits-per-weight B (the most accurate mix within B) or "
+                                "--max-ppl-increase P (the smallest mix within P %)")
+    if bits_per_weight is not None and not 1 <= bits_per_weight <= 32:
+        raise errors.InputError(f"--bits-per-weight {bits_per_weight} is out of range: use stored bits per weight in 1..32, e.g. 3.5")
+    if not candidates:
+        raise errors.InputError(f"{tgt.name} has no formats to choose among: use an ort-* or trt-int4 target, or give --formats")
+    data = recipe_mod.to_dict(plan)
+    for fmt in candidates:  # each one the target runs, e.g. no 2-bit weights on TensorRT
+        recipe_mod.resolve(plan.target, {**data, "weights": {**data["weights"], "bits": parse_format(fmt)[0] or plan.weights.bits}})
+    if plan.activations.kind != ActivationKind.NONE or plan.weights.fp8:
+        raise errors.InputError(f"the search chooses weight formats of weight-only recipes; {tgt.name}'s recipe quantizes "
+                                "activations or uses FP8: pick a weight-only target (ort-int4, trt-int4, edge-int4)")
+    if plan.weights.layers:
+        raise errors.InputError("the recipe already gives each linear's format (weights.layers): drop --search / "
+                                "--bits-per-weight to replay it, or clear weights.layers to search again")
+    if resume:
+        raise errors.InputError("--resume continues one GPTQ compile, a search runs several: drop --resume")
+
+
+def _compile_searched(src: sources.Source, plan: Recipe, tgt: targets.Target, candidates: tuple[str, ...], out: pathlib.Path, bits_per_weight: float | None,
+                      eval_windows: int | None, max_ppl_increase: float | None, engine: bool, progress, started: float) -> artifact.Artifact:
+    """Measure every linear's sensitivity, choose the mix, compile it; under a perplexity bound alone, compile
+    the next mix the corrected estimate allows while the measurement misses the bound."""
+    table = sensitivity(src, plan, candidates, progress)
+    evaluated = eval_windows is not None
+    if bits_per_weight is not None:
+        mix = mixed.fit_bits(table, bits_per_weight)
+        if mix is None:
+            smallest = mixed.estimate(table, mixed.ladder(table)[0])["bits_per_weight"]
+            raise errors.InputError(f"no mix of the formats ({', '.join(candidates)}) fits {bits_per_weight:g} "
+                                    f"bits per weight: the smallest takes {smallest:g}")
+        record = {"budget_bits_per_weight": bits_per_weight, **mixed.estimate(table, mix)}
+        chosen = _with_formats(plan, mix)
+        return _lower(_quantize(src, chosen, [tgt], evaluated, out, False, progress), chosen, tgt, out, eval_windows,
+                      max_ppl_increase, engine, progress, started, search=record)
+    mixes, scale, after, tries, missed = mixed.ladder(table), 1.0, -1, [], None
+    for _ in range(MAX_SEARCH_TRIES):
+        index = mixed.first_within(table, mixes, max_ppl_increase, scale, after)
+        if index is None:
+            break
+        estimate = mixed.estimate(table, mixes[index])
+        chosen = _with_formats(plan, mixes[index])
+        record = {"max_ppl_increase": max_ppl_increase, **estimate, "correction": round(scale, 4), "tries": tries}
+        try:
+            return _lower(_quantize(src, chosen, [tgt], evaluated, out, False, progress), chosen, tgt, out, eval_windows,
+                          max_ppl_increase, engine, progress, started, search=record)
+        except errors.AccuracyGateError as e:
+            missed = e
+            measured = e.metrics["ppl_increase_pct"]
+            tries.append({**estimate, "ppl_increase_pct": measured})
+            cost = sum(s.cost[mixes[index][s.name]] for s in table)
+            scale = max(scale, math.log1p(measured / 100) / cost) if cost > 0 else scale * 2  # the estimate, corrected
+            after = index
+    if missed is not None:
+        raise missed
+    raise errors.InputError(f"no mix of the formats ({', '.join(candidates)}) is estimated to meet "
+                            f"--max-ppl-increase {max_ppl_increase:g} %: raise the bound, or give --formats with more bits")
+
+
+def sensitivity(src: sources.Source, plan: Recipe, candidates: tuple[str, ...], progress=None) -> list[mixed.Sensitivity]:
+    """Each linear's cost in each of the `candidates` formats (`mixed.measure`), on the float model after the recipe's
+    rotations, quantized by the recipe's algorithm; kept in the cache, keyed by everything it depends on."""
+    float_path = _float_model(src, progress)
+    windows, calib_record = _calibration_windows(plan, float_path, always=True)
+    w = plan.weights
+    key = {"source": src.sha256, "qcompile": __version__, "rotation": recipe_mod.to_dict(plan)["rotation"],
+           "weights": [w.algorithm.value, w.symmetric, w.positive_scales, w.act_order, w.damp, w.group_size],
+           "formats": list(candidates), "tokens": calib_record["tokens_sha256"],
+           "probe": [mixed.PROBE_WINDOWS, mixed.PROBE_TOKENS]}
+    cached = cache_root() / "sensitivity" / f"{src.name}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    if cached.is_file():
+        return [mixed.Sensitivity(**{**entry, "shape": tuple(entry["shape"])}) for entry in json.loads(cached.read_text())]
+    model = scratch.unmapped(artifact.load_onnx(float_path))
+    run_passes(model, _rotation_passes(plan, windows, progress))
+    linears = analysis.analyze(model).linears()
+    formats = {lin.name: _formats_of(lin, candidates, plan) for lin in linears}
+    table = mixed.measure(model, linears, formats, windows, _search_quantizer(plan), progress)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    artifact.publish_text(cached, json.dumps([s.to_dict() for s in table]))
+    return table
+
+
+def _formats_of(linear: analysis.Linear, candidates: tuple[str, ...], plan: Recipe) -> list[str]:
+    """The `candidates` for `linear`; lm_head's are those its recipe section can say (4 or 8 bits, or float;
+    8-bit in the block linears' groups)."""
+    if linear.role != Role.LM_HEAD:
+        return list(candidates)
+    formats = []
+    for fmt in candidates:
+        bits, group = parse_format(fmt)
+        if bits in (4, 8, None):
+            formats.append(format_name(bits, plan.weights.group_size if bits == 8 else group))
+    return list(dict.fromkeys(formats))
+
+
+def _search_quantizer(plan: Recipe):
+    """(linear, bits, group, Hessian) → QuantizedWeight as the compile will quantize it: GPTQ for GPTQ recipes
+    (AWQ's scales are not searched: AWQ+GPTQ is estimated as GPTQ) and a 4-bit lm_head, else RTN."""
+    s = plan.weight_scheme()
+    gptq = s.algorithm in (Algorithm.GPTQ, Algorithm.AWQ_GPTQ)
+
+    def quantize(linear, bits, group, h):
+        w = linear.float_weight()
+        if gptq or (linear.role == Role.LM_HEAD and bits == 4):
+            return quantize_gptq(w, h, bits, group, s.symmetric, damp=s.damp, act_order=s.act_order, positive=s.positive_scales)
+        return quantize_rtn(w, bits, group, s.symmetric, positive=s.positive_scales)
+
+    return quantize
+
+
+def _with_formats(plan: Recipe, mix: dict[str, str]) -> Recipe:
+    """`plan` with each block linear's format in weights.layers and lm_head's in its section (resolved again, so
+    the recipe is the one a replay of the manifest resolves)."""
+    head_bits, head_group = parse_format(mix["lm_head"]) if "lm_head" in mix else (plan.lm_head.bits, plan.lm_head.group_size)
+    data = recipe_mod.to_dict(plan)
+    data["weights"]["layers"] = [f"{name}={fmt}" for name, fmt in mix.items() if name != "lm_head"]
+    data["lm_head"] = {"bits": "float" if head_bits is None else head_bits,
+                       "group_size": head_group if head_bits == 4 else plan.lm_head.group_size}
+    return recipe_mod.resolve(plan.target, data)
+
+
 def _require_one_canonical(plans: list[Recipe]) -> None:
     sections = [{k: v for k, v in recipe_mod.to_dict(plan).items() if k not in ("target", "lowering")} for plan in plans]
     for plan, section in zip(plans[1:], sections[1:]):
@@ -172,9 +320,14 @@ class _Canonical:
 
 def _quantize(src: sources.Source, plan: Recipe, tgts: list[targets.Target], evaluated: bool, out: pathlib.Path,
               resume: bool, progress) -> _Canonical:
-    float_path = src.path if src.kind == sources.SourceKind.ONNX else _export(src, None, progress) / export_mod.MODEL_FILE
+    float_path = _float_model(src, progress)
     model = scratch.unmapped(artifact.load_onnx(float_path))
-    tied = analysis.analyze(model).tied_lm_head  # and fail early, before any work, on an unsupported graph
+    model_map = analysis.analyze(model)  # and fail early, before any work, on an unsupported graph
+    tied = model_map.tied_lm_head
+    unknown = sorted(set(plan.weight_scheme().layer_formats()) - {lin.name for lin in model_map.linears()})
+    if unknown:
+        raise errors.InputError(f"weights.layers names {', '.join(unknown[:3])}, which this model does not have: "
+                                f"use its linears' names (e.g. {model_map.linears()[0].name}, see `qcompile inspect`)")
     for tgt in tgts:
         tgt.check_source(float_path.parent)
     if evaluated:
@@ -211,8 +364,9 @@ def available_memory() -> int | None:
 
 
 def _lower(canonical: _Canonical, plan: Recipe, tgt: targets.Target, out: pathlib.Path, eval_windows: int | None,
-           max_ppl_increase: float | None, engine: bool, progress, started: float) -> artifact.Artifact:
-    """Lower the canonical model (taken from `canonical`, changed in place) to `tgt`; write, evaluate and gate the artifact."""
+           max_ppl_increase: float | None, engine: bool, progress, started: float, search: dict | None = None) -> artifact.Artifact:
+    """Lower the canonical model (taken from `canonical`, changed in place) to `tgt`; write, evaluate and gate the
+    artifact (`search`: the mixed-precision search's record, for the manifest)."""
     model, canonical.model = canonical.model, None  # freed once saved, before the evaluation
     float_path = canonical.float_path
     lowered = run_passes(model, tgt.lowering_passes(plan, context_length(float_path.parent)))
@@ -228,8 +382,11 @@ def _lower(canonical: _Canonical, plan: Recipe, tgt: targets.Target, out: pathli
             metrics = _compare(base, _evaluate(tmp / "model.onnx", eval_windows, progress, "(quantized)"))
             _gate(metrics, max_ppl_increase, canonical.saved)
         metrics["compile_seconds"] = round(time.perf_counter() - started, 1)
+        metrics["bits_per_weight"] = mixed.bits_per_weight(merged_layers(r for _, r in canonical.results))
         manifest = _manifest(canonical.src, tgt, plan, canonical.calib_record, canonical.results, lowered,
                              {"weights": canonical.digests, **checks}, metrics, package_record)
+        if search is not None:
+            manifest["search"] = search
         artifact.write_manifest(tmp, manifest)
     if canonical.saved is not None:
         canonical.saved.remove()  # the artifact is complete: nothing is left to resume
@@ -284,9 +441,9 @@ def _gate(metrics: dict, bound: float | None, saved: checkpoint.Checkpoint | Non
     metrics["accuracy_gate"] = {"max_ppl_increase_pct": bound, "passed": True}
 
 
-def _calibration_windows(plan: Recipe, float_path: pathlib.Path) -> tuple[np.ndarray | None, dict | None]:
-    """The recipe's calibration token windows (None when nothing is calibrated) and their manifest record."""
-    if not plan.calibrated:
+def _calibration_windows(plan: Recipe, float_path: pathlib.Path, always: bool = False) -> tuple[np.ndarray | None, dict | None]:
+    """The recipe's calibration token windows (None when nothing is calibrated, unless `always`) and their manifest record."""
+    if not (plan.calibrated or always):
         return None, None
     uncalibrated = [*(["--algo rtn"] if plan.weights.algorithm != Algorithm.RTN else []),
                     *(["--lm-head int8"] if plan.lm_head.bits == 4 else []),
@@ -342,13 +499,8 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     statistics, SmoothQuant's fold, the weights (a 4-bit lm_head by GPTQ first, when the blocks are not
     GPTQ's), the activation and KV-cache quantizers, the embedding. `tied`: the float model's lm_head reads
     the embedding table; quantized to the same width, the table then takes the lm_head's integers."""
-    scheme, act, rot = plan.weight_scheme(), plan.activations, plan.rotation
-    passes: list[ir.passes.PassBase] = []
-    if rot.enabled:
-        online = InsertOnlineHadamard((Role.DOWN, Role.O) if rot.attention_hadamards else (Role.DOWN,))
-        passes += [WherePossible(*_NORM_ROTATIONS[rot.norm_outputs](rot, windows, progress)),  # each where the
-                   WherePossible(RotateValueOutput(rot.seed)), online,                       # structure allows it
-                   *([WherePossible(InsertQueryKeyHadamard())] if rot.attention_hadamards else [])]
+    scheme, act = plan.weight_scheme(), plan.activations
+    passes = _rotation_passes(plan, windows, progress)
     head = QuantizeWeightsGPTQ(scheme, None, scheme.act_order, scheme.damp, progress, names={"lm_head"}) if plan.head_calibrated else None
     make_weights, shares_calibration = _WEIGHT_PASSES[scheme.algorithm]
     weights = make_weights(dataclasses.replace(scheme, skip=(*scheme.skip, "lm_head")) if head else scheme, windows, progress, saved)
@@ -363,6 +515,16 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     if plan.embeddings.bits is not None:
         passes.append(_embedding_pass(plan, scheme, tied))
     return passes
+
+
+def _rotation_passes(plan: Recipe, windows: np.ndarray | None, progress) -> list[ir.passes.PassBase]:
+    """QuaRot's rotations as the recipe asks for them (float-equivalent), each where the structure allows it."""
+    rot = plan.rotation
+    if not rot.enabled:
+        return []
+    online = InsertOnlineHadamard((Role.DOWN, Role.O) if rot.attention_hadamards else (Role.DOWN,))
+    return [WherePossible(*_NORM_ROTATIONS[rot.norm_outputs](rot, windows, progress)), WherePossible(RotateValueOutput(rot.seed)),
+            online, *([WherePossible(InsertQueryKeyHadamard())] if rot.attention_hadamards else [])]
 
 
 def _embedding_pass(plan: Recipe, scheme: WeightScheme, tied: bool) -> QuantizeEmbedding:
@@ -450,6 +612,6 @@ def evaluate(path: str | pathlib.Path, windows: int = evaluation.DEFAULT_WINDOWS
     """Perplexity (pinned protocol), latency and size of an artifact, export folder or .onnx file,
     or of a float source (HF folder, GGUF, alias), exported first (cached)."""
     src = sources.resolve(path)
-    model_path = src.path if src.kind == sources.SourceKind.ONNX else _export(src, None, progress) / export_mod.MODEL_FILE
+    model_path = _float_model(src, progress)
     ppl, lat = evaluation.evaluate_model(model_path, windows, latency, progress)
     return {**ppl.to_dict(), **lat, "size_bytes": artifact.model_bytes(model_path)}

@@ -66,6 +66,7 @@ class Weights:
     damp: float = 0.01  # GPTQ: Hessian damping
     gptq_mode: GPTQMode = GPTQMode.PARALLEL
     skip: tuple[str, ...] = ()  # ModelMap names kept float, e.g. "blocks.0.down"
+    layers: tuple[str, ...] = ()  # per-linear formats, "blocks.3.down=int8" (`schemes.parse_format`; a search's choice)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,8 @@ class Recipe:
         return WeightScheme(bits=w.bits, group_size=w.group_size, symmetric=w.symmetric, algorithm=w.algorithm,
                             lm_head_bits=self.lm_head.bits, skip=w.skip, act_order=w.act_order, damp=w.damp,
                             sequential=w.gptq_mode == GPTQMode.SEQUENTIAL, positive_scales=w.positive_scales,
-                            embedding_bits=self.embeddings.bits, fp8=w.fp8, lm_head_group_size=self.lm_head.group_size)
+                            embedding_bits=self.embeddings.bits, fp8=w.fp8, lm_head_group_size=self.lm_head.group_size,
+                            layers=w.layers)
 
     @property
     def head_calibrated(self) -> bool:
@@ -155,6 +157,7 @@ OPTIONS = {
     "algo": ("weights", "algorithm"), "bits": ("weights", "bits"), "group_size": ("weights", "group_size"),
     "symmetric": ("weights", "symmetric"), "positive_scales": ("weights", "positive_scales"),
     "act_order": ("weights", "act_order"), "gptq_mode": ("weights", "gptq_mode"), "skip": ("weights", "skip"),
+    "layers": ("weights", "layers"),
     "lm_head_bits": ("lm_head", "bits"), "lm_head_group_size": ("lm_head", "group_size"), "embedding_bits": ("embeddings", "bits"),
     "activations": ("activations", "kind"), "activation_clip": ("activations", "clip"),
     "smoothquant": ("activations", "smoothquant"), "smooth_up_down": ("activations", "smooth_up_down"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 
 from qcompile import errors
 
@@ -19,6 +20,38 @@ class Algorithm(str, enum.Enum):
 # SmolLM2's ort-int4 it then costs +1.4 % perplexity over an 8-bit one (33.72 against 33.27, 32 windows), against
 # +24 % by RTN at group 128 (41.31).
 LM_HEAD_INT4_GROUP = 32
+WEIGHT_BITS = (2, 4, 8)  # 2-bit: ONNX Runtime only (MatMulNBits bits=2)
+
+
+def parse_format(text: str) -> tuple[int | None, int]:
+    """A linear's format as spelled in recipes: "int4g128" (bits, group size), "int8" (one scale per output
+    channel, group 0) or "float" (None, 0)."""
+    if text == "float":
+        return None, 0
+    match = re.fullmatch(r"int(\d+)(?:g(\d+))?", text)
+    if match is None:
+        raise errors.InputError(f"unknown weight format '{text}': use e.g. int4g128, int2g64, int8 (per channel) or float")
+    bits, group = int(match[1]), int(match[2] or 0)
+    _check_width("bits", bits, WEIGHT_BITS)
+    _check_group("group size", group)
+    return bits, group
+
+
+def format_name(bits: int | None, group: int) -> str:
+    """The inverse of `parse_format`."""
+    return "float" if bits is None else f"int{bits}" + (f"g{group}" if group else "")
+
+
+def _check_width(what: str, bits, allowed) -> None:
+    if bits not in allowed:
+        words = ", ".join(str(b) for b in allowed if b is not None) + (" or float" if None in allowed else "")
+        raise errors.InputError(f"{what}={bits} is not supported: use {words}")
+
+
+def _check_group(what: str, group: int) -> None:
+    if group != 0 and (group < 16 or group & (group - 1)):
+        raise errors.InputError(f"{what} {group} is not supported: use a power of two >= 16 (32, 64 or 128), "
+                                "or 0 for one scale per output channel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +66,8 @@ class WeightScheme:
     full-range convention (see `algorithms.rtn`), which is more accurate.
     `embedding_bits`: the token-embedding table's width (None keeps it float; ONNX Runtime targets only).
     `fp8`: 8-bit weights as FP8 E4M3 (per output channel) instead of INT8.
+    `layers`: per-linear formats over the above, "name=format" (`parse_format`: "blocks.3.down=int8",
+    "blocks.0.q=int2g64", "blocks.5.up=float"), as a mixed-precision search chooses them.
     """
 
     bits: int = 4
@@ -48,19 +83,24 @@ class WeightScheme:
     embedding_bits: int | None = None
     fp8: bool = False
     lm_head_group_size: int = LM_HEAD_INT4_GROUP
+    layers: tuple[str, ...] = ()
     version: int = 1
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise errors.InputError(f"bits={self.bits} is not supported: use 4 or 8")
-        if self.embedding_bits not in (None, 4, 8):
-            raise errors.InputError(f"embedding bits={self.embedding_bits} is not supported: use 4, 8 or float")
-        if self.lm_head_bits not in (None, 4, 8):
-            raise errors.InputError(f"lm_head bits={self.lm_head_bits} is not supported: use 4, 8 or float")
+        _check_width("bits", self.bits, WEIGHT_BITS)
+        _check_width("embedding bits", self.embedding_bits, (4, 8, None))
+        _check_width("lm_head bits", self.lm_head_bits, (4, 8, None))
         for what, group in (("group size", self.group_size), ("lm_head group size", self.lm_head_group_size)):
-            if group != 0 and (group < 16 or group & (group - 1)):
-                raise errors.InputError(f"{what} {group} is not supported: use a power of two >= 16 (32, 64 or 128), "
-                                        "or 0 for one scale per output channel")
+            _check_group(what, group)
+        for entry in self.layers:
+            name, _, spelled = entry.partition("=")
+            if not name or not spelled:
+                raise errors.InputError(f"weights.layers entry '{entry}' is not name=format (e.g. blocks.3.down=int8)")
+            if name == "lm_head":
+                raise errors.InputError("lm_head's format is the [lm_head] section's (bits, group_size), not weights.layers")
+            parse_format(spelled)
+        if self.fp8 and any(parse_format(e.partition("=")[2])[0] not in (8, None) for e in self.layers):
+            raise errors.InputError("FP8 recipes store every quantized linear as FP8: weights.layers can only keep some float")
         if self.sequential and self.algorithm != Algorithm.GPTQ:
             raise errors.InputError(f"sequential mode is GPTQ's: use --algo gptq, or drop --gptq-mode sequential "
                                     f"(algorithm {self.algorithm.value})")
@@ -68,10 +108,15 @@ class WeightScheme:
             raise errors.InputError("FP8 weights are 8-bit, symmetric, one scale per output channel: "
                                     "use --bits 8 --group-size 0 --symmetric")
 
+    def layer_formats(self) -> dict[str, tuple[int | None, int]]:
+        """`layers` parsed: linear name → (bits or None for float, group size)."""
+        return {name: parse_format(spelled) for name, _, spelled in (e.partition("=") for e in self.layers)}
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["algorithm"] = self.algorithm.value
         d["skip"] = list(self.skip)
+        d["layers"] = list(self.layers)
         return d
 
 

@@ -25,7 +25,7 @@ _FILE: contextvars.ContextVar = contextvars.ContextVar("qcompile_scratch", defau
 
 @dataclasses.dataclass(frozen=True)
 class _FileRead:
-    """Reads `nbytes` at `offset` of `path` as a tensor of `dtype` and `shape` (4-bit types packed two per byte)."""
+    """Reads `nbytes` at `offset` of `path` as a tensor of `dtype` and `shape` (2- and 4-bit types packed)."""
 
     path: str
     offset: int
@@ -37,7 +37,7 @@ class _FileRead:
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             raw = np.fromfile(f, np.uint8, count=self.nbytes)
-        if self.dtype.bitwidth == 4:
+        if self.dtype.bitwidth < 8:
             return ir.PackedTensor(raw, self.dtype, shape=self.shape)
         return ir.Tensor(raw.view(self.dtype.numpy()).reshape(self.shape), dtype=self.dtype)
 

@@ -31,6 +31,8 @@ from qcompile.schemes import WeightScheme
 
 # The integer weight types, the one table: (bits, signed) → (numpy storage type, ONNX type).
 _STORAGE = {
+    (2, True): (ml_dtypes.int2, ir.DataType.INT2),  # opset 25's type: only ONNX Runtime's MatMulNBits runs it (bits=2)
+    (2, False): (ml_dtypes.uint2, ir.DataType.UINT2),
     (4, True): (ml_dtypes.int4, ir.DataType.INT4),
     (4, False): (ml_dtypes.uint4, ir.DataType.UINT4),
     (8, True): (np.int8, ir.DataType.INT8),
@@ -164,14 +166,21 @@ def _remove_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 def bits_for(scheme: WeightScheme, linear: Linear) -> int | None:
-    """The width `scheme` gives `linear`: lm_head has its own, skipped layers None (kept float)."""
+    """The width `scheme` gives `linear`: its own format in `scheme.layers`, else lm_head's own or the
+    block linears' width; skipped layers None (kept float)."""
     if linear.name in scheme.skip:
         return None
+    own = scheme.layer_formats().get(linear.name)
+    if own is not None:
+        return own[0]
     return scheme.lm_head_bits if linear.role == Role.LM_HEAD else scheme.bits
 
 
 def group_for(scheme: WeightScheme, linear: Linear) -> int:
-    """The group size `scheme` gives `linear`: a 4-bit lm_head's own, the rest scheme.group_size."""
+    """The group size `scheme` gives `linear`: its own format's, a 4-bit lm_head's own, else scheme.group_size."""
+    own = scheme.layer_formats().get(linear.name)
+    if own is not None:
+        return own[1]
     if linear.role == Role.LM_HEAD and scheme.lm_head_bits == 4:
         return scheme.lm_head_group_size
     return scheme.group_size

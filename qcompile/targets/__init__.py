@@ -30,6 +30,7 @@ class Target:
     builds_engines: bool = False  # `--engine` / `qcompile build` apply
     packages_edge: bool = False  # `qcompile package` applies (an onnxruntime-genai client loads it)
     rules: str | None = None  # what `check` enforces (None: nothing beyond the fidelity of the weights)
+    mixed_formats: tuple[str, ...] = ()  # the weight formats a mixed-precision search chooses among (`schemes.parse_format`)
 
     def check_source(self, folder: pathlib.Path) -> None:
         """Raise InputError when the float model's folder lacks what this target's files are made from."""
@@ -98,6 +99,9 @@ class TensorRTTarget(Target):
         if act.dynamic:
             raise errors.InputError(f"{self.name}: TensorRT's explicit quantization is static per tensor: "
                                     "use --activations int8-static or fp8-static")
+        if 2 in (w.bits, *(bits for bits, _ in recipe.weight_scheme().layer_formats().values())):
+            raise errors.InputError(f"{self.name}: TensorRT has no 2-bit weights: use 4 or 8 bits, or an ort-* target "
+                                    "(MatMulNBits bits=2)")
 
     def lowering_passes(self, recipe, max_positions: int | None = None) -> list[ir.passes.PassBase]:
         return [trt.PadPartialBlocks()]
@@ -120,7 +124,12 @@ _INT4 = {"weights": {"bits": 4, "group_size": 64, "symmetric": True, "positive_s
 _INT4_TEXT = ("AWQ+GPTQ with act-order on 16 windows, group 64, symmetric with positive scales; lm_head 4-bit GPTQ, "
               "group 64, shared with the embedding table")
 _W8A8 = {"weights": {"bits": 8, "group_size": 0, "symmetric": True, "positive_scales": True}, "lm_head": {"bits": 8}}
-_ORT = dict(runtime="onnxruntime", packages_edge=True)
+# Formats a search chooses among. MatMulNBits runs 2, 4 and 8 bits in blocks of 16..256 (per-channel 8-bit is stored
+# in blocks of 128 anyway); TensorRT int4 in blocks of 64 or 128, int8 per channel. Blocks of 32 are left out: the
+# built-in model's weights lie on a 4-bit grid in blocks of 32, which would flatter them (list them in a recipe).
+_ORT_FORMATS = ("int2g64", "int4g128", "int4g64", "int8g128", "float")
+_TRT_FORMATS = ("int4g128", "int4g64", "int8", "float")
+_ORT = dict(runtime="onnxruntime", packages_edge=True, mixed_formats=_ORT_FORMATS)
 _TRT = dict(runtime="tensorrt", builds_engines=True, rules="TensorRT's explicit-quantization rules")
 
 _REGISTRY = {
@@ -129,7 +138,7 @@ _REGISTRY = {
         OnnxRuntimeTarget("ort-int4", f"4-bit weights ({_INT4_TEXT}) as com.microsoft.MatMulNBits for ONNX Runtime CPU/CUDA",
                           _INT4, **_ORT),
         TensorRTTarget("trt-int4", f"4-bit weight-only ({_INT4_TEXT}) as INT4 DequantizeLinear → MatMul for TensorRT",
-                       _INT4, **_TRT),
+                       _INT4, **_TRT, mixed_formats=_TRT_FORMATS),
         OnnxRuntimeTarget("edge-int4", "ort-int4's model packaged for devices: onnxruntime-genai folder and zip with tokenizer, "
                                        "config and golden vectors", _INT4, **_ORT, edge=True),
         OnnxRuntimeTarget(

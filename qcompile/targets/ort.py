@@ -2,8 +2,8 @@
 
 MatMulNBits (ORT contrib op) stores the same integers and scales in its own layout:
 
-    B      uint8 [N, ceil(K/bs), bs*bits/8]   W[k, n] in block k//bs at j = k%bs; 4-bit: byte j//2,
-                                             even j in the low nibble; the last block is padded
+    B      uint8 [N, ceil(K/bs), bs*bits/8]   W[k, n] in block k//bs at j = k%bs; b-bit: byte j//(8/b),
+                                             the first code in the lowest bits; the last block is padded
     scales float [N, ceil(K/bs)]
     zero_points uint8 [N, ceil(ceil(K/bs)*bits/8)] packed the same way (asymmetric); absent for
            symmetric weights, whose unsigned codes are q + 2^(bits-1) (ORT's default zero point)
@@ -44,16 +44,28 @@ def pack_matmul_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray |
     offset = 2 ** (bits - 1) if zero_point is None else 0
     codes = np.full((n, groups * block_size), offset, dtype=np.uint8)  # pad with the zero point's code
     codes[:, :k] = (q.astype(np.int16) + offset).astype(np.uint8).T
-    codes = codes.reshape(n, groups, block_size)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4) if bits == 4 else codes
+    packed = _pack(codes.reshape(n, groups, block_size), bits)
     zp = None
     if zero_point is not None:
         zp = zero_point.astype(np.uint8).T  # [N, G]
-        if bits == 4:
-            if groups % 2:
-                zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
+        per_byte = 8 // bits
+        zp = _pack(np.concatenate([zp, np.zeros((n, -groups % per_byte), np.uint8)], axis=1), bits)
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale.T.astype(np.float32)), zp
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `bits`-bit codes along the last axis, 8/bits per byte, the first in the lowest bits."""
+    per_byte = 8 // bits
+    packed = np.zeros((*codes.shape[:-1], codes.shape[-1] // per_byte), np.uint8)
+    for i in range(per_byte):
+        packed |= codes[..., i::per_byte] << (bits * i)
+    return packed
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of `_pack`: [..., M] bytes → [..., M * 8/bits] codes."""
+    mask = (1 << bits) - 1
+    return np.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
 def decode_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int,
@@ -62,13 +74,11 @@ def decode_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarr
     holding [N, G]) → canonical q [K, N] int16 (signed when there is no zero point), scale [G, N] float32 and
     zero_point [G, N] int16 or None."""
     n, groups = b.shape[:2]
-    codes = np.stack([b & 0x0F, b >> 4], axis=-1) if bits == 4 else b
-    codes = codes.reshape(n, groups * block_size)[:, :k].T.astype(np.int16)  # [K, N]
+    codes = _unpack(b, bits).reshape(n, groups * block_size)[:, :k].T.astype(np.int16)  # [K, N]
     scale = scales.reshape(n, groups).T.astype(np.float32)
     if zero_points is None:
         return codes - 2 ** (bits - 1), scale, None
-    zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1) if bits == 4 else zero_points
-    return codes, scale, zp.reshape(n, -1)[:, :groups].T.astype(np.int16)
+    return codes, scale, _unpack(zero_points, bits).reshape(n, -1)[:, :groups].T.astype(np.int16)
 
 
 def read_weight(linear: Linear) -> Decoded | None:

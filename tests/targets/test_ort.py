@@ -14,9 +14,10 @@ from qcompile.targets.ort import LowerToMatMulNBits, decode_matmul_nbits, pack_m
 from tests.conftest import run_logits, single_matmul_model
 
 CASES = [(4, True, 128), (4, False, 128), (4, True, 32), (8, True, 64), (8, False, 16), (4, False, 64)]
+PACKED = CASES + [(2, True, 64), (2, False, 32), (2, False, 128)]
 
 
-@pytest.mark.parametrize("bits,symmetric,block", CASES)
+@pytest.mark.parametrize("bits,symmetric,block", PACKED)
 def test_pack_unpack_equals_canonical_dequantize(bits, symmetric, block):
     w = np.random.default_rng(0).normal(size=(200, 12)).astype(np.float32)  # K=200: short last block
     qw = quantize_rtn(w, bits, block, symmetric)
@@ -62,6 +63,20 @@ def test_runtime_weights_are_bit_identical(bits, symmetric, block, tmp_path):
     assert result.modified
     assert [n.op_type for n in canonical.graph] == ["MatMulNBits"]
     np.testing.assert_array_equal(_run(canonical, eye, tmp_path, "nbits"), ref)
+
+
+@pytest.mark.parametrize("symmetric,block", [(True, 64), (False, 32), (True, 16)])
+def test_two_bit_weights_lower_to_matmul_nbits_bits_2_bit_identically(symmetric, block, tmp_path):
+    """ONNX Runtime's 2-bit MatMulNBits kernel, fed the identity, returns the canonical dequantized weight (the
+    canonical INT2 form itself is opset 25's, which ORT's opset-21 DequantizeLinear does not run)."""
+    k, n = 192, 24
+    canonical, qw = _one_linear(k, n, 2, symmetric, block)
+    assert canonical.graph.initializers["lin.weight_q"].dtype == (ir.DataType.INT2 if symmetric else ir.DataType.UINT2)
+    assert qw.q.min() >= (-2 if symmetric else 0) and qw.q.max() <= (1 if symmetric else 3)
+    assert LowerToMatMulNBits(accuracy_level=0)(canonical).modified
+    node = next(iter(canonical.graph))
+    assert (node.op_type, node.attributes["bits"].as_int()) == ("MatMulNBits", 2)
+    np.testing.assert_array_equal(_run(canonical, np.eye(k, dtype=np.float32), tmp_path, "nbits2"), qw.dequantize())
 
 
 @pytest.mark.parametrize("axis,block,reason", [(1, 0, "axis 0"), (0, 48, "power of two")])

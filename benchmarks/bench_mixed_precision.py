@@ -1,0 +1,195 @@
+"""Mixed precision on SmolLM2-135M: perplexity against stored bits per weight, uniform recipes and searched mixes, in one run.
+
+    python benchmarks/bench_mixed_precision.py [--windows 128] [--budgets 2.5,3,3.5,4.25,5,6,8]
+
+Every model is an ort-int4 artifact with a float embedding table, calibrated on the same 32 packaged windows of 512
+tokens, evaluated on --windows WikiText-2 test windows. Bits per weight are counted from each artifact's files, the
+same way for the peer: MatMulNBits B + scales + zero points, 32 bits per float MatMul weight, over every linear
+(lm_head included; the embedding table, a lookup, left out).
+- uniform: every linear (lm_head too) in one format, by RTN, GPTQ, AWQ+GPTQ and QuaRot+GPTQ; plus the usual
+  int4 recipe whose lm_head is 8-bit;
+- searched: `qcompile model --bits-per-weight B` (QuaRot+GPTQ, the ORT formats int2g64, int4g128, int4g64,
+  int8g128, float) at each budget, with the search's estimate beside the measurement;
+- peer: onnxruntime-genai's builder, int4 with `int4_algo_config=k_quant_mixed` (llama.cpp's rule: some layers
+  int8 and lm_head int8), on an HF folder saved from the same GGUF;
+- gate: `--search --max-ppl-increase 5` (evaluated on 32 windows, as the gate is), and its replay from the manifest,
+  compared file by file.
+Writes benchmarks/results/mixed_precision.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pathlib
+import tempfile
+import time
+
+import onnx_ir as ir
+
+import qcompile
+from qcompile import artifact, evaluation, runtime, sources
+from _results import RESULTS, meta, save
+
+BASE = dict(target="ort-int4", embedding_bits=None, calib_samples=32, act_order=True, positive_scales=False)
+ROTATED = dict(algo="gptq", rotate=True)
+UNIFORM = {  # name → (options, format for the table)
+    "RTN int4 g128": dict(algo="rtn", bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
+    "GPTQ int4 g128": dict(algo="gptq", bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
+    "AWQ+GPTQ int4 g128": dict(algo="awq+gptq", bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
+    "QuaRot+GPTQ int4 g128": dict(**ROTATED, bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
+    "QuaRot+GPTQ int4 g64": dict(**ROTATED, bits=4, group_size=64, lm_head_bits=4, lm_head_group_size=64),
+    "QuaRot+GPTQ int2 g64, lm_head int4 g64": dict(**ROTATED, bits=2, group_size=64, lm_head_bits=4, lm_head_group_size=64),
+    "RTN int4 g128, lm_head int8": dict(algo="rtn", bits=4, group_size=128, lm_head_bits=8),
+    "QuaRot+GPTQ int8 g128": dict(**ROTATED, bits=8, group_size=128, lm_head_bits=8),
+}
+PEER = "onnxruntime-genai builder int4 k_quant_mixed"
+GATE = 5.0
+
+
+def linear_bits_per_weight(model_path: pathlib.Path) -> float:
+    """Stored bits per weight of every linear in a model file: MatMulNBits B, scales and zero points, and 32 bits
+    per weight of a MatMul with a float weight (a tied lm_head reads the table through a Transpose)."""
+    model = ir.load(model_path)
+    bits = weights = 0
+    for node in model.graph.all_nodes():
+        if node.op_type == "MatMulNBits":
+            k, n = node.attributes["K"].as_int(), node.attributes["N"].as_int()
+            bits += 8 * sum(v.const_value.nbytes for v in node.inputs[1:4] if v is not None and v.const_value is not None)
+            weights += k * n
+        elif node.op_type == "MatMul":
+            w = node.inputs[1]
+            if w.producer() is not None and w.producer().op_type == "Transpose":
+                w = w.producer().inputs[0]
+            if w.const_value is not None and len(w.shape) == 2:
+                bits += 32 * w.const_value.size
+                weights += w.const_value.size
+    return bits / weights
+
+
+def build_peer(work: pathlib.Path) -> pathlib.Path | None:
+    """The builder's int4 k_quant_mixed model, or None (with the reason printed) when it does not build."""
+    from bench_decode_peers import build_genai
+
+    try:
+        return build_genai(work, "int4_algo_config=k_quant_mixed", "genai-k-quant-mixed")
+    except RuntimeError as e:
+        print(e, flush=True)
+        return None
+
+
+def digest(folder: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    for name in ("model.onnx", "model.onnx.data"):
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
+    parser.add_argument("--budgets", default="2.5,3,3.5,4.25,5,6,8")
+    parser.add_argument("--skip-peer", action="store_true")
+    args = parser.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-bench-mixed-") as tmp:
+        work = pathlib.Path(tmp)
+        os.environ.setdefault("QCOMPILE_CACHE_DIR", str(work / "cache"))
+        float_dir = qcompile.export("smollm2-135m")
+        tokenizer = runtime.load_tokenizer(float_dir)
+        rows: dict[str, dict] = {}
+
+        def measure(name: str, folder: pathlib.Path, kind: str, **extra) -> None:
+            ppl = evaluation.perplexity(runtime.Decoder(folder), tokenizer, args.windows).ppl
+            rows[name] = {"kind": kind, "perplexity": round(ppl, 3), "bits_per_weight": round(linear_bits_per_weight(folder / "model.onnx"), 3),
+                          "size_mb": round(artifact.model_bytes(folder / "model.onnx") / 1e6, 1), **extra}
+            print(name, rows[name], flush=True)
+
+        measure("float", float_dir, "float")
+        for name, options in UNIFORM.items():
+            started = time.perf_counter()
+            art = qcompile.compile("smollm2-135m", out_dir=work / name.replace(" ", "_"), eval_windows=None, **{**BASE, **options})
+            measure(name, art.path, "uniform", compile_seconds=round(time.perf_counter() - started, 1),
+                    manifest_bits_per_weight=art.metrics["bits_per_weight"])
+        for budget in budgets:
+            started = time.perf_counter()
+            art = qcompile.compile("smollm2-135m", out_dir=work / f"mix-{budget}", eval_windows=None, bits_per_weight=budget,
+                                   **{**BASE, **ROTATED})
+            formats = [entry.split("=")[1] for entry in art.manifest["recipe"]["weights"]["layers"]]
+            counts = {f: formats.count(f) for f in sorted(set(formats))}
+            measure(f"searched ≤ {budget:g} bits", art.path, "searched", budget=budget, compile_seconds=round(time.perf_counter() - started, 1),
+                    manifest_bits_per_weight=art.metrics["bits_per_weight"], formats=counts,
+                    lm_head=art.manifest["recipe"]["lm_head"], estimated_ppl_increase_pct=art.manifest["search"]["estimated_ppl_increase_pct"])
+        if not args.skip_peer:
+            peer = build_peer(work)
+            if peer is not None:
+                measure(PEER, peer, "peer")
+
+        started = time.perf_counter()
+        gated = qcompile.compile("smollm2-135m", out_dir=work / "gate", search=True, max_ppl_increase=GATE, **{**BASE, **ROTATED})
+        gate = {"bound_pct": GATE, "ppl_increase_pct_32_windows": gated.metrics["ppl_increase_pct"],
+                "size_mb": round(gated.metrics["quantized"]["size_bytes"] / 1e6, 1), "bits_per_weight": gated.metrics["bits_per_weight"],
+                "search": gated.manifest["search"], "seconds": round(time.perf_counter() - started, 1)}
+        replay = qcompile.compile("smollm2-135m", out_dir=work / "replay", recipe=gated.path / "manifest.json", eval_windows=None)
+        gate["replay_identical"] = digest(replay.path) == digest(gated.path)
+        print("gate", gate, flush=True)
+
+    float_ppl = rows["float"]["perplexity"]
+    for r in rows.values():
+        r["ppl_increase_pct"] = round(100 * (r["perplexity"] / float_ppl - 1), 2)
+    lines = table(rows, args.windows, gate)
+    save("mixed_precision", {**meta(windows=args.windows, source=sources.resolve("smollm2-135m").describe()), "rows": rows, "gate": gate}, lines)
+    plot(rows, args.windows)
+
+
+def table(rows: dict, windows: int, gate: dict) -> list[str]:
+    lines = [f"SmolLM2-135M, ort-int4 artifacts, perplexity on {windows} windows; bits per weight stored, over every linear.", "",
+             "| model | kind | bits/weight | perplexity | Δ vs float | estimated Δ | size MB | formats (block linears) |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, r in sorted(rows.items(), key=lambda kv: (kv[1]["kind"] != "float", kv[1]["bits_per_weight"])):
+        est = f"{r['estimated_ppl_increase_pct']:+.2f} %" if "estimated_ppl_increase_pct" in r else ""
+        formats = ", ".join(f"{k} ×{v}" for k, v in r.get("formats", {}).items())
+        if "lm_head" in r:
+            head = r["lm_head"]
+            formats += f"; lm_head {'float' if head['bits'] == 'float' else 'int%s' % head['bits']}"
+        lines.append(f"| {name} | {r['kind']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {r['ppl_increase_pct']:+.2f} % | {est} | "
+                     f"{r['size_mb']:.0f} | {formats} |")
+    lines += ["", f"`--search --max-ppl-increase {gate['bound_pct']:g}`: measured {gate['ppl_increase_pct_32_windows']:+.2f} % on 32 windows, "
+              f"{gate['size_mb']:.0f} MB, {gate['bits_per_weight']:.3f} bits per weight, {len(gate['search']['tries']) + 1} compile(s), "
+              f"{gate['seconds']:.0f} s; its replay from the manifest: {'the same files' if gate['replay_identical'] else 'DIFFERENT files'}."]
+    return lines
+
+
+def plot(rows: dict, windows: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"uniform": ("o", "tab:blue"), "searched": ("s", "tab:red"), "peer": ("^", "tab:green")}
+    for kind, (marker, color) in styles.items():
+        points = sorted((r["bits_per_weight"], r["perplexity"], name) for name, r in rows.items() if r["kind"] == kind)
+        if not points:
+            continue
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, label=kind, zorder=3)
+        if kind == "searched":
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=color, zorder=2)
+        for x, y, name in points:
+            if kind != "searched":
+                ax.annotate(name, (x, y), fontsize=6, xytext=(4, 2), textcoords="offset points")
+    ax.axhline(rows["float"]["perplexity"], color="gray", linestyle="--", label="float")
+    ax.set_xlabel("stored bits per weight (linears, scales included)")
+    ax.set_ylabel(f"WikiText-2 perplexity ({windows} windows)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M: searched mixes against uniform recipes (ort-int4)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "mixed_precision.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Mixed precision: per-linear formats in the recipe, sensitivity probes, the allocation, the searched compile."""
+
+import hashlib
+import itertools
+import json
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qcompile
+from qcompile import analysis, artifact, errors, mixed, pipeline, recipe as recipe_mod
+from qcompile.algorithms.rtn import quantize_rtn
+from qcompile.cli import main
+from qcompile.passes._canonical import attach_quantized_weight
+from qcompile.runtime import Decoder
+from qcompile.schemes import parse_format
+
+
+def _table(costs: dict[str, dict[str, float]], shape=(128, 64)) -> list[mixed.Sensitivity]:
+    return [mixed.Sensitivity(name, shape, cost, {}, {}) for name, cost in costs.items()]
+
+
+TABLE = _table({
+    "a": {"int2g64": 0.30, "int4g128": 0.020, "int4g64": 0.015, "int8g128": 0.0001, "float": 0.0},
+    "b": {"int2g64": 0.05, "int4g128": 0.004, "int4g64": 0.003, "int8g128": 0.00002, "float": 0.0},
+    "c": {"int2g64": 0.90, "int4g128": 0.100, "int4g64": 0.060, "int8g128": 0.0005, "float": 0.0},
+})
+
+
+def _brute_force(table, budget):
+    """The least-cost mix within `budget` bits per weight, by trying every one."""
+    best = None
+    for choice in itertools.product(*(list(s.cost) for s in table)):
+        mix = dict(zip((s.name for s in table), choice))
+        est = mixed.estimate(table, mix)
+        if est["bits_per_weight"] <= budget and (best is None or est["estimated_ppl_increase_pct"] < best[0]):
+            best = (est["estimated_ppl_increase_pct"], mix)
+    return best
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 3.5, 4.25, 5.0, 6.0, 8.5, 12.0])
+def test_fit_bits_stays_within_the_budget_and_is_near_the_best_mix(budget):
+    mix = mixed.fit_bits(TABLE, budget)
+    est = mixed.estimate(TABLE, mix)
+    assert est["bits_per_weight"] <= budget
+    best_cost, _ = _brute_force(TABLE, budget)
+    assert est["estimated_ppl_increase_pct"] <= best_cost * 1.25 + 1e-6  # greedy on convex hulls: at most a step off
+
+
+def test_no_mix_fits_below_the_smallest_format():
+    assert mixed.fit_bits(TABLE, 2.0) is None
+
+
+def test_the_ladder_grows_by_one_step_and_first_within_honours_the_correction():
+    mixes = mixed.ladder(TABLE)
+    sizes = [mixed.estimate(TABLE, m)["bits_per_weight"] for m in mixes]
+    costs = [mixed.estimate(TABLE, m)["estimated_ppl_increase_pct"] for m in mixes]
+    assert sizes == sorted(sizes) and costs == sorted(costs, reverse=True)
+    assert all(sum(a[k] != b[k] for k in a) == 1 for a, b in zip(mixes, mixes[1:]))
+    index = mixed.first_within(TABLE, mixes, 5.0)
+    assert costs[index] <= 5.0 and (index == 0 or costs[index - 1] > 5.0)
+    later = mixed.first_within(TABLE, mixes, 5.0, scale=2.0, after=index)  # the estimate measured 2× short
+    assert later > index and math.expm1(2 * math.log1p(costs[later] / 100)) * 100 <= 5.0 + 1e-9
+
+
+def test_stored_bits_count_scales_and_zero_points():
+    assert mixed.stored_bits(4, 128, 256, 10) == 4 * 2560 + 2 * 10 * 32
+    assert mixed.stored_bits(4, 128, 256, 10, symmetric=False) == 4 * 2560 + 2 * 10 * 36
+    assert mixed.stored_bits(8, 0, 256, 10) == 8 * 2560 + 10 * 32
+    assert mixed.stored_bits(None, 0, 256, 10) == 32 * 2560
+    layers = [{"name": "a", "shape": [256, 10], "bits": 4, "group_size": 128, "symmetric": True},
+              {"name": "b", "shape": [256, 10], "format": "FLOAT"}]
+    assert mixed.bits_per_weight(layers) == (4.25 + 32) / 2
+    assert mixed.bits_per_weight([layers[1]]) is None
+
+
+def test_layer_formats_are_recipe_data_checked_before_any_work():
+    plan = recipe_mod.resolve("ort-int4", None, {"layers": ["blocks.0.q=int2g64", "blocks.1.down=float"]})
+    assert plan.weight_scheme().layer_formats() == {"blocks.0.q": (2, 64), "blocks.1.down": (None, 0)}
+    assert recipe_mod.resolve(None, recipe_mod.to_dict(plan)) == plan  # a manifest replays it
+    assert "layers = [\"blocks.0.q=int2g64\", \"blocks.1.down=float\"]" in recipe_mod.to_toml(plan)
+    with pytest.raises(errors.InputError, match="bits=3 is not supported: use 2, 4, 8"):
+        recipe_mod.resolve("ort-int4", None, {"layers": ["blocks.0.q=int3"]})
+    with pytest.raises(errors.InputError, match="unknown weight format 'nf4'"):
+        recipe_mod.resolve("ort-int4", None, {"layers": ["blocks.0.q=nf4"]})
+    with pytest.raises(errors.InputError, match="not name=format"):
+        recipe_mod.resolve("ort-int4", None, {"layers": ["blocks.0.q"]})
+    with pytest.raises(errors.InputError, match=r"lm_head's format is the \[lm_head\] section's"):
+        recipe_mod.resolve("ort-int4", None, {"layers": ["lm_head=int8"]})
+    with pytest.raises(errors.InputError, match="TensorRT has no 2-bit weights"):
+        recipe_mod.resolve("trt-int4", None, {"layers": ["blocks.0.q=int2g64"]})
+    assert parse_format("int8") == (8, 0)
+
+
+def test_probe_kl_is_the_kl_of_the_model_with_that_linear_quantized(tiny_export, tmp_path):
+    """The probe session feeds a linear's quantized weight in place of the float one (a tied lm_head gets its own):
+    its KL is the KL of a model whose linear really is quantized, and zero for the float weight."""
+    _, path = tiny_export("llama")
+    model = artifact.load_onnx(path)
+    linears = analysis.analyze(model).linears()
+    windows = np.random.default_rng(0).integers(3, 250, size=(2, 32))
+    picked = [lin for lin in linears if lin.name in ("blocks.1.down", "lm_head")]
+    with mixed._ProbeSession(model, linears) as session:
+        reference = session.log_probs(windows, {})
+        for lin in picked:
+            assert session.kl(windows, reference, lin, lin.float_weight()) < 1e-9
+            qw = quantize_rtn(lin.float_weight(), 2, 32)
+            probe = session.kl(windows, reference, lin, qw.dequantize())
+            quantized = artifact.load_onnx(path)
+            target = next(x for x in analysis.analyze(quantized).linears() if x.name == lin.name)
+            attach_quantized_weight(quantized.graph, target, qw)
+            quantized.opset_imports[""] = 25  # the INT2 DequantizeLinear's opset
+            qpath = tmp_path / f"{lin.name}.onnx"
+            ir.save(quantized, qpath, external_data=f"{lin.name}.onnx.data")
+            decoder = Decoder(qpath)
+            measured = 0.0
+            for window, ref in zip(windows, reference):
+                logits = decoder.session.run(["logits"], decoder.feeds(window[None], decoder.empty_cache(), 0))[0][0].astype(np.float64)
+                log_q = logits - logits.max(-1, keepdims=True)
+                log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+                measured += float(np.sum(np.exp(ref) * (ref - log_q)))
+            measured /= windows.size
+            assert probe > 1e-6  # a real change, well above float noise
+            assert probe == pytest.approx(measured, rel=1e-3)
+
+
+def _files_digest(folder) -> str:
+    h = hashlib.sha256()
+    for name in ("model.onnx", "model.onnx.data"):
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def test_a_searched_compile_fits_its_budget_and_replays_from_its_manifest(tiny_export, tmp_path, monkeypatch):
+    _, path = tiny_export("llama")
+    monkeypatch.setattr(mixed, "PROBE_TOKENS", 32)
+    out = tmp_path / "mixed"
+    art = qcompile.compile(path, "ort-int4", out, eval_windows=None, bits_per_weight=5.0, algo="rtn", calib_samples=4,
+                           calib_seqlen=64, embedding_bits=None)
+    m = art.manifest
+    assert m["metrics"]["bits_per_weight"] <= 5.0
+    assert m["search"]["budget_bits_per_weight"] == 5.0 and m["search"]["estimated_ppl_increase_pct"] >= 0
+    assert m["search"]["bits_per_weight"] == pytest.approx(m["metrics"]["bits_per_weight"], abs=1e-3)  # as estimated
+    formats = {e["name"]: (e.get("bits"), e.get("group_size", 0)) for e in m["layers"]}
+    chosen = dict(entry.split("=") for entry in m["recipe"]["weights"]["layers"])
+    assert len(chosen) == len(formats) - 1  # every block linear; lm_head in its own section
+    for name, fmt in chosen.items():
+        bits, group = parse_format(fmt)
+        assert formats[name] == ((bits, group) if bits is not None else (None, 0)), name
+    assert len(set(chosen.values())) > 1  # a mix, not one format
+    replay = qcompile.compile(path, None, tmp_path / "replay", out / "manifest.json", eval_windows=None)
+    assert _files_digest(replay.path) == _files_digest(out)
+    assert "search" not in replay.manifest
+
+
+def test_search_options_are_checked_before_any_work(tiny_export, tmp_path):
+    _, path = tiny_export("llama")
+    cases = [
+        (dict(search=True), "--search needs a budget"),
+        (dict(bits_per_weight=0.5), "out of range"),
+        (dict(bits_per_weight=4, activations="int8-dynamic"), "weight-only recipes"),
+        (dict(bits_per_weight=4, layers=["blocks.0.q=int8"]), "already gives each linear's format"),
+        (dict(bits_per_weight=4, formats=["int2g64"], target="trt-int4"), "TensorRT has no 2-bit weights"),
+    ]
+    for options, message in cases:
+        options = {"target": "ort-int4", **options}
+        with pytest.raises(errors.InputError, match=message):
+            qcompile.compile(path, out_dir=tmp_path / "x", eval_windows=None, **options)
+        assert not (tmp_path / "x").exists()
+
+
+def test_cli_bits_per_weight_reports_the_mix(tiny_export, tmp_path, monkeypatch, capsys):
+    _, path = tiny_export("llama")
+    monkeypatch.setattr(mixed, "PROBE_TOKENS", 32)
+    out = tmp_path / "cli"
+    assert main(["model", str(path), "-o", str(out), "--no-eval", "--bits-per-weight", "6", "--algo", "rtn",
+                 "--calib-samples", "4", "--calib-seqlen", "64", "--embeddings", "float"]) == 0
+    text = capsys.readouterr().out
+    assert "bits per weight" in text
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["bits_per_weight"] <= 6
