@@ -1,6 +1,6 @@
 """Mixed precision on SmolLM2-135M: perplexity against stored bits per weight, uniform recipes and searched mixes, in one run.
 
-    python benchmarks/bench_mixed_precision.py [--windows 128] [--budgets 2.5,3,3.5,4.25,5,6,8]
+    python benchmarks/bench_mixed_precision.py [--windows 128] [--budgets 2.75,3,3.5,u4,5,6,8]
 
 Every model is an ort-int4 artifact with a float embedding table, calibrated on the same 32 packaged windows of 512
 tokens, evaluated on --windows WikiText-2 test windows. Bits per weight are counted from each artifact's files, the
@@ -8,8 +8,9 @@ same way for the peer: MatMulNBits B + scales + zero points, 32 bits per float M
 (lm_head included; the embedding table, a lookup, left out).
 - uniform: every linear (lm_head too) in one format, by RTN, GPTQ, AWQ+GPTQ and QuaRot+GPTQ; plus the usual
   int4 recipe whose lm_head is 8-bit;
-- searched: `qcompile model --bits-per-weight B` (QuaRot+GPTQ, the ORT formats int2g64, int4g128, int4g64,
-  int8g128, float) at each budget, with the search's estimate beside the measurement;
+- searched: `qcompile model --bits-per-weight B` (QuaRot+GPTQ, the ORT formats int2g128, int2g64, int4g128, int4g64,
+  int8g128, float) at each budget (u4: the bits of uniform int4 g128), with the search's estimate beside the
+  measurement. Below about 2.7 bits nothing fits: lm_head (a fifth of the weights) is 4-bit at least;
 - peer: onnxruntime-genai's builder, int4 with `int4_algo_config=k_quant_mixed` (llama.cpp's rule: some layers
   int8 and lm_head int8), on an HF folder saved from the same GGUF;
 - gate: `--search --max-ppl-increase 5` (evaluated on 32 windows, as the gate is), and its replay from the manifest,
@@ -89,10 +90,9 @@ def digest(folder: pathlib.Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
-    parser.add_argument("--budgets", default="2.5,3,3.5,4.25,5,6,8")
+    parser.add_argument("--budgets", default="2.75,3,3.5,u4,5,6,8")
     parser.add_argument("--skip-peer", action="store_true")
     args = parser.parse_args()
-    budgets = [float(b) for b in args.budgets.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-mixed-") as tmp:
         work = pathlib.Path(tmp)
@@ -113,7 +113,8 @@ def main() -> None:
             art = qcompile.compile("smollm2-135m", out_dir=work / name.replace(" ", "_"), eval_windows=None, **{**BASE, **options})
             measure(name, art.path, "uniform", compile_seconds=round(time.perf_counter() - started, 1),
                     manifest_bits_per_weight=art.metrics["bits_per_weight"])
-        for budget in budgets:
+        u4 = min(rows[name]["manifest_bits_per_weight"] for name in UNIFORM if name.endswith("int4 g128"))
+        for budget in [u4 if b == "u4" else float(b) for b in args.budgets.split(",")]:
             started = time.perf_counter()
             art = qcompile.compile("smollm2-135m", out_dir=work / f"mix-{budget}", eval_windows=None, bits_per_weight=budget,
                                    **{**BASE, **ROTATED})
@@ -139,7 +140,7 @@ def main() -> None:
     float_ppl = rows["float"]["perplexity"]
     for r in rows.values():
         r["ppl_increase_pct"] = round(100 * (r["perplexity"] / float_ppl - 1), 2)
-    lines = table(rows, args.windows, gate)
+    lines = table(rows, args.windows, gate) + acceptance(rows)
     save("mixed_precision", {**meta(windows=args.windows, source=sources.resolve("smollm2-135m").describe()), "rows": rows, "gate": gate}, lines)
     plot(rows, args.windows)
 
@@ -159,6 +160,27 @@ def table(rows: dict, windows: int, gate: dict) -> list[str]:
     lines += ["", f"`--search --max-ppl-increase {gate['bound_pct']:g}`: measured {gate['ppl_increase_pct_32_windows']:+.2f} % on 32 windows, "
               f"{gate['size_mb']:.0f} MB, {gate['bits_per_weight']:.3f} bits per weight, {len(gate['search']['tries']) + 1} compile(s), "
               f"{gate['seconds']:.0f} s; its replay from the manifest: {'the same files' if gate['replay_identical'] else 'DIFFERENT files'}."]
+    return lines
+
+
+def acceptance(rows: dict) -> list[str]:
+    """The issue's two comparisons: at uniform int4 g128's bits, the searched mix against the best uniform int4 g128
+    recipe; at 3.5 bits, the searched mix against uniform RTN int4 g128 (the better of its two lm_heads)."""
+    searched = {r["budget"]: (name, r) for name, r in rows.items() if r["kind"] == "searched"}
+    lines = [""]
+    int4 = {name: r for name, r in rows.items() if r["kind"] == "uniform" and "int4 g128" in name}
+    best_name, best = min(int4.items(), key=lambda kv: kv[1]["ppl_increase_pct"])
+    at = [v for b, v in searched.items() if abs(b - best["manifest_bits_per_weight"]) < 1e-6]
+    if at:
+        name, r = at[0]
+        lines.append(f"At uniform int4 g128's {best['manifest_bits_per_weight']:.3f} bits per weight: the searched mix {r['ppl_increase_pct']:+.2f} % "
+                     f"against the best uniform int4 g128 recipe ({best_name}) {best['ppl_increase_pct']:+.2f} %: "
+                     f"{r['ppl_increase_pct'] / best['ppl_increase_pct']:.2f}× its increase.")
+    if 3.5 in searched:
+        name, r = searched[3.5]
+        rtn_name, rtn = min(((n, v) for n, v in rows.items() if n.startswith("RTN int4 g128")), key=lambda kv: kv[1]["ppl_increase_pct"])
+        lines.append(f"At 3.5 bits per weight: the searched mix ({r['bits_per_weight']:.3f} bits in the files) {r['ppl_increase_pct']:+.2f} % "
+                     f"against {rtn_name} ({rtn['bits_per_weight']:.3f} bits) {rtn['ppl_increase_pct']:+.2f} %.")
     return lines
 
 

@@ -17,8 +17,10 @@ every hull, merged in order of decreasing cost saved per bit, form one chain of 
 the largest. A bits-per-weight budget takes the chain as far as it fits; a perplexity bound takes it until the
 estimate meets the bound (the caller then measures, and moves on along the chain if the estimate was wrong).
 
-Stored bits of a b-bit weight [K, N] in groups of g: b·K·N plus a float32 scale per group and column (and a
-b-bit zero point when asymmetric); a float weight: 32 bits each.
+Stored bits of a b-bit weight [K, N] in groups of g: b bits per code, a short last group padded to g as the
+runtimes store it, plus a float32 scale per group and column (and a b-bit zero point when asymmetric); a float
+weight: 32 bits each. (On SmolLM2, K = 576 is 4.5 groups of 128: int4 g128 stores 4.72 bits per weight there,
+more than g64's 4.5.)
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def stored_bits(bits: int | None, group: int, k: int, n: int, symmetric: bool = 
     if bits is None:
         return FLOAT_BITS * k * n
     groups = -(-k // group) if group else 1
-    return bits * k * n + groups * n * (SCALE_BITS + (0 if symmetric else bits))
+    rows = groups * group if group else k  # a short last group is stored padded (MatMulNBits, TensorRT's whole blocks)
+    return bits * rows * n + groups * n * (SCALE_BITS + (0 if symmetric else bits))
 
 
 def bits_per_weight(layers: list[dict]) -> float | None:

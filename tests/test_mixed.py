@@ -69,6 +69,7 @@ def test_stored_bits_count_scales_and_zero_points():
     assert mixed.stored_bits(4, 128, 256, 10) == 4 * 2560 + 2 * 10 * 32
     assert mixed.stored_bits(4, 128, 256, 10, symmetric=False) == 4 * 2560 + 2 * 10 * 36
     assert mixed.stored_bits(8, 0, 256, 10) == 8 * 2560 + 10 * 32
+    assert mixed.stored_bits(4, 128, 192, 10) == 4 * 256 * 10 + 2 * 10 * 32  # the short last group stored padded
     assert mixed.stored_bits(None, 0, 256, 10) == 32 * 2560
     layers = [{"name": "a", "shape": [256, 10], "bits": 4, "group_size": 128, "symmetric": True},
               {"name": "b", "shape": [256, 10], "format": "FLOAT"}]

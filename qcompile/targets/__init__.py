@@ -127,7 +127,7 @@ _W8A8 = {"weights": {"bits": 8, "group_size": 0, "symmetric": True, "positive_sc
 # Formats a search chooses among. MatMulNBits runs 2, 4 and 8 bits in blocks of 16..256 (per-channel 8-bit is stored
 # in blocks of 128 anyway); TensorRT int4 in blocks of 64 or 128, int8 per channel. Blocks of 32 are left out: the
 # built-in model's weights lie on a 4-bit grid in blocks of 32, which would flatter them (list them in a recipe).
-_ORT_FORMATS = ("int2g64", "int4g128", "int4g64", "int8g128", "float")
+_ORT_FORMATS = ("int2g128", "int2g64", "int4g128", "int4g64", "int8g128", "float")
 _TRT_FORMATS = ("int4g128", "int4g64", "int8", "float")
 _ORT = dict(runtime="onnxruntime", packages_edge=True, mixed_formats=_ORT_FORMATS)
 _TRT = dict(runtime="tensorrt", builds_engines=True, rules="TensorRT's explicit-quantization rules")
