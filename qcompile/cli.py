@@ -63,7 +63,7 @@ def model(
     calib: Optional[pathlib.Path] = typer.Option(None, "--calib", help="Calibration text or JSONL ({\"text\": ...} lines) [default: packaged WikiText-2 valid.txt]."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows [default: the target's, 16 for ort-int4, trt-int4 and edge-int4; else 128, or 32 when only a 4-bit lm_head is calibrated]."),
     calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="Tokens per calibration window (at most the model's context) [default: 512]."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits for the block linears: 4 or 8 [default: the target's, 4]."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits for the block linears: 2 (ONNX Runtime targets), 4 or 8 [default: the target's, 4]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Block size along K: 32, 64 or 128, or 0 for one scale per output channel [default: the target's]."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric (signed, no zero point) or asymmetric weights [default: the target's, symmetric]."),
     positive_scales: Optional[bool] = typer.Option(None, "--positive-scales/--signed-scales", help="Symmetric scales kept positive (TensorRT; use on ort-/edge- targets for the same integers as trt-) or ORT's signed full-range scales (more accurate) [default: the target's]."),
@@ -402,7 +402,7 @@ def list_targets():
     from qcompile.recipe import resolve
 
     table = Table(title="qcompile targets")
-    for col in ("target", "runtime", "weights", "description"):
+    for col in ("target", "runtime", "weights", "search formats", "description"):
         table.add_column(col)
     for name in registry.names():
         t = registry.get(name)
@@ -415,7 +415,7 @@ def list_targets():
             weights += f"; activations {act.kind.value}{' + SmoothQuant' if act.smoothquant else ''}"
         if plan.rotation.enabled:
             weights = f"QuaRot rotations; {weights}"
-        table.add_row(name, t.runtime, weights, t.description)
+        table.add_row(name, t.runtime, weights, ", ".join(t.mixed_formats) or "-", t.description)
     console.print(table)
 
 
