@@ -1,6 +1,9 @@
 """Mixed precision on SmolLM2-135M: perplexity against stored bits per weight, uniform recipes and searched mixes, in one run.
 
-    python benchmarks/bench_mixed_precision.py [--windows 128] [--budgets 2.75,3,3.5,u4,5,6,8]
+    python benchmarks/bench_mixed_precision.py [--windows 128] [--budgets 2.75,3.5,u4,5,8]
+
+Each measured row is kept in results/mixed_precision.partial.json as it completes; a rerun with the same
+--windows takes those rows from it (delete the file to measure everything again).
 
 Every model is an ort-int4 artifact with a float embedding table, calibrated on the same 32 packaged windows of 512
 tokens, evaluated on --windows WikiText-2 test windows. Bits per weight are counted from each artifact's files, the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import pathlib
 import tempfile
@@ -40,10 +44,8 @@ UNIFORM = {  # name → (options, format for the table)
     "GPTQ int4 g128": dict(algo="gptq", bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
     "AWQ+GPTQ int4 g128": dict(algo="awq+gptq", bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
     "QuaRot+GPTQ int4 g128": dict(**ROTATED, bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
-    "QuaRot+GPTQ int4 g64": dict(**ROTATED, bits=4, group_size=64, lm_head_bits=4, lm_head_group_size=64),
     "QuaRot+GPTQ int2 g64, lm_head int4 g64": dict(**ROTATED, bits=2, group_size=64, lm_head_bits=4, lm_head_group_size=64),
     "RTN int4 g128, lm_head int8": dict(algo="rtn", bits=4, group_size=128, lm_head_bits=8),
-    "QuaRot+GPTQ int8 g128": dict(**ROTATED, bits=8, group_size=128, lm_head_bits=8),
 }
 PEER = "onnxruntime-genai builder int4 k_quant_mixed"
 GATE = 5.0
@@ -90,7 +92,7 @@ def digest(folder: pathlib.Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
-    parser.add_argument("--budgets", default="2.75,3,3.5,u4,5,6,8")
+    parser.add_argument("--budgets", default="2.75,3.5,u4,5,8")
     parser.add_argument("--skip-peer", action="store_true")
     args = parser.parse_args()
 
@@ -101,20 +103,36 @@ def main() -> None:
         tokenizer = runtime.load_tokenizer(float_dir)
         rows: dict[str, dict] = {}
 
+        partial = RESULTS / "mixed_precision.partial.json"
+        kept = json.loads(partial.read_text()) if partial.is_file() else {}
+        kept = kept.get("rows", {}) if kept.get("windows") == args.windows else {}
+
         def measure(name: str, folder: pathlib.Path, kind: str, **extra) -> None:
             ppl = evaluation.perplexity(runtime.Decoder(folder), tokenizer, args.windows).ppl
             rows[name] = {"kind": kind, "perplexity": round(ppl, 3), "bits_per_weight": round(linear_bits_per_weight(folder / "model.onnx"), 3),
                           "size_mb": round(artifact.model_bytes(folder / "model.onnx") / 1e6, 1), **extra}
+            partial.write_text(json.dumps({"windows": args.windows, "rows": {**kept, **rows}}, indent=2))
             print(name, rows[name], flush=True)
 
-        measure("float", float_dir, "float")
+        def done(name: str) -> bool:
+            if name in kept:
+                rows[name] = kept[name]
+                print(name, "(kept)", rows[name], flush=True)
+            return name in kept
+
+        if not done("float"):
+            measure("float", float_dir, "float")
         for name, options in UNIFORM.items():
+            if done(name):
+                continue
             started = time.perf_counter()
             art = qcompile.compile("smollm2-135m", out_dir=work / name.replace(" ", "_"), eval_windows=None, **{**BASE, **options})
             measure(name, art.path, "uniform", compile_seconds=round(time.perf_counter() - started, 1),
                     manifest_bits_per_weight=art.metrics["bits_per_weight"])
         u4 = min(rows[name]["manifest_bits_per_weight"] for name in UNIFORM if name.endswith("int4 g128"))
         for budget in [u4 if b == "u4" else float(b) for b in args.budgets.split(",")]:
+            if done(f"searched ≤ {budget:g} bits"):
+                continue
             started = time.perf_counter()
             art = qcompile.compile("smollm2-135m", out_dir=work / f"mix-{budget}", eval_windows=None, bits_per_weight=budget,
                                    **{**BASE, **ROTATED})
@@ -123,19 +141,15 @@ def main() -> None:
             measure(f"searched ≤ {budget:g} bits", art.path, "searched", budget=budget, compile_seconds=round(time.perf_counter() - started, 1),
                     manifest_bits_per_weight=art.metrics["bits_per_weight"], formats=counts,
                     lm_head=art.manifest["recipe"]["lm_head"], estimated_ppl_increase_pct=art.manifest["search"]["estimated_ppl_increase_pct"])
+        gate = json.loads(partial.read_text()).get("gate") if partial.is_file() else None
+        if gate is None:
+            gate = measure_gate(work)
+            partial.write_text(json.dumps({**json.loads(partial.read_text()), "gate": gate}, indent=2))
+
         if not args.skip_peer:
-            peer = build_peer(work)
+            peer = None if done(PEER) else build_peer(work)
             if peer is not None:
                 measure(PEER, peer, "peer")
-
-        started = time.perf_counter()
-        gated = qcompile.compile("smollm2-135m", out_dir=work / "gate", search=True, max_ppl_increase=GATE, **{**BASE, **ROTATED})
-        gate = {"bound_pct": GATE, "ppl_increase_pct_32_windows": gated.metrics["ppl_increase_pct"],
-                "size_mb": round(gated.metrics["quantized"]["size_bytes"] / 1e6, 1), "bits_per_weight": gated.metrics["bits_per_weight"],
-                "search": gated.manifest["search"], "seconds": round(time.perf_counter() - started, 1)}
-        replay = qcompile.compile("smollm2-135m", out_dir=work / "replay", recipe=gated.path / "manifest.json", eval_windows=None)
-        gate["replay_identical"] = digest(replay.path) == digest(gated.path)
-        print("gate", gate, flush=True)
 
     float_ppl = rows["float"]["perplexity"]
     for r in rows.values():
@@ -143,6 +157,19 @@ def main() -> None:
     lines = table(rows, args.windows, gate) + acceptance(rows)
     save("mixed_precision", {**meta(windows=args.windows, source=sources.resolve("smollm2-135m").describe()), "rows": rows, "gate": gate}, lines)
     plot(rows, args.windows)
+
+
+def measure_gate(work: pathlib.Path) -> dict:
+    """`--search --max-ppl-increase GATE` (measured on 32 windows, as the gate is), and its replay from the manifest."""
+    started = time.perf_counter()
+    gated = qcompile.compile("smollm2-135m", out_dir=work / "gate", search=True, max_ppl_increase=GATE, **{**BASE, **ROTATED})
+    gate = {"bound_pct": GATE, "ppl_increase_pct_32_windows": gated.metrics["ppl_increase_pct"],
+            "size_mb": round(gated.metrics["quantized"]["size_bytes"] / 1e6, 1), "bits_per_weight": gated.metrics["bits_per_weight"],
+            "search": gated.manifest["search"], "seconds": round(time.perf_counter() - started, 1)}
+    replay = qcompile.compile("smollm2-135m", out_dir=work / "replay", recipe=gated.path / "manifest.json", eval_windows=None)
+    gate["replay_identical"] = digest(replay.path) == digest(gated.path)
+    print("gate", gate, flush=True)
+    return gate
 
 
 def table(rows: dict, windows: int, gate: dict) -> list[str]:

@@ -33,7 +33,7 @@ import tempfile
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import calibration
+from qcompile import analysis, calibration
 from qcompile.runtime import Decoder
 from qcompile.schemes import parse_format
 
@@ -130,20 +130,49 @@ def measure(model: ir.Model, linears: list, formats: dict[str, list[str]], windo
     return table
 
 
-class _ProbeSession:
-    """One ONNX Runtime session over a copy of `model` whose linears' weights are overridable inputs, so that a
-    probe feeds one linear's quantized weight without building a session per probe. A tied lm_head gets a
+class _Session:
+    """One ONNX Runtime session over `copy` (a clone of a model, prepared so that probes are fed as overridable
+    inputs: no session per probe). The copy is saved to a temporary folder that lasts as long as the `with`."""
+
+    def __init__(self, copy: ir.Model):
+        self.copy = copy
+
+    def __enter__(self):
+        ir.passes.common.RemoveUnusedNodesPass()(self.copy)
+        self._tmp = tempfile.TemporaryDirectory(prefix="qcompile-probe-")
+        path = pathlib.Path(self._tmp.name) / "model.onnx"
+        ir.save(self.copy, path, external_data="model.onnx.data")
+        del self.copy
+        self.decoder = Decoder(path)
+        return self
+
+    def __exit__(self, *exc):
+        del self.decoder
+        self._tmp.cleanup()
+
+    def log_probs(self, windows: np.ndarray, overrides: dict | None = None) -> np.ndarray:
+        """log p [windows, tokens, vocab] (float32) with `overrides` fed (input name → array); all windows in one batch."""
+        feeds = {**self.decoder.feeds(windows, self.decoder.empty_cache(len(windows)), 0), **(overrides or {})}
+        logits = self.decoder.session.run(["logits"], feeds)[0].astype(np.float32)
+        logits -= logits.max(axis=-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
+def kl(reference: np.ndarray, log_q: np.ndarray) -> float:
+    """Mean KL(reference ‖ q) per token, in nats, from log-probabilities [..., vocab]."""
+    return max(float(np.sum(np.exp(reference) * (reference - log_q), axis=-1, dtype=np.float64).mean()), 0.0)
+
+
+class _ProbeSession(_Session):
+    """A session over a copy of `model` whose linears' weights are overridable inputs. A tied lm_head gets a
     weight of its own (the embedding table stays float); a linear that is some columns of a fused projection
     is fed the whole fused weight with its columns replaced."""
 
     def __init__(self, model: ir.Model, linears: list):
-        self.model, self.linears = model, linears
-
-    def __enter__(self):
-        copy = self.model.clone()
+        copy = model.clone()
         self.weights = {}  # linear name → (input name, float weight of the whole input, columns or None)
         nodes = {node.name: node for node in copy.graph}
-        for linear in self.linears:
+        for linear in linears:
             node = nodes[linear.node.name]
             value = node.inputs[1]
             if value.const_value is None:  # a tied lm_head reads the embedding through a Transpose
@@ -155,24 +184,7 @@ class _ProbeSession:
             if value not in copy.graph.inputs:
                 copy.graph.inputs.append(value)
             self.weights[linear.name] = (value.name, value.const_value.numpy(), linear.columns)
-        ir.passes.common.RemoveUnusedNodesPass()(copy)
-        self._tmp = tempfile.TemporaryDirectory(prefix="qcompile-probe-")
-        path = pathlib.Path(self._tmp.name) / "model.onnx"
-        ir.save(copy, path, external_data="model.onnx.data")
-        del copy
-        self.decoder = Decoder(path)
-        return self
-
-    def __exit__(self, *exc):
-        del self.decoder
-        self._tmp.cleanup()
-
-    def log_probs(self, windows: np.ndarray, overrides: dict) -> np.ndarray:
-        """log p [windows, tokens, vocab] (float32) with `overrides` fed (input name → weight); all windows in one batch."""
-        feeds = {**self.decoder.feeds(windows, self.decoder.empty_cache(len(windows)), 0), **overrides}
-        logits = self.decoder.session.run(["logits"], feeds)[0].astype(np.float32)
-        logits -= logits.max(axis=-1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        super().__init__(copy)
 
     def kl(self, windows: np.ndarray, reference: np.ndarray, linear, weight: np.ndarray) -> float:
         """Mean KL(float ‖ this linear's weight replaced by `weight`) per token, in nats."""
@@ -182,9 +194,53 @@ class _ProbeSession:
             full[:, slice(*columns)] = weight
         else:
             full = weight
-        log_q = self.log_probs(windows, {name: np.ascontiguousarray(full, np.float32)})
-        kl = np.sum(np.exp(reference) * (reference - log_q), axis=-1, dtype=np.float64)
-        return max(float(kl.mean()), 0.0)
+        return kl(reference, self.log_probs(windows, {name: np.ascontiguousarray(full, np.float32)}))
+
+
+@dataclasses.dataclass
+class InputSensitivity:
+    """One activation quantizer (the linears reading it share it): the KL its quantization adds, measured as
+    what keeping its input float removes with every other input quantized."""
+
+    linears: list[str]
+    weights: int  # Σ K·N of its linears: what keeping them at float inputs costs in speed, roughly
+    gain: float
+
+
+def measure_inputs(model: ir.Model, float_model: ir.Model, windows: np.ndarray, progress=None) -> tuple[float, list[InputSensitivity]]:
+    """(KL of `model`, each static activation quantizer's gain): `model` is a canonical model with static
+    QuantizeLinear → DequantizeLinear on its linears' inputs, `float_model` its float reference."""
+    with _Session(float_model.clone()) as session:
+        reference = session.log_probs(windows)
+    copy = model.clone()
+    flags: dict[str, InputSensitivity] = {}
+    quantized = []  # (linear, its input's DequantizeLinear, QuantizeLinear), found before the graph changes
+    for linear in analysis.analyze(copy).linears():
+        dq = linear.node.inputs[0].producer()
+        q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            quantized.append((linear, dq, q))
+    for linear, dq, q in quantized:
+        name = f"{dq.name}_on"
+        if name not in flags:  # x → Where(on, DQ(Q(x)), x): an input switched off is read float
+            on = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.BOOL), const_value=ir.tensor(True))
+            copy.graph.register_initializer(on)
+            copy.graph.inputs.append(on)
+            where = ir.node("Where", [on, dq.outputs[0], q.inputs[0]], name=f"{dq.name}_switch")
+            where.outputs[0].name, where.outputs[0].dtype, where.outputs[0].shape = f"{dq.name}_switched", dq.outputs[0].dtype, dq.outputs[0].shape
+            ir.convenience.replace_all_uses_with(dq.outputs[0], where.outputs[0])
+            where.replace_input_with(1, dq.outputs[0])
+            copy.graph.insert_after(dq, where)
+            flags[name] = InputSensitivity([], 0, 0.0)
+        flags[name].linears.append(linear.name)
+        flags[name].weights += linear.in_features * linear.out_features
+    advance = progress.task("Measuring activation sensitivity", len(flags)) if progress else (lambda: None)
+    with _Session(copy) as session:
+        total = kl(reference, session.log_probs(windows))
+        for name, entry in flags.items():
+            entry.gain = total - kl(reference, session.log_probs(windows, {name: np.array(False)}))
+            advance()
+    return total, list(flags.values())
 
 
 @dataclasses.dataclass

@@ -174,30 +174,38 @@ MAX_SEARCH_TRIES = 4  # compiles a perplexity-bound search measures before it gi
 
 def _check_search(plan: Recipe, tgt: targets.Target, candidates: tuple[str, ...], bits_per_weight: float | None, max_ppl_increase: float | None,
                   resume: bool) -> None:
+    """A search is either of weight formats (weight-only recipes: a size or a perplexity budget) or, for static
+    activations, of the linears that keep float inputs (a perplexity budget)."""
     if bits_per_weight is None and max_ppl_increase is None:
         raise errors.InputError("--search needs a budget: --bits-per-weight B (the most accurate mix within B) or "
                                 "--max-ppl-increase P (the smallest mix within P %)")
     if bits_per_weight is not None and not 1 <= bits_per_weight <= 32:
         raise errors.InputError(f"--bits-per-weight {bits_per_weight} is out of range: use stored bits per weight in 1..32, e.g. 3.5")
+    if resume:
+        raise errors.InputError("--resume continues one GPTQ compile, a search runs several: drop --resume")
+    act = plan.activations
+    if plan.weights.layers or act.float_inputs:
+        raise errors.InputError("the recipe already holds a search's choice (weights.layers or activations.float_inputs): drop "
+                                "--search / --bits-per-weight to replay it, or clear them to search again")
+    if act.static and bits_per_weight is None:
+        return  # which linears keep float inputs
+    if act.kind != ActivationKind.NONE or plan.weights.fp8:
+        raise errors.InputError(f"--bits-per-weight chooses weight formats of weight-only recipes; {tgt.name}'s recipe quantizes "
+                                "activations or uses FP8: pick a weight-only target (ort-int4, trt-int4, edge-int4), or use "
+                                "--search --max-ppl-increase P alone, which chooses the linears that keep float inputs")
     if not candidates:
         raise errors.InputError(f"{tgt.name} has no formats to choose among: use an ort-* or trt-int4 target, or give --formats")
     data = recipe_mod.to_dict(plan)
     for fmt in candidates:  # each one the target runs, e.g. no 2-bit weights on TensorRT
         recipe_mod.resolve(plan.target, {**data, "weights": {**data["weights"], "bits": parse_format(fmt)[0] or plan.weights.bits}})
-    if plan.activations.kind != ActivationKind.NONE or plan.weights.fp8:
-        raise errors.InputError(f"the search chooses weight formats of weight-only recipes; {tgt.name}'s recipe quantizes "
-                                "activations or uses FP8: pick a weight-only target (ort-int4, trt-int4, edge-int4)")
-    if plan.weights.layers:
-        raise errors.InputError("the recipe already gives each linear's format (weights.layers): drop --search / "
-                                "--bits-per-weight to replay it, or clear weights.layers to search again")
-    if resume:
-        raise errors.InputError("--resume continues one GPTQ compile, a search runs several: drop --resume")
 
 
 def _compile_searched(src: sources.Source, plan: Recipe, tgt: targets.Target, candidates: tuple[str, ...], out: pathlib.Path, bits_per_weight: float | None,
                       eval_windows: int | None, max_ppl_increase: float | None, engine: bool, progress, started: float) -> artifact.Artifact:
     """Measure every linear's sensitivity, choose the mix, compile it; under a perplexity bound alone, compile
     the next mix the corrected estimate allows while the measurement misses the bound."""
+    if plan.activations.static:
+        return _search_float_inputs(src, plan, tgt, out, eval_windows, max_ppl_increase, engine, progress, started)
     table = sensitivity(src, plan, candidates, progress)
     evaluated = eval_windows is not None
     if bits_per_weight is not None:
@@ -232,6 +240,44 @@ def _compile_searched(src: sources.Source, plan: Recipe, tgt: targets.Target, ca
         raise missed
     raise errors.InputError(f"no mix of the formats ({', '.join(candidates)}) is estimated to meet "
                             f"--max-ppl-increase {max_ppl_increase:g} %: raise the bound, or give --formats with more bits")
+
+
+def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target, out: pathlib.Path, eval_windows: int,
+                         max_ppl_increase: float, engine: bool, progress, started: float) -> artifact.Artifact:
+    """Static activations: keep the inputs whose quantization costs most per weight they feed at float (their weights
+    stay quantized), the fewest whose measured perplexity meets `max_ppl_increase`. Each quantizer's cost is the KL
+    that switching it off removes from the fully quantized model (`mixed.measure_inputs`); the first set the
+    estimate allows is compiled, and while the measurement misses, the estimate is corrected and the next tried."""
+    canonical = _quantize(src, plan, [tgt], False, out, False, progress)
+    windows, _ = _calibration_windows(plan, canonical.float_path, always=True)
+    probe = windows[:mixed.PROBE_WINDOWS, :mixed.PROBE_TOKENS]
+    total, inputs = mixed.measure_inputs(canonical.model, scratch.unmapped(artifact.load_onnx(canonical.float_path)), probe, progress)
+    del canonical
+    inputs.sort(key=lambda entry: -entry.gain / entry.weights)
+    left = [total - sum(entry.gain for entry in inputs[:count]) for count in range(len(inputs) + 1)]  # estimated KL
+    target, scale, after, tries, missed = math.log1p(max_ppl_increase / 100), 1.0, -1, [], None
+    for _ in range(MAX_SEARCH_TRIES):
+        count = next((c for c in range(after + 1, len(left)) if scale * max(left[c], 0.0) <= target), None)
+        if count is None:
+            break
+        kept = sorted(name for entry in inputs[:count] for name in entry.linears)
+        data = recipe_mod.to_dict(plan)
+        chosen = recipe_mod.resolve(plan.target, {**data, "activations": {**data["activations"], "float_inputs": kept}})
+        estimate = {"float_input_linears": len(kept), "estimated_ppl_increase_pct": round(100 * math.expm1(scale * max(left[count], 0.0)), 3)}
+        record = {"max_ppl_increase": max_ppl_increase, **estimate, "correction": round(scale, 4), "tries": tries}
+        try:
+            return _lower(_quantize(src, chosen, [tgt], True, out, False, progress), chosen, tgt, out, eval_windows,
+                          max_ppl_increase, engine, progress, started, search=record)
+        except errors.AccuracyGateError as e:
+            missed = e
+            tries.append({**estimate, "ppl_increase_pct": e.metrics["ppl_increase_pct"]})
+            if left[count] > 0:
+                scale = max(scale, math.log1p(e.metrics["ppl_increase_pct"] / 100) / left[count])
+            after = count
+    if missed is not None:
+        raise missed
+    raise errors.InputError(f"keeping every activation float is not estimated to meet --max-ppl-increase {max_ppl_increase:g} %: "
+                            "the weights alone cost more; raise the bound")
 
 
 def sensitivity(src: sources.Source, plan: Recipe, candidates: tuple[str, ...], progress=None) -> list[mixed.Sensitivity]:
@@ -505,7 +551,8 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     make_weights, shares_calibration = _WEIGHT_PASSES[scheme.algorithm]
     weights = make_weights(dataclasses.replace(scheme, skip=(*scheme.skip, "lm_head")) if head else scheme, windows, progress, saved)
     fold = FoldSmoothQuantScales(act, quantize_weight=_fake_quantizer(scheme), skip=scheme.skip, weights=scheme) if act.smoothquant else None
-    acts = QuantizeActivations(act.kind, lm_head=act.lm_head, clip=act.clip, weights=scheme) if act.kind != ActivationKind.NONE else None
+    acts = QuantizeActivations(act.kind, lm_head=act.lm_head, clip=act.clip, weights=scheme,
+                               float_inputs=act.float_inputs) if act.kind != ActivationKind.NONE else None
     kv = QuantizeKVCache(plan.kv_cache.bits) if plan.kv_cache.bits is not None else None
     consumers = [p for p in (fold, acts if act.static else None, head, weights if shares_calibration else None, kv)
                  if p is not None]

@@ -161,7 +161,7 @@ OPTIONS = {
     "lm_head_bits": ("lm_head", "bits"), "lm_head_group_size": ("lm_head", "group_size"), "embedding_bits": ("embeddings", "bits"),
     "activations": ("activations", "kind"), "activation_clip": ("activations", "clip"),
     "smoothquant": ("activations", "smoothquant"), "smooth_up_down": ("activations", "smooth_up_down"),
-    "alpha": ("activations", "alpha"),
+    "alpha": ("activations", "alpha"), "float_inputs": ("activations", "float_inputs"),
     "rotate": ("rotation", "enabled"), "rotation_seed": ("rotation", "seed"), "rotation": ("rotation", "norm_outputs"),
     "attention_hadamards": ("rotation", "attention_hadamards"),
     "kv_cache_bits": ("kv_cache", "bits"),

@@ -144,6 +144,8 @@ class ActivationScheme:
     input of down (scales in up's output columns). `lm_head`: quantize lm_head's input too; by default
     lm_head stays weight-only (measured on SmolLM2: its per-tensor activations cost more than any other
     layer's, see benchmarks/results/w8a8.md). `clip`: dynamic per-token scales are clip·max|x| / qmax.
+    `float_inputs`: linears (ModelMap names) whose inputs stay float (their weights stay quantized), as an
+    activation-precision search chooses them.
     """
 
     kind: ActivationKind = ActivationKind.NONE
@@ -152,6 +154,7 @@ class ActivationScheme:
     smooth_up_down: bool = False
     lm_head: bool = False
     clip: float = 1.0
+    float_inputs: tuple[str, ...] = ()
     version: int = 1
 
     def __post_init__(self):
@@ -169,7 +172,8 @@ class ActivationScheme:
         return self.kind in (ActivationKind.INT8_STATIC, ActivationKind.FP8_STATIC)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "kind": self.kind.value, "alpha": "auto" if self.alpha is None else self.alpha}
+        return {**dataclasses.asdict(self), "kind": self.kind.value, "alpha": "auto" if self.alpha is None else self.alpha,
+                "float_inputs": list(self.float_inputs)}
 
 
 def parse_alpha(text: str) -> float | None:

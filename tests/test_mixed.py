@@ -162,7 +162,8 @@ def test_search_options_are_checked_before_any_work(tiny_export, tmp_path):
         (dict(search=True), "--search needs a budget"),
         (dict(bits_per_weight=0.5), "out of range"),
         (dict(bits_per_weight=4, activations="int8-dynamic"), "weight-only recipes"),
-        (dict(bits_per_weight=4, layers=["blocks.0.q=int8"]), "already gives each linear's format"),
+        (dict(bits_per_weight=4, target="trt-int8"), "weight-only recipes"),
+        (dict(bits_per_weight=4, layers=["blocks.0.q=int8"]), "already holds a search.s choice"),
         (dict(bits_per_weight=4, formats=["int2g64"], target="trt-int4"), "TensorRT has no 2-bit weights"),
     ]
     for options, message in cases:
@@ -181,3 +182,28 @@ def test_cli_bits_per_weight_reports_the_mix(tiny_export, tmp_path, monkeypatch,
     text = capsys.readouterr().out
     assert "bits per weight" in text
     assert json.loads((out / "manifest.json").read_text())["metrics"]["bits_per_weight"] <= 6
+
+
+def test_an_input_switched_off_in_the_probe_is_the_model_compiled_with_it_float(tiny_export, tmp_path):
+    """trt-int8's static activation quantizers: the probe's gain for one quantizer (the KL that keeping its input
+    float removes) is what compiling with those linears in activations.float_inputs removes, measured directly."""
+    _, path = tiny_export("llama")
+    full = qcompile.compile(path, "trt-int8", tmp_path / "full", eval_windows=None, calib_samples=4, calib_seqlen=64)
+    float_model = artifact.load_onnx(path)
+    windows = np.random.default_rng(1).integers(3, 250, size=(2, 32))
+    total, inputs = mixed.measure_inputs(artifact.load_onnx(full.path / "model.onnx"), float_model, windows)
+    assert total > 0 and len(inputs) == 2 * 4 and sorted(len(e.linears) for e in inputs) == [1] * 4 + [2] * 2 + [3] * 2  # o, down; gate/up; q/k/v
+    entry = max(inputs, key=lambda e: e.gain)
+    part = qcompile.compile(path, "trt-int8", tmp_path / "part", eval_windows=None, calib_samples=4, calib_seqlen=64,
+                            float_inputs=entry.linears)
+    assert part.manifest["recipe"]["activations"]["float_inputs"] == sorted(entry.linears)
+    model = artifact.load_onnx(part.path / "model.onnx")
+    for linear in analysis.analyze(model).linears():
+        producer = linear.node.inputs[0].producer()
+        quantized_input = producer is not None and producer.op_type == "DequantizeLinear"
+        assert quantized_input == (linear.name not in entry.linears and linear.name != "lm_head"), linear.name
+    # The compiled model's KL, measured the same way (the probe's Where keeps ONNX Runtime from fusing Q/DQ into its
+    # int8 kernels, whose rounding differs a little: the search measures the reference Q/DQ numerics)
+    part_total, _ = mixed.measure_inputs(model, float_model, windows)
+    assert part_total == pytest.approx(total - entry.gain, rel=1e-4)
+    assert entry.gain > 0.05 * total  # a real change

@@ -29,7 +29,7 @@ _ZERO_POINTS = {ActivationKind.INT8_STATIC: np.int8, ActivationKind.FP8_STATIC: 
 
 class QuantizeActivations(ir.passes.InPlacePass):
     """Insert `kind`'s quantizer before every linear whose weight is quantized (a DequantizeLinear; lm_head
-    only if `lm_head`).
+    only if `lm_head`; none of `float_inputs`, whose inputs stay float).
 
     Approximates x by its quantized value. Static kinds need `stats` (calibration of the same tensors,
     keyed by name, after any smoothing): the scale is max|x| / top, or, when the stats hold sampled rows,
@@ -39,8 +39,9 @@ class QuantizeActivations(ir.passes.InPlacePass):
     """
 
     def __init__(self, kind: ActivationKind, stats: dict[str, TapStats] | None = None, lm_head: bool = True,
-                 clip: float = 1.0, weights: WeightScheme | None = None):
+                 clip: float = 1.0, weights: WeightScheme | None = None, float_inputs: tuple[str, ...] = ()):
         super().__init__()
+        self.float_inputs = set(float_inputs)
         self.kind = kind
         self.clip = clip
         self.stats = stats
@@ -59,7 +60,8 @@ class QuantizeActivations(ir.passes.InPlacePass):
         scales: dict[str, float] = {}
         for linear in analysis.analyze(model).linears():
             dq = linear.weight_input.producer()
-            if dq is None or dq.op_type != "DequantizeLinear" or (linear.role == analysis.Role.LM_HEAD and not self.lm_head):
+            if dq is None or dq.op_type != "DequantizeLinear" or (linear.role == analysis.Role.LM_HEAD and not self.lm_head) \
+                    or linear.name in self.float_inputs:
                 continue
             x = linear.node.inputs[0]
             if x not in made:
