@@ -82,7 +82,7 @@ def model(
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Accuracy gate: fail (exit 3, nothing written) when perplexity rises more than this percentage over the float model's."),
     engine: bool = typer.Option(False, "--engine", help="trt-* targets: also build a TensorRT engine (see `qcompile build`)."),
     bits_per_weight: Optional[float] = typer.Option(None, "--bits-per-weight", help="Mixed precision: choose each linear's format (and lm_head's) by measured sensitivity, for the least estimated loss within this many stored bits per weight (scales included), e.g. 3.5."),
-    search: bool = typer.Option(False, "--search", help="Mixed precision under --max-ppl-increase alone: the smallest mix whose measured perplexity meets it (larger mixes are tried while it misses)."),
+    search: bool = typer.Option(False, "--search", help="With --max-ppl-increase alone: the smallest weight mix whose measured perplexity meets it (larger mixes are tried while it misses); on static-activation targets (trt-int8, trt-fp8), the fewest linears kept at float inputs that meet it."),
     formats: Optional[str] = typer.Option(None, "--formats", help="Formats the search chooses among, comma-separated, e.g. int2g64,int4g128,int8g128,float [default: the target's; `qcompile targets`]."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate", help="QuaRot: rotate the residual stream and value heads, online Hadamard before down_proj [default: on for ort-w4a8]."),
     rotation_seed: Optional[int] = typer.Option(None, "--rotation-seed", help="Seed of the rotations' random signs [default: 0]."),

@@ -209,7 +209,8 @@ class InputSensitivity:
 
 def measure_inputs(model: ir.Model, float_model: ir.Model, windows: np.ndarray, progress=None) -> tuple[float, list[InputSensitivity]]:
     """(KL of `model`, each static activation quantizer's gain): `model` is a canonical model with static
-    QuantizeLinear → DequantizeLinear on its linears' inputs, `float_model` its float reference."""
+    QuantizeLinear → DequantizeLinear on its linears' inputs, `float_model` its float reference. The gains are
+    measured one input at a time and scaled to add up to what keeping every input float removes (measured too)."""
     with _Session(float_model.clone()) as session:
         reference = session.log_probs(windows)
     copy = model.clone()
@@ -238,8 +239,14 @@ def measure_inputs(model: ir.Model, float_model: ir.Model, windows: np.ndarray, 
     with _Session(copy) as session:
         total = kl(reference, session.log_probs(windows))
         for name, entry in flags.items():
-            entry.gain = total - kl(reference, session.log_probs(windows, {name: np.array(False)}))
+            entry.gain = total - kl(reference, session.log_probs(windows, {name: np.array(False)})) if len(flags) > 1 else 0.0
             advance()
+        weights_only = kl(reference, session.log_probs(windows, {name: np.array(False) for name in flags}))
+    # Gains measured one at a time do not add up to switching every input off (errors interact): scale them so
+    # that they do, so that keeping all inputs float is estimated at what it measures.
+    measured = sum(max(entry.gain, 0.0) for entry in flags.values())
+    for entry in flags.values():
+        entry.gain = max(entry.gain, 0.0) * (total - weights_only) / measured if measured > 0 else (total - weights_only) / len(flags)
     return total, list(flags.values())
 
 

@@ -205,5 +205,7 @@ def test_an_input_switched_off_in_the_probe_is_the_model_compiled_with_it_float(
     # The compiled model's KL, measured the same way (the probe's Where keeps ONNX Runtime from fusing Q/DQ into its
     # int8 kernels, whose rounding differs a little: the search measures the reference Q/DQ numerics)
     part_total, _ = mixed.measure_inputs(model, float_model, windows)
-    assert part_total == pytest.approx(total - entry.gain, rel=1e-4)
-    assert entry.gain > 0.05 * total  # a real change
+    measured_gain = total - part_total
+    assert measured_gain > 0.05 * total  # a real change
+    assert entry.gain == pytest.approx(measured_gain, rel=0.5)  # one input's gain, scaled so that the gains add up
+    assert sum(e.gain for e in inputs) < total  # to all but the int8 weights' own cost
