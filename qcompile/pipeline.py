@@ -234,7 +234,8 @@ def _compile_searched(src: sources.Source, plan: Recipe, tgt: targets.Target, ca
             measured = e.metrics["ppl_increase_pct"]
             tries.append({**estimate, "ppl_increase_pct": measured})
             cost = sum(s.cost[mixes[index][s.name]] for s in table)
-            scale = max(scale, math.log1p(measured / 100) / cost) if cost > 0 else scale * 2  # the estimate, corrected
+            if cost > 0:  # the estimate, corrected by what it measured
+                scale = math.log1p(max(measured, 0.0) / 100) / cost
             after = index
     if missed is not None:
         raise missed
@@ -258,6 +259,8 @@ def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target,
     target, scale, after, tries, missed = math.log1p(max_ppl_increase / 100), 1.0, -1, [], None
     for _ in range(MAX_SEARCH_TRIES):
         count = next((c for c in range(after + 1, len(left)) if scale * max(left[c], 0.0) <= target), None)
+        if count is None and not tries:
+            count = 0  # the KL does not say the perplexity: measure the fully quantized model to scale the estimate
         if count is None:
             break
         kept = sorted(name for entry in inputs[:count] for name in entry.linears)
@@ -271,13 +274,10 @@ def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target,
         except errors.AccuracyGateError as e:
             missed = e
             tries.append({**estimate, "ppl_increase_pct": e.metrics["ppl_increase_pct"]})
-            if left[count] > 0:
-                scale = max(scale, math.log1p(e.metrics["ppl_increase_pct"] / 100) / left[count])
+            if left[count] > 0:  # the estimate, corrected by what it measured
+                scale = math.log1p(max(e.metrics["ppl_increase_pct"], 0.0) / 100) / left[count]
             after = count
-    if missed is not None:
-        raise missed
-    raise errors.InputError(f"keeping every activation float is not estimated to meet --max-ppl-increase {max_ppl_increase:g} %: "
-                            "the weights alone cost more; raise the bound")
+    raise missed  # the first try always measures, so a search that ends here has missed
 
 
 def sensitivity(src: sources.Source, plan: Recipe, candidates: tuple[str, ...], progress=None) -> list[mixed.Sensitivity]:
