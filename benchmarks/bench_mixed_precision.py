@@ -45,7 +45,6 @@ UNIFORM = {  # name → (options, format for the table)
     "AWQ+GPTQ int4 g128": dict(algo="awq+gptq", bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
     "QuaRot+GPTQ int4 g128": dict(**ROTATED, bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128),
     "QuaRot+GPTQ int2 g64, lm_head int4 g64": dict(**ROTATED, bits=2, group_size=64, lm_head_bits=4, lm_head_group_size=64),
-    "RTN int4 g128, lm_head int8": dict(algo="rtn", bits=4, group_size=128, lm_head_bits=8),
 }
 PEER = "onnxruntime-genai builder int4 k_quant_mixed"
 GATE = 5.0

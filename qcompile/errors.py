@@ -56,9 +56,9 @@ class AccuracyGateError(QcompileError):
 
     exit_code = 3
 
-    def __init__(self, metrics: dict, bound: float):
+    def __init__(self, metrics: dict, bound: float, tried: str = ""):
         self.metrics, self.bound = metrics, bound
+        fix = tried or "(a calibrated recipe such as --algo gptq loses less; or raise the bound)"
         super().__init__(
             f"accuracy gate failed: perplexity {metrics['quantized']['ppl']:.3f} against float {metrics['float']['ppl']:.3f} "
-            f"is {metrics['ppl_increase_pct']:+.2f} %, past --max-ppl-increase {bound:g} %: nothing was written "
-            "(a calibrated recipe such as --algo gptq loses less; or raise the bound)")
+            f"is {metrics['ppl_increase_pct']:+.2f} %, past --max-ppl-increase {bound:g} %: nothing was written {fix}")

@@ -238,7 +238,7 @@ def _compile_searched(src: sources.Source, plan: Recipe, tgt: targets.Target, ca
                 scale = math.log1p(max(measured, 0.0) / 100) / cost
             after = index
     if missed is not None:
-        raise missed
+        raise _searched_out(missed, tries)
     raise errors.InputError(f"no mix of the formats ({', '.join(candidates)}) is estimated to meet "
                             f"--max-ppl-increase {max_ppl_increase:g} %: raise the bound, or give --formats with more bits")
 
@@ -277,7 +277,14 @@ def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target,
             if left[count] > 0:  # the estimate, corrected by what it measured
                 scale = math.log1p(max(e.metrics["ppl_increase_pct"], 0.0) / 100) / left[count]
             after = count
-    raise missed  # the first try always measures, so a search that ends here has missed
+    raise _searched_out(missed, tries)  # the first try always measures, so a search that ends here has missed
+
+
+def _searched_out(missed: errors.AccuracyGateError, tries: list[dict]) -> errors.AccuracyGateError:
+    """The last miss of a search, saying what every try measured."""
+    measured = "; ".join(f"{', '.join(f'{k} {v}' for k, v in t.items() if k != 'ppl_increase_pct')}: {t['ppl_increase_pct']:+.2f} %"
+                         for t in tries)
+    return errors.AccuracyGateError(missed.metrics, missed.bound, f"after {len(tries)} searched compiles ({measured}): raise the bound")
 
 
 def sensitivity(src: sources.Source, plan: Recipe, candidates: tuple[str, ...], progress=None) -> list[mixed.Sensitivity]:
