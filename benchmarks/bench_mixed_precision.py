@@ -9,13 +9,12 @@ Every model is an ort-int4 artifact with a float embedding table, calibrated on 
 tokens, evaluated on --windows WikiText-2 test windows. Bits per weight are counted from each artifact's files, the
 same way for the peer: MatMulNBits B + scales + zero points, 32 bits per float MatMul weight, over every linear
 (lm_head included; the embedding table, a lookup, left out).
-- uniform: every linear (lm_head too) in one format, by RTN, GPTQ, AWQ+GPTQ and QuaRot+GPTQ; plus the usual
-  int4 recipe whose lm_head is 8-bit;
+- uniform: every linear (lm_head too) in one format, by RTN, GPTQ, AWQ+GPTQ and QuaRot+GPTQ;
 - searched: `qcompile model --bits-per-weight B` (QuaRot+GPTQ, the ORT formats int2g128, int2g64, int4g128, int4g64,
   int8g128, float) at each budget (u4: the bits of uniform int4 g128), with the search's estimate beside the
   measurement. Below about 2.7 bits nothing fits: lm_head (a fifth of the weights) is 4-bit at least;
 - peer: onnxruntime-genai's builder, int4 with `int4_algo_config=k_quant_mixed` (llama.cpp's rule: some layers
-  int8 and lm_head int8), on an HF folder saved from the same GGUF;
+  int8 and lm_head int8), on an HF folder saved from the same GGUF (--skip-peer leaves it out);
 - gate: `--search --max-ppl-increase 5` (evaluated on 32 windows, as the gate is), and its replay from the manifest,
   compared file by file.
 Writes benchmarks/results/mixed_precision.{json,md,png}.
@@ -93,7 +92,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
     parser.add_argument("--budgets", default="2.75,3.5,u4,5,8")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--report", action="store_true", help="Only write the table, JSON and plot from the rows kept so far.")
     args = parser.parse_args()
+    if args.report:
+        kept = json.loads((RESULTS / "mixed_precision.partial.json").read_text())
+        return report(kept["rows"], kept.get("gate"), kept["windows"])
 
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-mixed-") as tmp:
         work = pathlib.Path(tmp)
@@ -150,12 +153,16 @@ def main() -> None:
             if peer is not None:
                 measure(PEER, peer, "peer")
 
+    report(rows, gate, args.windows)
+
+
+def report(rows: dict, gate: dict | None, windows: int) -> None:
     float_ppl = rows["float"]["perplexity"]
     for r in rows.values():
         r["ppl_increase_pct"] = round(100 * (r["perplexity"] / float_ppl - 1), 2)
-    lines = table(rows, args.windows, gate) + acceptance(rows)
-    save("mixed_precision", {**meta(windows=args.windows, source=sources.resolve("smollm2-135m").describe()), "rows": rows, "gate": gate}, lines)
-    plot(rows, args.windows)
+    lines = table(rows, windows, gate) + acceptance(rows)
+    save("mixed_precision", {**meta(windows=windows, source=sources.resolve("smollm2-135m").describe()), "rows": rows, "gate": gate}, lines)
+    plot(rows, windows)
 
 
 def measure_gate(work: pathlib.Path) -> dict:
@@ -171,7 +178,7 @@ def measure_gate(work: pathlib.Path) -> dict:
     return gate
 
 
-def table(rows: dict, windows: int, gate: dict) -> list[str]:
+def table(rows: dict, windows: int, gate: dict | None) -> list[str]:
     lines = [f"SmolLM2-135M, ort-int4 artifacts, perplexity on {windows} windows; bits per weight stored, over every linear.", "",
              "| model | kind | bits/weight | perplexity | Δ vs float | estimated Δ | size MB | formats (block linears) |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -183,6 +190,8 @@ def table(rows: dict, windows: int, gate: dict) -> list[str]:
             formats += f"; lm_head {'float' if head['bits'] == 'float' else 'int%s' % head['bits']}"
         lines.append(f"| {name} | {r['kind']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {r['ppl_increase_pct']:+.2f} % | {est} | "
                      f"{r['size_mb']:.0f} | {formats} |")
+    if gate is None:
+        return lines + ["", "The `--search --max-ppl-increase` gate was not measured in this run."]
     lines += ["", f"`--search --max-ppl-increase {gate['bound_pct']:g}`: measured {gate['ppl_increase_pct_32_windows']:+.2f} % on 32 windows, "
               f"{gate['size_mb']:.0f} MB, {gate['bits_per_weight']:.3f} bits per weight, {len(gate['search']['tries']) + 1} compile(s), "
               f"{gate['seconds']:.0f} s; its replay from the manifest: {'the same files' if gate['replay_identical'] else 'DIFFERENT files'}."]
