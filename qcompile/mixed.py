@@ -1,13 +1,14 @@
 """Mixed precision: each linear's weight format chosen from measured sensitivity, under a size or accuracy budget.
 
     table = measure(model, linears, formats, windows, quantizer)   # what each (linear, format) costs alone
-    chosen = allocate(table, bits_per_weight=3.5)                   # the least estimated loss under a size
+    chosen = fit_bits(table, 3.5)                                   # the least estimated loss within a size
+    index = first_within(table, ladder(table), max_ppl_increase=5)  # the smallest mix estimated within +5 %
 
 Sensitivity. Quantizing linear l alone in format f costs ΔNLL ≈ KL(p_float ‖ p_l,f) nats per token. For
-every linear, the KL of one measured probe per bit width (the width's coarsest format, quantized exactly as
+every linear, the KL of one measured probe per bit width below 8 (the width's coarsest format, quantized exactly as
 the compile will: RTN, or GPTQ from the float model's Hessians) is run on calibration tokens, with the
 quantized weight fed to one ONNX Runtime session in place of the float one. The other formats of that width
-are scaled from it by GPTQ's weighted error E_l(f) = tr(ΔWᵀ H ΔW) (the output error the format leaves on
+(and the 8-bit ones, whose KL is too small to measure well) are scaled from it by GPTQ's weighted error E_l(f) = tr(ΔWᵀ H ΔW) (the output error the format leaves on
 the calibration inputs): cost_l(f) = KL_l(probe) · E_l(f) / E_l(probe). Costs add across linears
 (the estimate of a mix is exp(Σ cost) - 1 of perplexity), which `benchmarks/bench_mixed_precision.py`
 checks against measured perplexity.
