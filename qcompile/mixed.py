@@ -2,7 +2,8 @@
 
     table = measure(model, linears, formats, windows, quantizer)   # what each (linear, format) costs alone
     chosen = fit_bits(table, 3.5)                                   # the least estimated loss within a size
-    index = first_within(table, ladder(table), max_ppl_increase=5)  # the smallest mix estimated within +5 %
+    mixes = ladder(table)
+    index = first_within([cost(table, m) for m in mixes], max_ppl_increase=5)  # the smallest mix estimated within +5 %
 
 Sensitivity. Quantizing linear l alone in format f costs ΔNLL ≈ KL(p_float ‖ p_l,f) nats per token. For
 every linear, the KL of one measured probe per bit width below 8 (the width's coarsest format, quantized exactly as
@@ -310,15 +311,16 @@ def ladder(table: list[Sensitivity]) -> list[dict[str, str]]:
     return mixes
 
 
-def first_within(table: list[Sensitivity], mixes: list[dict[str, str]], max_ppl_increase: float, scale: float = 1.0,
-                 after: int = -1) -> int | None:
-    """The index of the first mix past `after` whose estimate (costs × `scale`, a correction measured on an
-    earlier try) meets `max_ppl_increase` percent; None when none does."""
+def first_within(costs: list[float], max_ppl_increase: float, scale: float = 1.0, after: int = -1) -> int | None:
+    """The index of the first candidate past `after` whose estimated cost (log perplexity ratio, × `scale`, a
+    correction measured on an earlier try) meets `max_ppl_increase` percent; None when none does."""
     target = math.log1p(max_ppl_increase / 100)
-    for index in range(after + 1, len(mixes)):
-        if scale * sum(_costs(table, mixes[index]).values()) <= target:
-            return index
-    return None
+    return next((i for i in range(after + 1, len(costs)) if scale * costs[i] <= target), None)
+
+
+def cost(table: list[Sensitivity], mix: dict[str, str]) -> float:
+    """A mix's estimated cost: the log of its perplexity ratio to float."""
+    return sum(_costs(table, mix).values())
 
 
 def _weight_bits(table: list[Sensitivity], mix: dict[str, str]) -> dict[str, float]:
@@ -333,4 +335,4 @@ def estimate(table: list[Sensitivity], mix: dict[str, str]) -> dict:
     """A mix's stored bits per weight and estimated perplexity increase (percent)."""
     weights = sum(s.shape[0] * s.shape[1] for s in table)
     return {"bits_per_weight": round(sum(_weight_bits(table, mix).values()) / weights, 4),
-            "estimated_ppl_increase_pct": round(100 * math.expm1(sum(_costs(table, mix).values())), 3)}
+            "estimated_ppl_increase_pct": round(100 * math.expm1(cost(table, mix)), 3)}

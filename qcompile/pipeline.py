@@ -207,77 +207,82 @@ def _compile_searched(src: sources.Source, plan: Recipe, tgt: targets.Target, ca
     if plan.activations.static:
         return _search_float_inputs(src, plan, tgt, out, eval_windows, max_ppl_increase, engine, progress, started)
     table = sensitivity(src, plan, candidates, progress)
-    evaluated = eval_windows is not None
+
+    def compile_mix(mix: dict[str, str], record: dict) -> artifact.Artifact:
+        chosen = _with_formats(plan, mix)
+        return _lower(_quantize(src, chosen, [tgt], eval_windows is not None, out, False, progress), chosen, tgt, out,
+                      eval_windows, max_ppl_increase, engine, progress, started, search=record)
+
     if bits_per_weight is not None:
         mix = mixed.fit_bits(table, bits_per_weight)
         if mix is None:
             smallest = mixed.estimate(table, mixed.ladder(table)[0])["bits_per_weight"]
             raise errors.InputError(f"no mix of the formats ({', '.join(candidates)}) fits {bits_per_weight:g} "
                                     f"bits per weight: the smallest takes {smallest:g}")
-        record = {"budget_bits_per_weight": bits_per_weight, **mixed.estimate(table, mix)}
-        chosen = _with_formats(plan, mix)
-        return _lower(_quantize(src, chosen, [tgt], evaluated, out, False, progress), chosen, tgt, out, eval_windows,
-                      max_ppl_increase, engine, progress, started, search=record)
-    mixes, scale, after, tries, missed = mixed.ladder(table), 1.0, -1, [], None
-    for _ in range(MAX_SEARCH_TRIES):
-        index = mixed.first_within(table, mixes, max_ppl_increase, scale, after)
-        if index is None:
-            break
-        estimate = mixed.estimate(table, mixes[index])
-        chosen = _with_formats(plan, mixes[index])
-        record = {"max_ppl_increase": max_ppl_increase, **estimate, "correction": round(scale, 4), "tries": tries}
-        try:
-            return _lower(_quantize(src, chosen, [tgt], evaluated, out, False, progress), chosen, tgt, out, eval_windows,
-                          max_ppl_increase, engine, progress, started, search=record)
-        except errors.AccuracyGateError as e:
-            missed = e
-            measured = e.metrics["ppl_increase_pct"]
-            tries.append({**estimate, "ppl_increase_pct": measured})
-            cost = sum(s.cost[mixes[index][s.name]] for s in table)
-            if cost > 0:  # the estimate, corrected by what it measured
-                scale = math.log1p(max(measured, 0.0) / 100) / cost
-            after = index
-    if missed is not None:
-        raise _searched_out(missed, tries)
-    raise errors.InputError(f"no mix of the formats ({', '.join(candidates)}) is estimated to meet "
-                            f"--max-ppl-increase {max_ppl_increase:g} %: raise the bound, or give --formats with more bits")
+        return compile_mix(mix, {"budget_bits_per_weight": bits_per_weight, **mixed.estimate(table, mix)})
+    mixes = mixed.ladder(table)
+    searched = _search_bound([mixed.cost(table, mix) for mix in mixes], max_ppl_increase,
+                             lambda index, record: compile_mix(mixes[index], record),
+                             lambda index: {"bits_per_weight": mixed.estimate(table, mixes[index])["bits_per_weight"]})
+    if searched is None:
+        raise errors.InputError(f"no mix of the formats ({', '.join(candidates)}) is estimated to meet "
+                                f"--max-ppl-increase {max_ppl_increase:g} %: raise the bound, or give --formats with more bits")
+    return searched
 
 
 def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target, out: pathlib.Path, eval_windows: int,
                          max_ppl_increase: float, engine: bool, progress, started: float) -> artifact.Artifact:
     """Static activations: keep the inputs whose quantization costs most per weight they feed at float (their weights
     stay quantized), the fewest whose measured perplexity meets `max_ppl_increase`. Each quantizer's cost is the KL
-    that switching it off removes from the fully quantized model (`mixed.measure_inputs`); the first set the
-    estimate allows is compiled, and while the measurement misses, the estimate is corrected and the next tried."""
-    canonical = _quantize(src, plan, [tgt], False, out, False, progress)
-    windows, _ = _calibration_windows(plan, canonical.float_path, always=True)
+    that switching it off removes from the fully quantized model (`mixed.measure_inputs`); when no set is estimated
+    to meet the bound (KL does not say perplexity), the fully quantized model is measured first, to correct the estimate."""
+    probed = _quantize(src, plan, [tgt], True, out, False, progress)
+    windows, _ = _calibration_windows(plan, probed.float_path, always=True)
     probe = windows[:mixed.PROBE_WINDOWS, :mixed.PROBE_TOKENS]
-    total, inputs = mixed.measure_inputs(canonical.model, scratch.unmapped(artifact.load_onnx(canonical.float_path)), probe, progress)
-    del canonical
+    total, inputs = mixed.measure_inputs(probed.model, scratch.unmapped(artifact.load_onnx(probed.float_path)), probe, progress)
     inputs.sort(key=lambda entry: -entry.gain / entry.weights)
-    left = [total - sum(entry.gain for entry in inputs[:count]) for count in range(len(inputs) + 1)]  # estimated KL
-    target, scale, after, tries, missed = math.log1p(max_ppl_increase / 100), 1.0, -1, [], None
-    for _ in range(MAX_SEARCH_TRIES):
-        count = next((c for c in range(after + 1, len(left)) if scale * max(left[c], 0.0) <= target), None)
-        if count is None and not tries:
-            count = 0  # the KL does not say the perplexity: measure the fully quantized model to scale the estimate
-        if count is None:
-            break
-        kept = sorted(name for entry in inputs[:count] for name in entry.linears)
+    left = [max(total - sum(entry.gain for entry in inputs[:count]), 0.0) for count in range(len(inputs) + 1)]  # estimated KL
+
+    def kept(count: int) -> list[str]:
+        return sorted(name for entry in inputs[:count] for name in entry.linears)
+
+    def compile_at(count: int, record: dict) -> artifact.Artifact:
+        nonlocal probed
         data = recipe_mod.to_dict(plan)
-        chosen = recipe_mod.resolve(plan.target, {**data, "activations": {**data["activations"], "float_inputs": kept}})
-        estimate = {"float_input_linears": len(kept), "estimated_ppl_increase_pct": round(100 * math.expm1(scale * max(left[count], 0.0)), 3)}
-        record = {"max_ppl_increase": max_ppl_increase, **estimate, "correction": round(scale, 4), "tries": tries}
+        chosen = recipe_mod.resolve(plan.target, {**data, "activations": {**data["activations"], "float_inputs": kept(count)}})
+        canonical, probed = (probed if count == 0 else None), None  # the probed model is the fully quantized one
+        return _lower(canonical or _quantize(src, chosen, [tgt], True, out, False, progress), chosen, tgt, out, eval_windows,
+                      max_ppl_increase, engine, progress, started, search=record)
+
+    return _search_bound(left, max_ppl_increase, compile_at, lambda count: {"float_input_linears": len(kept(count))},
+                         measure_first=True)
+
+
+def _search_bound(costs: list[float], max_ppl_increase: float, compile_at, describe, measure_first: bool = False):
+    """Compile (`compile_at(index, record)`) the first candidate whose estimated cost (log perplexity ratio) meets
+    `max_ppl_increase`; while the measurement misses the bound, correct the estimate by it and compile the next
+    candidate the corrected estimate allows, at most MAX_SEARCH_TRIES times. `measure_first`: when no candidate is
+    estimated within the bound, measure the first, to correct the estimate. None when no candidate is estimated
+    within the bound; raises the last miss, with every try's measurement, when the tries run out."""
+    scale, after, tries, missed = 1.0, -1, [], None
+    for _ in range(MAX_SEARCH_TRIES):
+        index = mixed.first_within(costs, max_ppl_increase, scale, after)
+        if index is None and measure_first and not tries:
+            index = 0
+        if index is None:
+            break
+        estimate = {**describe(index), "estimated_ppl_increase_pct": round(100 * math.expm1(scale * costs[index]), 3)}
         try:
-            return _lower(_quantize(src, chosen, [tgt], True, out, False, progress), chosen, tgt, out, eval_windows,
-                          max_ppl_increase, engine, progress, started, search=record)
+            return compile_at(index, {"max_ppl_increase": max_ppl_increase, **estimate, "correction": round(scale, 4), "tries": tries})
         except errors.AccuracyGateError as e:
-            missed = e
-            tries.append({**estimate, "ppl_increase_pct": e.metrics["ppl_increase_pct"]})
-            if left[count] > 0:  # the estimate, corrected by what it measured
-                scale = math.log1p(max(e.metrics["ppl_increase_pct"], 0.0) / 100) / left[count]
-            after = count
-    raise _searched_out(missed, tries)  # the first try always measures, so a search that ends here has missed
+            missed, measured = e, e.metrics["ppl_increase_pct"]
+            tries.append({**estimate, "ppl_increase_pct": measured})
+            if costs[index] > 0:  # the estimate, corrected by what it measured
+                scale = math.log1p(max(measured, 0.0) / 100) / costs[index]
+            after = index
+    if missed is not None:
+        raise _searched_out(missed, tries)
+    return None
 
 
 def _searched_out(missed: errors.AccuracyGateError, tries: list[dict]) -> errors.AccuracyGateError:

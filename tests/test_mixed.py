@@ -13,9 +13,11 @@ import qcompile
 from qcompile import analysis, artifact, errors, mixed, pipeline, recipe as recipe_mod
 from qcompile.algorithms.rtn import quantize_rtn
 from qcompile.cli import main
+from qcompile.export import export_model
 from qcompile.passes._canonical import attach_quantized_weight
 from qcompile.runtime import Decoder
 from qcompile.schemes import parse_format
+from tests.conftest import tiny_hf_model, write_byte_tokenizer
 
 
 def _table(costs: dict[str, dict[str, float]], shape=(128, 64)) -> list[mixed.Sensitivity]:
@@ -59,10 +61,51 @@ def test_the_ladder_grows_by_one_step_and_first_within_honours_the_correction():
     costs = [mixed.estimate(TABLE, m)["estimated_ppl_increase_pct"] for m in mixes]
     assert sizes == sorted(sizes) and costs == sorted(costs, reverse=True)
     assert all(sum(a[k] != b[k] for k in a) == 1 for a, b in zip(mixes, mixes[1:]))
-    index = mixed.first_within(TABLE, mixes, 5.0)
+    index = mixed.first_within([mixed.cost(TABLE, m) for m in mixes], 5.0)
     assert costs[index] <= 5.0 and (index == 0 or costs[index - 1] > 5.0)
-    later = mixed.first_within(TABLE, mixes, 5.0, scale=2.0, after=index)  # the estimate measured 2× short
+    later = mixed.first_within([mixed.cost(TABLE, m) for m in mixes], 5.0, scale=2.0, after=index)  # the estimate measured 2× short
     assert later > index and math.expm1(2 * math.log1p(costs[later] / 100)) * 100 <= 5.0 + 1e-9
+
+
+def _gated_compiles(measured: dict[int, float], bound: float):
+    """compile_at for `pipeline._search_bound`: candidate i measures `measured[i]` percent, and misses past `bound`."""
+    compiled = []
+
+    def compile_at(index, record):
+        compiled.append(index)
+        metrics = {"ppl_increase_pct": measured[index], "float": {"ppl": 10.0}, "quantized": {"ppl": 10.0 * (1 + measured[index] / 100)}}
+        if measured[index] > bound:
+            raise errors.AccuracyGateError(metrics, bound)
+        return index, record
+
+    return compiled, compile_at
+
+
+def test_a_bound_search_corrects_its_estimate_by_each_miss():
+    costs = [0.3, 0.1, 0.04, 0.02, 0.0]  # log perplexity ratios: candidate 2 is estimated +4.1 %
+    compiled, compile_at = _gated_compiles({2: 10.0, 3: 4.0}, 5.0)
+    index, record = pipeline._search_bound(costs, 5.0, compile_at, lambda i: {"candidate": i})
+    assert compiled == [2, 3]  # corrected by +10 % measured: 0.02 × log(1.1) / 0.04 estimates +4.9 %, within
+    assert record["correction"] == pytest.approx(math.log1p(0.10) / 0.04, abs=1e-4)
+    assert record["estimated_ppl_increase_pct"] == pytest.approx(100 * math.expm1(math.log1p(0.10) / 2), abs=1e-3)
+    assert record["tries"] == [{"candidate": 2, "estimated_ppl_increase_pct": pytest.approx(4.081, abs=1e-3), "ppl_increase_pct": 10.0}]
+
+
+def test_a_bound_search_measures_the_first_candidate_when_none_is_estimated_within():
+    costs = [0.3, 0.2, 0.1]
+    assert pipeline._search_bound(costs, 5.0, lambda i, r: pytest.fail("nothing is within"), lambda i: {}) is None
+    compiled, compile_at = _gated_compiles({0: 6.0, 1: 4.0, 2: 2.0}, 5.0)
+    index, _ = pipeline._search_bound(costs, 5.0, compile_at, lambda i: {}, measure_first=True)
+    assert compiled == [0, 1] and index == 1  # 0.2 × log(1.06) / 0.3 estimates +4 %
+
+
+def test_a_bound_search_stops_after_its_tries_and_says_what_each_measured():
+    costs = [0.045 * 0.85 ** i for i in range(10)]  # each correction (measured +5.5 %) moves one candidate on
+    compiled, compile_at = _gated_compiles({i: 5.5 for i in range(10)}, 5.0)
+    with pytest.raises(errors.AccuracyGateError, match=f"after {pipeline.MAX_SEARCH_TRIES} searched compiles") as e:
+        pipeline._search_bound(costs, 5.0, compile_at, lambda i: {})
+    assert len(compiled) == pipeline.MAX_SEARCH_TRIES and compiled == sorted(set(compiled))
+    assert str(e.value).count("+5.50 %") == pipeline.MAX_SEARCH_TRIES + 1  # each try, and the last miss
 
 
 def test_stored_bits_count_scales_and_zero_points():
@@ -154,6 +197,25 @@ def test_a_searched_compile_fits_its_budget_and_replays_from_its_manifest(tiny_e
     replay = qcompile.compile(path, None, tmp_path / "replay", out / "manifest.json", eval_windows=None)
     assert _files_digest(replay.path) == _files_digest(out)
     assert "search" not in replay.manifest
+
+
+def test_a_float_inputs_search_within_its_bound_at_once_compiles_the_probed_model(tmp_path, monkeypatch):
+    """trt-int8's search under a generous bound: the fully quantized model it probed is the one written (no
+    second compile), the same files as the plain compile, with the search's record in the manifest."""
+    folder = tmp_path / "src"  # 1024 positions: room for the 512-token evaluation windows
+    folder.mkdir()
+    path = export_model(tiny_hf_model("llama", max_position_embeddings=1024), folder)
+    write_byte_tokenizer(folder)
+    options = dict(eval_windows=1, calib_samples=4, calib_seqlen=64)
+    quantized, real = [], pipeline._quantize
+    monkeypatch.setattr(pipeline, "_quantize", lambda *a, **k: quantized.append(1) or real(*a, **k))
+    searched = qcompile.compile(path, "trt-int8", tmp_path / "searched", search=True, max_ppl_increase=1000, **options)
+    assert len(quantized) == 1
+    plain = qcompile.compile(path, "trt-int8", tmp_path / "plain", **options)
+    record = searched.manifest["search"]
+    assert record["float_input_linears"] == 0 and record["tries"] == [] and record["max_ppl_increase"] == 1000
+    assert searched.metrics["ppl_increase_pct"] == plain.metrics["ppl_increase_pct"]
+    assert _files_digest(searched.path) == _files_digest(plain.path)
 
 
 def test_search_options_are_checked_before_any_work(tiny_export, tmp_path):
