@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from qcompile.algorithms.gptq import inverse_hessian_factor, quantize_gptq
-from qcompile.algorithms.rtn import quantize_rtn
+from qcompile.algorithms import gptq
+from qcompile.algorithms.gptq import group_params, inverse_hessian_factor, quantize_gptq
+from qcompile.algorithms.rtn import block_params, dequantize_values, quantize_rtn, quantize_values
 
 
 def _layer(k=256, n=64, tokens=2048, seed=0):
@@ -42,6 +43,33 @@ def test_gptq_output_error_below_rtn(symmetric, act_order, group):
     rtn = quantize_rtn(w, 4, group, symmetric)
     assert gptq.q.shape == rtn.q.shape and gptq.scale.shape == rtn.scale.shape
     assert _output_error(x, w, gptq) < 0.8 * _output_error(x, w, rtn)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_two_bit_groups_clip_their_range_and_lose_less(symmetric, act_order, monkeypatch):
+    x, w = _layer()
+    h = x.T.astype(np.float64) @ x
+    clipped = quantize_gptq(w, h, 2, 64, symmetric, act_order=act_order)
+    monkeypatch.setattr(gptq, "CLIP_RATIOS", np.array([1.0]))  # min-max ranges
+    full = quantize_gptq(w, h, 2, 64, symmetric, act_order=act_order)
+    assert _output_error(x, w, clipped) < 0.9 * _output_error(x, w, full)
+
+
+def test_group_params_take_each_columns_least_error_ratio_below_four_bits():
+    rows = np.random.default_rng(3).normal(size=(64, 8)).astype(np.float32)  # a group's tails: rare extremes
+    for symmetric in (True, False):
+        scale, zero = group_params(rows, 2, symmetric)
+
+        def error(s, z):
+            return np.square(rows - dequantize_values(quantize_values(rows, s, z, 2), s, z)).sum(0)
+
+        chosen = error(scale, zero)
+        for ratio in gptq.CLIP_RATIOS:
+            assert (chosen <= error(*block_params(rows, 2, symmetric, ratio)) + 1e-6).all()
+        assert chosen.sum() < 0.9 * error(*block_params(rows, 2, symmetric)).sum()
+        four = group_params(rows, 4, symmetric)
+        np.testing.assert_array_equal(four[0], block_params(rows, 4, symmetric)[0])  # min-max from 4 bits up
 
 
 def test_lazy_block_updates_equal_eager_updates():
