@@ -66,20 +66,21 @@ def perplexity(decoder: Decoder, tokenizer, count: int = DEFAULT_WINDOWS, progre
 
 
 def latency(decoder: Decoder, prompt_len: int = SEQ_LEN, decode_steps: int = 32, rounds: int = 3) -> dict:
-    """Prefill ms for `prompt_len` tokens and median ms per decode token after it, best of `rounds`.
+    """Prefill ms for `prompt_len` tokens, best of two prefills (the first also warms the session), and median ms
+    per decode token after it, best of `rounds` runs of `decode_steps` steps continuing one sequence.
 
-    Each round is one prefill and `decode_steps` cached decode steps; the best round is reported because
-    interference from other processes only ever adds time.
+    The best is reported because interference from other processes only ever adds time; a round's median
+    leaves out its first, cold steps.
     """
     ids = np.random.default_rng(0).integers(0, min(1000, decoder.vocab_size or 1000), size=(prompt_len,))
-    warm = decoder.sequence(prompt_len + 1)
-    warm.step(int(warm.prefill(ids).argmax()))
-    prefill, decode = [], []
-    for _ in range(rounds):
-        sequence = decoder.sequence(prompt_len + decode_steps)
+    prefill = []
+    for length in (prompt_len + 1, prompt_len + rounds * decode_steps):
+        sequence = decoder.sequence(length)
         start = time.perf_counter()
         logits = sequence.prefill(ids)
         prefill.append(time.perf_counter() - start)
+    decode = []
+    for _ in range(rounds):
         steps = []
         for _ in range(decode_steps):
             start = time.perf_counter()

@@ -220,3 +220,9 @@ def test_float_perplexity_of_an_onnx_source_is_evaluated_once(monkeypatch, tmp_p
     assert second.metrics["float"]["ppl"] == first.metrics["float"]["ppl"]
     assert first.metrics["accuracy_gate"] == {"max_ppl_increase_pct": 50, "passed": True}
     assert "accuracy_gate" not in second.metrics
+    increase = first.metrics["ppl_increase_pct"]
+    assert increase > 0  # int4 weights on a random model: a real loss
+    with pytest.raises(qcompile.AccuracyGateError) as gate:  # the API's gate: the exception carries the measurement
+        qcompile.compile(path, "ort-int4", tmp_path / "c", lm_head_bits=8, eval_windows=1, max_ppl_increase=increase / 2)
+    assert gate.value.exit_code == 3 and gate.value.metrics["ppl_increase_pct"] == increase
+    assert not (tmp_path / "c").exists()

@@ -27,9 +27,8 @@ params = [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in 
 @pytest.fixture(scope="session")
 def family_export(tmp_path_factory):
     """family → (hf model, its folder, the exported model.onnx: the folder's streaming export), each exported once
-    per session."""
-    from qcompile import sources
-    from qcompile.export import export_source
+    per session, into the export cache, where compiles of the folder find it."""
+    from qcompile.export import MODEL_FILE
 
     cache = {}
 
@@ -37,8 +36,7 @@ def family_export(tmp_path_factory):
         if family not in cache:
             folder = tmp_path_factory.mktemp(f"family-{family}")
             model = write_folder(family, folder / "hf")
-            (folder / "onnx").mkdir()
-            cache[family] = (model, folder / "hf", export_source(sources.resolve(folder / "hf"), folder / "onnx"))
+            cache[family] = (model, folder / "hf", qcompile.export(folder / "hf") / MODEL_FILE)
         return cache[family]
 
     return get

@@ -47,3 +47,15 @@ def test_sequence_beyond_its_capacity_is_a_clear_error(graphs):
     sequence.step(4)
     with pytest.raises(errors.InputError, match="capacity 4"):
         sequence.step(5)
+
+
+def test_latency_times_two_prefills_and_its_rounds_continue_one_sequence(graphs):
+    from qcompile import evaluation
+
+    decoder = runtime.Decoder(graphs[1])
+    capacities, make = [], decoder.sequence
+    decoder.sequence = lambda capacity: capacities.append(capacity) or make(capacity)
+    record = evaluation.latency(decoder, prompt_len=16, decode_steps=4, rounds=3)
+    assert capacities == [17, 16 + 3 * 4]  # a warming prefill, then one sequence for every round's steps
+    assert record["prefill_ms"] > 0 and record["decode_ms_per_token"] > 0
+    assert (record["prompt_len"], record["decode_steps"]) == (16, 4)

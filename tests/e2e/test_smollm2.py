@@ -174,7 +174,8 @@ def test_calibration_windows_from_a_prefix_equal_the_whole_texts(smollm2_export)
 
 
 def test_accuracy_gate_fails_with_exit_3_and_writes_nothing(smollm2_export, tmp_path, capsys):
-    """RTN and an int8 lm_head: no calibration, so each compile takes seconds; the float perplexity is evaluated once."""
+    """RTN and an int8 lm_head: no calibration, so each compile takes seconds; the float perplexity is evaluated
+    once. (The API's AccuracyGateError is checked on a tiny model in test_cli.)"""
     args = ["model", str(smollm2_export / "model.onnx"), "--algo", "rtn", "--lm-head", "int8", "--eval-windows", "1"]
     assert main([*args, "-o", str(tmp_path / "strict"), "--max-ppl-increase", "1"]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
@@ -184,8 +185,3 @@ def test_accuracy_gate_fails_with_exit_3_and_writes_nothing(smollm2_export, tmp_
     metrics = qcompile.load(tmp_path / "generous").metrics
     assert 1 < metrics["ppl_increase_pct"] <= 80
     assert metrics["accuracy_gate"] == {"max_ppl_increase_pct": 80, "passed": True}
-    with pytest.raises(qcompile.AccuracyGateError) as gate:
-        qcompile.compile(smollm2_export / "model.onnx", "ort-int4", tmp_path / "api", algo="rtn", lm_head_bits=8,
-                         eval_windows=1, max_ppl_increase=1)
-    assert gate.value.exit_code == 3 and gate.value.metrics["ppl_increase_pct"] == metrics["ppl_increase_pct"]
-    assert not (tmp_path / "api").exists()
