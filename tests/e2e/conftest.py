@@ -18,3 +18,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.slow)
+
+
+WINDOWS = 4  # evaluation windows: small for CI; the benchmarks run the full 128-window protocol
+
+
+def perplexity(folder) -> float:
+    """The perplexity of the model in `folder` on WINDOWS windows, as a compile's evaluation measures it (without
+    its latency runs, which tests that compare accuracy do not need)."""
+    from qcompile import evaluation, runtime
+
+    decoder = runtime.Decoder(folder)
+    return evaluation.perplexity(decoder, runtime.load_tokenizer(decoder.path.parent), WINDOWS).ppl
+
+
+@pytest.fixture(scope="session")
+def float_ppl(smollm2_export) -> float:
+    return perplexity(smollm2_export)

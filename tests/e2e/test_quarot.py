@@ -7,6 +7,7 @@ import pytest
 from qcompile import evaluation, generation, runtime
 from qcompile.passes import FuseNormGains, InsertOnlineHadamard, RotateResidualStream, RotateValueOutput
 from tests.conftest import run_logits
+from tests.e2e.conftest import perplexity
 
 pytestmark = pytest.mark.e2e
 
@@ -36,21 +37,17 @@ def test_rotated_greedy_generation_is_identical(smollm2_export, rotated):
     assert greedy[0] == greedy[1]
 
 
-WINDOWS = 4
-
-
 @pytest.fixture(scope="module")
 def compiled(smollm2_export, tmp_path_factory):
     import qcompile
 
     root = tmp_path_factory.mktemp("quarot")
     model = smollm2_export / "model.onnx"
-    tokenizer = runtime.load_tokenizer(smollm2_export)
     w4a4 = dict(algo="rtn", activations="int4-dynamic", activation_clip=0.9, accuracy_level=0)
 
     def ppl(target, folder, **kw):
         art = qcompile.compile(model, target, root / folder, eval_windows=None, **{"calib_samples": 8, **kw})
-        return evaluation.perplexity(runtime.Decoder(art.path), tokenizer, WINDOWS).ppl
+        return perplexity(art.path)
 
     return {
         "ort-int4": ppl("ort-int4", "ort-int4", algo="rtn", lm_head_bits=8, embedding_bits=None, positive_scales=False),

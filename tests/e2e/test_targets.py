@@ -10,9 +10,9 @@ import pytest
 import qcompile
 from qcompile import evaluation, fidelity, generation, package, runtime
 from qcompile.cli import main
+from tests.e2e.conftest import WINDOWS
 
 pytestmark = pytest.mark.e2e
-WINDOWS = 4
 
 
 @pytest.fixture(scope="module")

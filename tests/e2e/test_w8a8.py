@@ -11,9 +11,9 @@ from qcompile.schemes import ActivationKind, ActivationScheme
 from qcompile.targets import trt
 from qcompile.targets.trt import check_tensorrt
 from tests.conftest import run_logits
+from tests.e2e.conftest import perplexity
 
 pytestmark = pytest.mark.e2e
-WINDOWS = 4
 CALIB = 8
 
 
@@ -35,7 +35,7 @@ def w8a8(smollm2_export, tmp_path_factory):
     root = tmp_path_factory.mktemp("w8a8")
     model = smollm2_export / "model.onnx"
     compile_ = lambda name, target, **kw: qcompile.compile(  # noqa: E731
-        model, target, root / name, calib_samples=CALIB, eval_windows=WINDOWS, **kw)
+        model, target, root / name, calib_samples=CALIB, eval_windows=None, **kw)
     return {
         "trt-int8": compile_("trt-int8", "trt-int8"),
         "trt-int8-plain": compile_("trt-int8-plain", "trt-int8", smoothquant=False),
@@ -44,10 +44,16 @@ def w8a8(smollm2_export, tmp_path_factory):
     }
 
 
-def test_static_int8_with_smoothquant_is_close_to_float_and_far_better_without(w8a8):
-    smooth, plain = w8a8["trt-int8"].metrics, w8a8["trt-int8-plain"].metrics
-    assert smooth["ppl_increase_pct"] < 5.0, smooth["ppl_increase_pct"]
-    assert plain["ppl_increase_pct"] > 4 * smooth["ppl_increase_pct"], (plain["ppl_increase_pct"], smooth["ppl_increase_pct"])
+@pytest.fixture(scope="module")
+def increase(w8a8, float_ppl) -> dict[str, float]:
+    """Each artifact's perplexity increase over float, percent."""
+    return {name: 100 * (perplexity(art.path) / float_ppl - 1) for name, art in w8a8.items()}
+
+
+def test_static_int8_with_smoothquant_is_close_to_float_and_far_better_without(w8a8, increase):
+    smooth, plain = increase["trt-int8"], increase["trt-int8-plain"]
+    assert smooth < 5.0, smooth
+    assert plain > 4 * smooth, (plain, smooth)
     manifest = w8a8["trt-int8"].manifest
     passes = {p["name"]: p for p in manifest["passes"]}
     assert manifest["recipe"]["activations"]["kind"] == "int8-static"
@@ -55,9 +61,9 @@ def test_static_int8_with_smoothquant_is_close_to_float_and_far_better_without(w
     assert "FoldSmoothQuantScales" in passes and manifest["recipe"]["calibration"]["samples"] == CALIB
 
 
-def test_dynamic_per_token_and_fp8_quality(w8a8):
-    assert w8a8["ort-w8a8"].metrics["ppl_increase_pct"] < 4.0
-    assert w8a8["trt-fp8"].metrics["ppl_increase_pct"] < 5.0
+def test_dynamic_per_token_and_fp8_quality(increase):
+    assert increase["ort-w8a8"] < 4.0
+    assert increase["trt-fp8"] < 5.0
 
 
 def test_tensorrt_forms_pass_the_checker_and_keep_their_integers(w8a8):
