@@ -1,6 +1,6 @@
 """Mixed precision on SmolLM2-135M: perplexity against stored bits per weight, uniform recipes and searched mixes, in one run.
 
-    python benchmarks/bench_mixed_precision.py [--windows 128] [--budgets 2.75,3.5,u4,5,8]
+    python benchmarks/bench_mixed_precision.py [--windows 128] [--budgets 3,3.5,u4,5,8]
 
 Each measured row is kept in results/mixed_precision.partial.json as it completes; a rerun with the same
 --windows takes those rows from it (delete the file to measure everything again).
@@ -12,7 +12,7 @@ same way for the peer: MatMulNBits B + scales + zero points, 32 bits per float M
 - uniform: every linear (lm_head too) in one format, by RTN, GPTQ, AWQ+GPTQ and QuaRot+GPTQ;
 - searched: `qcompile model --bits-per-weight B` (QuaRot+GPTQ, the ORT formats int2g128, int2g64, int4g128, int4g64,
   int8g128, float) at each budget (u4: the bits of uniform int4 g128), with the search's estimate beside the
-  measurement. Below about 2.7 bits nothing fits: lm_head (a fifth of the weights) is 4-bit at least;
+  measurement. Below 2.87 bits nothing fits: lm_head (a fifth of the weights) is 4-bit at least;
 - peer: onnxruntime-genai's builder, int4 with `int4_algo_config=k_quant_mixed` (llama.cpp's rule: some layers
   int8 and lm_head int8), on an HF folder saved from the same GGUF (--skip-peer leaves it out);
 - gate: `--search --max-ppl-increase 5` (evaluated on 32 windows, as the gate is), and its replay from the manifest,
@@ -90,7 +90,7 @@ def digest(folder: pathlib.Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=evaluation.DEFAULT_WINDOWS)
-    parser.add_argument("--budgets", default="2.75,3.5,u4,5,8")
+    parser.add_argument("--budgets", default="3,3.5,u4,5,8")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--report", action="store_true", help="Only write the table, JSON and plot from the rows kept so far.")
     args = parser.parse_args()

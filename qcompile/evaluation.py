@@ -69,8 +69,8 @@ def latency(decoder: Decoder, prompt_len: int = SEQ_LEN, decode_steps: int = 32,
     """Prefill ms for `prompt_len` tokens, best of two prefills (the first also warms the session), and median ms
     per decode token after it, best of `rounds` runs of `decode_steps` steps continuing one sequence.
 
-    The best is reported because interference from other processes only ever adds time; a round's median
-    leaves out its first, cold steps.
+    The best is reported because interference from other processes only ever adds time; a median is not moved
+    by a round's first, cold step.
     """
     ids = np.random.default_rng(0).integers(0, min(1000, decoder.vocab_size or 1000), size=(prompt_len,))
     prefill = []
