@@ -17,12 +17,13 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def artifacts(smollm2_export, tmp_path_factory):
-    """The default trt-int4 (with its engine), ort-int4 and edge-int4 of one quantization, through the CLI, on 8
-    calibration windows (the lowerings do not depend on how many); at accuracy_level 0, so that ort-int4's
-    MatMulNBits computes in fp32 like the trt graph's DequantizeLinear → MatMul does when ORT runs it at that level."""
+    """trt-int4 (with its engine), ort-int4 and edge-int4 of one quantization, through the CLI, with RTN weights (the
+    lowerings do not depend on the algorithm; test_smollm2 compiles the calibrated default); at accuracy_level 0, so
+    that ort-int4's MatMulNBits computes in fp32 like the trt graph's DequantizeLinear → MatMul does when ORT runs it
+    at that level."""
     root = tmp_path_factory.mktemp("targets")
     assert main(["model", "smollm2-135m", "--target", "trt-int4,ort-int4,edge-int4", "--engine", "--no-eval",
-                 "--accuracy-level", "0", "--calib-samples", "8", "--out", str(root)]) == 0
+                 "--accuracy-level", "0", "--algo", "rtn", "--out", str(root)]) == 0
     return {"trt": qcompile.load(root / "trt-int4"), "ort": qcompile.load(root / "ort-int4"), "edge": qcompile.load(root / "edge-int4")}
 
 
