@@ -74,7 +74,7 @@ def latency(decoder: Decoder, prompt_len: int = SEQ_LEN, decode_steps: int = 32,
     """
     ids = np.random.default_rng(0).integers(0, min(1000, decoder.vocab_size or 1000), size=(prompt_len,))
     prefill = []
-    for length in (prompt_len + 1, prompt_len + rounds * decode_steps):
+    for length in (prompt_len + 1, prompt_len + rounds * decode_steps):  # the second continues into the rounds
         sequence = decoder.sequence(length)
         start = time.perf_counter()
         logits = sequence.prefill(ids)

@@ -6,11 +6,12 @@
     index = first_within([cost(table, m) for m in mixes], max_ppl_increase=5)  # the smallest mix estimated within +5 %
 
 Sensitivity. Quantizing linear l alone in format f costs ΔNLL ≈ KL(p_float ‖ p_l,f) nats per token. For
-every linear, the KL of one measured probe per bit width below 8 (the width's coarsest format, quantized exactly as
-the compile will: RTN, or GPTQ from the float model's Hessians) is run on calibration tokens, with the
-quantized weight fed to one ONNX Runtime session in place of the float one. The other formats of that width
-(and the 8-bit ones, whose KL is too small to measure well) are scaled from it by GPTQ's weighted error E_l(f) = tr(ΔWᵀ H ΔW) (the output error the format leaves on
-the calibration inputs): cost_l(f) = KL_l(probe) · E_l(f) / E_l(probe). Costs add across linears
+every linear, the KL of one measured probe per bit width below 8 (the width's coarsest format, quantized
+exactly as the compile will: RTN, or GPTQ from the float model's Hessians) is run on calibration tokens, with
+the quantized weight fed to one ONNX Runtime session in place of the float one. The other formats of that
+width (and the 8-bit ones, whose KL is too small to measure well) are scaled from it by GPTQ's weighted error
+E_l(f) = tr(ΔWᵀ H ΔW) (the output error the format leaves on the calibration inputs):
+cost_l(f) = KL_l(probe) · E_l(f) / E_l(probe). Costs add across linears
 (the estimate of a mix is exp(Σ cost) - 1 of perplexity), which `benchmarks/bench_mixed_precision.py`
 checks against measured perplexity.
 

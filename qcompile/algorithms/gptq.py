@@ -12,9 +12,9 @@ original weights first ("static groups"), so the result keeps the plain blocked 
 
 Below 4 bits, a min-max range wastes most of the few levels on rare extremes: each group's range is then
 clipped by the ratio (per output column, from CLIP_RATIOS) that minimises the group's squared rounding error,
-as the GPTQ reference's `mse` grid does. On Gaussian weights it cuts GPTQ's output error at int2 g64 by
-41 % (asymmetric) and 20 % (symmetric); at 4 bits by 9 %, which is left for a recipe choice (it would change
-every default artifact).
+as the GPTQ reference's `mse` grid does. On a Gaussian 576 × 768 weight with correlated inputs it cut GPTQ's
+output error at int2 g64 by 41 % (asymmetric) and 20 % (symmetric); at 4 bits by 9 %, which is left for a
+recipe choice (it would change every default artifact).
 """
 
 from __future__ import annotations

@@ -32,6 +32,11 @@ def perplexity(folder) -> float:
     return evaluation.perplexity(decoder, runtime.load_tokenizer(decoder.path.parent), WINDOWS).ppl
 
 
+def increase_pct(folder, float_ppl: float) -> float:
+    """The perplexity increase (percent) of the model in `folder` over `float_ppl`, as a compile's metrics say it."""
+    return 100 * (perplexity(folder) / float_ppl - 1)
+
+
 @pytest.fixture(scope="session")
 def float_ppl(smollm2_export) -> float:
     return perplexity(smollm2_export)

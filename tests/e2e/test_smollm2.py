@@ -9,7 +9,7 @@ import qcompile
 from qcompile import evaluation, runtime, sources
 from qcompile.cli import main
 from tests.conftest import run_logits
-from tests.e2e.conftest import WINDOWS, perplexity
+from tests.e2e.conftest import WINDOWS, increase_pct, perplexity
 
 pytestmark = pytest.mark.e2e
 
@@ -119,18 +119,13 @@ def test_the_calibrated_default_beats_rtn(int4_artifact, rtn_artifact):
     assert int4_artifact.metrics["ppl_increase_pct"] < 0.6 * rtn_artifact.metrics["ppl_increase_pct"]
 
 
-def _increase(art, evaluated) -> float:
-    """`art`'s perplexity increase (percent) over the float perplexity that `evaluated`'s compile measured."""
-    return 100 * (perplexity(art.path) / evaluated.metrics["float"]["ppl"] - 1)
-
-
-def test_sequential_gptq_beats_rtn(smollm2_export, rtn_artifact, tmp_path):
+def test_sequential_gptq_beats_rtn(smollm2_export, rtn_artifact, float_ppl, tmp_path):
     art = qcompile.compile(smollm2_export / "model.onnx", "ort-int4", tmp_path / "gptq-seq", algo="gptq", gptq_mode="sequential",
                            calib_samples=4, lm_head_bits=8, embedding_bits=None, act_order=False, eval_windows=None)
     assert art.manifest["recipe"]["weights"]["gptq_mode"] == "sequential"
     assert {e["algorithm"] for e in art.manifest["layers"] if "bits" in e} == {"gptq"}
     assert sum("bits" in e for e in art.manifest["layers"]) == 30 * 7 + 1
-    assert _increase(art, rtn_artifact) < 0.8 * rtn_artifact.metrics["ppl_increase_pct"]
+    assert increase_pct(art.path, float_ppl) < 0.8 * rtn_artifact.metrics["ppl_increase_pct"]
 
 
 def test_an_int8_kv_cache_stored_quantized_keeps_the_perplexity(smollm2_export, rtn_artifact, tmp_path):
@@ -164,11 +159,11 @@ def test_awq_scale_folding_is_float_equivalent(smollm2_export, tmp_path):
     assert np.abs(got - ref).max() <= 1e-3
 
 
-def test_awq_beats_rtn(smollm2_export, rtn_artifact, tmp_path):
+def test_awq_beats_rtn(smollm2_export, rtn_artifact, float_ppl, tmp_path):
     art = qcompile.compile(smollm2_export / "model.onnx", "ort-int4", tmp_path / "awq", algo="awq",
                            calib_samples=4, lm_head_bits=8, eval_windows=None)
     assert {e["algorithm"] for e in art.manifest["layers"] if e["name"] != "embedding"} == {"awq"}
-    assert _increase(art, rtn_artifact) < 0.8 * rtn_artifact.metrics["ppl_increase_pct"]
+    assert increase_pct(art.path, float_ppl) < 0.8 * rtn_artifact.metrics["ppl_increase_pct"]
 
 
 def test_calibration_windows_from_a_prefix_equal_the_whole_texts(smollm2_export):

@@ -11,7 +11,7 @@ from qcompile.schemes import ActivationKind, ActivationScheme
 from qcompile.targets import trt
 from qcompile.targets.trt import check_tensorrt
 from tests.conftest import run_logits
-from tests.e2e.conftest import perplexity
+from tests.e2e.conftest import increase_pct
 
 pytestmark = pytest.mark.e2e
 CALIB = 8
@@ -47,7 +47,7 @@ def w8a8(smollm2_export, tmp_path_factory):
 @pytest.fixture(scope="module")
 def increase(w8a8, float_ppl) -> dict[str, float]:
     """Each artifact's perplexity increase over float, percent."""
-    return {name: 100 * (perplexity(art.path) / float_ppl - 1) for name, art in w8a8.items()}
+    return {name: increase_pct(art.path, float_ppl) for name, art in w8a8.items()}
 
 
 def test_static_int8_with_smoothquant_is_close_to_float_and_far_better_without(w8a8, increase):
