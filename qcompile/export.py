@@ -24,7 +24,7 @@ import pathlib
 import warnings
 from unittest import mock
 
-from qcompile import errors
+from qcompile import errors, repeat
 from qcompile.analysis import SLIDING_WINDOWS_KEY
 from qcompile.sources import Source, SourceKind
 
@@ -249,6 +249,8 @@ def _unloaded_model(config):
     with no_init_weights(), _quiet():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # part of the initialisation skipped above
+    if "grouped_mm" in getattr(model, "get_experts_implementation", dict)().values():
+        model.set_experts_implementation("batched_mm")  # grouped_mm is a custom op with no ONNX translation
     return model.eval()
 
 
@@ -329,8 +331,23 @@ def export_model(model, out_dir: pathlib.Path, tokenizer=None, progress=None) ->
     return _export(traced, reader, _resolve_weights(traced, reader.shapes()), out_dir, tokenizer, progress)
 
 
+def _trace_layers(model, cache_shapes):
+    """The ONNXProgram of `model`'s KV-cache decoder, unoptimized (its parameters' initializers hold no values yet):
+    where its layers repeat, a few of them traced and the rest cloned in the graph (`qcompile.repeat`)."""
+    plan = repeat.plan(model)
+    if plan is not None:
+        try:
+            few = _unloaded_model(repeat.traced_config(model.config, plan))
+            repeat.check_traced(model, few, plan)
+            program = _trace(few, cache_shapes[:plan.traced])
+            repeat.repeat(program.model.graph, plan)
+            return program
+        except repeat.NotRepeatable as e:
+            log.info("tracing all %d layers: %s", plan.layers, e)
+    return _trace(model, cache_shapes)
+
+
 def _trace(model, cache_shapes):
-    """The ONNXProgram of `model`'s KV-cache decoder, unoptimized (its parameters' initializers hold no values yet)."""
     import torch
     from transformers import DynamicCache
 
@@ -452,12 +469,10 @@ def _export(model, reader, names: dict, out_dir: pathlib.Path, tokenizer, progre
     import onnx_ir as ir
 
     config = model.config
-    if "grouped_mm" in getattr(model, "get_experts_implementation", dict)().values():
-        model.set_experts_implementation("batched_mm")  # grouped_mm is a custom op with no ONNX translation
     traced = progress.task("Tracing the model (torch.onnx, dynamo)", 1) if progress else (lambda: None)
     cache_shapes = _cache_shapes(model)
     layers = len(cache_shapes)
-    program = _trace(model, cache_shapes)
+    program = _trace_layers(model, cache_shapes)
     _bind(program.model.graph, reader, names)
     _fold_weight_transposes(program.model.graph)
     with _quiet():

@@ -51,14 +51,15 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def tiny_model(family: str):
-    """A tiny random `family` model in eval mode, norm gains uniform in [0.5, 1.5] (seeded)."""
+def tiny_model(family: str, **config):
+    """A tiny random `family` model in eval mode, norm gains uniform in [0.5, 1.5] (seeded); `config` overrides
+    the family's settings (`num_hidden_layers=...`)."""
     import torch
     import transformers
 
     config_name, model_name, overrides = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_name)(**{**TINY, **overrides})
+    config = getattr(transformers, config_name)(**{**TINY, **overrides, **config})
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
