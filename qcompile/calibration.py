@@ -67,8 +67,9 @@ class TapStats:
         if rows:
             pick = np.random.default_rng(self.tokens).choice(x.shape[0], min(rows, x.shape[0]), replace=False)
             self.rows.append(x[np.sort(pick)].copy())
-        np.maximum(self.absmax, np.abs(x).max(axis=0), out=self.absmax)
-        self.abssum += np.abs(x).sum(axis=0, dtype=np.float64)
+        magnitude = np.abs(x)
+        np.maximum(self.absmax, magnitude.max(axis=0), out=self.absmax)
+        self.abssum += magnitude.sum(axis=0, dtype=np.float64)
         self.sqsum += np.square(x).sum(axis=0, dtype=np.float64)
         if self.hessian is not None:
             weighted = x if token_weights is None else x * token_weights.reshape(-1, 1)

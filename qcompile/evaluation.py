@@ -54,10 +54,10 @@ def perplexity(decoder: Decoder, tokenizer, count: int = DEFAULT_WINDOWS, progre
     nll, predictions = 0.0, []
     for window in batches:
         logits, _ = decoder.forward(window[None], decoder.empty_cache(), 0)
-        logits = logits[0, :-1].astype(np.float64)
+        logits = logits[0, :-1].astype(np.float32, copy=False)
         target = window[1:]
-        peak = logits.max(axis=-1, keepdims=True)
-        logsumexp = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+        peak = logits.max(axis=-1, keepdims=True)  # exp in float32 (each term is in (0, 1]), sums in float64
+        logsumexp = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
         nll += float((logsumexp - logits[np.arange(len(target)), target]).sum())
         predictions.append(logits.argmax(axis=-1))
         advance()

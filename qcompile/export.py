@@ -170,7 +170,6 @@ def _without_pair_rewrites():
 def _canonical_linears(model) -> None:
     """Every linear as MatMul(x, W[K, N]) (+ Add(bias)) on the hidden states' own shape: a Gemm over flattened
     tokens (GPT-2's Conv1D, `addmm`) becomes one, and Reshapes that change no shape go."""
-    import numpy as np
     import onnx_ir as ir
 
     graph = model.graph

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 
 from qcompile.algorithms.rtn import (QuantizedWeight, _blocks, block_params, dequantize_values,
                                      quantize_values)
@@ -102,7 +103,8 @@ def quantize_gptq(
             zg = None if zero is None else zero[g]
             q = quantize_values(block[i], scale[g], zg, bits)
             err = (block[i] - dequantize_values(q, scale[g], zg)) / upper[start + i, start + i]
-            block[i + 1:] -= np.outer(upper[start + i, start + i + 1: end], err)
+            if i + 1 < end - start:  # block[i + 1:] -= outer(U[i, i + 1:], err), in place (BLAS rank-1 update)
+                scipy.linalg.blas.dger(-1.0, err, upper[start + i, start + i + 1: end], a=block[i + 1:].T, overwrite_a=True)
             errors[i] = err
             codes[row] = q
         work[end:] -= upper[start:end, end:].T @ errors

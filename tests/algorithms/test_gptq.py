@@ -81,6 +81,23 @@ def test_lazy_block_updates_equal_eager_updates():
     np.testing.assert_allclose(eager.scale, lazy.scale, rtol=1e-5)
 
 
+def test_equals_the_textbook_row_by_row_algorithm():
+    # each row quantized in turn, its error moved onto every later row at once: no lazy blocks, no BLAS
+    x, w = _layer(k=160, n=24)
+    h = x.T.astype(np.float64) @ x
+    upper, _ = inverse_hessian_factor(h)
+    work = w.astype(np.float64)
+    codes = np.empty(w.shape, np.int8)
+    for row in range(len(work)):
+        if row % 32 == 0:
+            scale, _ = block_params(work[row: row + 32].astype(np.float32), 4, True)
+        codes[row] = quantize_values(work[row], scale, None, 4)
+        err = (work[row] - dequantize_values(codes[row], scale, None)) / upper[row, row]
+        work[row + 1:] -= np.outer(upper[row, row + 1:], err)
+    got = quantize_gptq(w, h, 4, 32, True, block_size=64)
+    assert (got.q == codes).mean() > 0.999  # identical up to float rounding at exact ties
+
+
 def test_identity_hessian_is_rtn():
     """With uncorrelated unit inputs GPTQ has nothing to compensate: it reduces to RTN."""
     _, w = _layer(k=128, n=32)
