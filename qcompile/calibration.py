@@ -95,7 +95,7 @@ def calibration_windows(tokenizer, file: str | pathlib.Path | None = None, sampl
                 raise errors.InputError(f"'{file}': every JSONL line must be an object with a \"text\" field") from None
         else:
             text = raw
-    ids = _leading_ids(tokenizer, text, samples * seqlen)
+    ids = evaluation.leading_ids(tokenizer, text, samples * seqlen)
     available = len(ids) // seqlen
     if available == 0:
         raise errors.InputError(
@@ -107,21 +107,6 @@ def calibration_windows(tokenizer, file: str | pathlib.Path | None = None, sampl
             "give more text or ask for fewer samples"
         )
     return ids[: samples * seqlen].reshape(samples, seqlen)
-
-
-def _leading_ids(tokenizer, text: str, needed: int) -> np.ndarray:
-    """The token ids of `text`, at least its first `needed` ones, as encoding all of it gives them: a prefix of
-    about twice the characters they take is encoded first (the ids before its last few words cannot depend on
-    what follows), and the whole text only if that prefix falls short."""
-    chars = 8 * (needed + _PREFIX_MARGIN)
-    if len(text) > chars:
-        ids = tokenizer.encode(text[:chars]).ids
-        if len(ids) >= needed + _PREFIX_MARGIN:
-            return np.array(ids[: needed], dtype=np.int64)
-    return np.array(tokenizer.encode(text).ids, dtype=np.int64)
-
-
-_PREFIX_MARGIN = 256  # tokens past the last needed one, so that the cut word is not among them
 
 
 def attention_key(tap: str) -> str:
