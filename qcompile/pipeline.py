@@ -17,7 +17,7 @@ import onnx_ir as ir
 from qcompile import __version__, analysis, artifact, calibration, checkpoint, errors, evaluation, export as export_mod, fidelity, mixed, scratch, sources, targets
 from qcompile import engine as engine_mod
 from qcompile import recipe as recipe_mod
-from qcompile.algorithms.gptq import CLIP_RATIOS, quantize_gptq
+from qcompile.algorithms.gptq import CLIP_BITS, CLIP_RATIOS, quantize_gptq
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
 from qcompile.analysis import Role
 from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
@@ -301,7 +301,7 @@ def sensitivity(src: sources.Source, plan: Recipe, candidates: tuple[str, ...], 
     key = {"source": src.sha256, "qcompile": __version__, "rotation": recipe_mod.to_dict(plan)["rotation"],
            "weights": [w.algorithm.value, w.symmetric, w.positive_scales, w.act_order, w.damp, w.group_size],
            "formats": list(candidates), "tokens": calib_record["tokens_sha256"],
-           "probe": [mixed.PROBE_WINDOWS, mixed.PROBE_TOKENS], "clip_ratios": CLIP_RATIOS.tolist()}
+           "probe": [mixed.PROBE_WINDOWS, mixed.PROBE_TOKENS], "clip_ratios": CLIP_RATIOS.tolist(), "clip_bits": CLIP_BITS}
     cached = cache_root() / "sensitivity" / f"{src.name}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
     if cached.is_file():
         return [mixed.Sensitivity(**{**entry, "shape": tuple(entry["shape"])}) for entry in json.loads(cached.read_text())]

@@ -214,8 +214,8 @@ def test_float_perplexity_of_an_onnx_source_is_evaluated_once(monkeypatch, tmp_p
     evaluated = []
     real = evaluation.evaluate_model
     monkeypatch.setattr(evaluation, "evaluate_model", lambda p, *a, **k: evaluated.append(p) or real(p, *a, **k))
-    first = qcompile.compile(path, "ort-int4", tmp_path / "a", lm_head_bits=8, eval_windows=1, max_ppl_increase=50)
-    second = qcompile.compile(path, "ort-int4", tmp_path / "b", lm_head_bits=8, eval_windows=1)
+    first = qcompile.compile(path, "ort-int4", tmp_path / "a", algo="rtn", lm_head_bits=8, eval_windows=1, max_ppl_increase=50)
+    second = qcompile.compile(path, "ort-int4", tmp_path / "b", algo="rtn", lm_head_bits=8, eval_windows=1)
     assert len(evaluated) == 3 and evaluated.count(path) == 1  # float once, each quantized model once
     assert second.metrics["float"]["ppl"] == first.metrics["float"]["ppl"]
     assert first.metrics["accuracy_gate"] == {"max_ppl_increase_pct": 50, "passed": True}
@@ -223,6 +223,6 @@ def test_float_perplexity_of_an_onnx_source_is_evaluated_once(monkeypatch, tmp_p
     increase = first.metrics["ppl_increase_pct"]
     assert increase > 0  # int4 weights on a random model: a real loss
     with pytest.raises(qcompile.AccuracyGateError) as gate:  # the API's gate: the exception carries the measurement
-        qcompile.compile(path, "ort-int4", tmp_path / "c", lm_head_bits=8, eval_windows=1, max_ppl_increase=increase / 2)
+        qcompile.compile(path, "ort-int4", tmp_path / "c", algo="rtn", lm_head_bits=8, eval_windows=1, max_ppl_increase=increase / 2)
     assert gate.value.exit_code == 3 and gate.value.metrics["ppl_increase_pct"] == increase
     assert not (tmp_path / "c").exists()

@@ -56,20 +56,22 @@ def test_two_bit_groups_clip_their_range_and_lose_less(symmetric, act_order, mon
     assert _output_error(x, w, clipped) < 0.9 * _output_error(x, w, full)
 
 
-def test_group_params_take_each_columns_least_error_ratio_below_four_bits():
+def test_group_params_take_each_columns_least_error_ratio_up_to_four_bits():
     rows = np.random.default_rng(3).normal(size=(64, 8)).astype(np.float32)  # a group's tails: rare extremes
     for symmetric in (True, False):
         scale, zero = group_params(rows, 2, symmetric)
 
-        def error(s, z):
-            return np.square(rows - dequantize_values(quantize_values(rows, s, z, 2), s, z)).sum(0)
+        def error(s, z, bits=2):
+            return np.square(rows - dequantize_values(quantize_values(rows, s, z, bits), s, z)).sum(0)
 
         chosen = error(scale, zero)
         for ratio in gptq.CLIP_RATIOS:
             assert (chosen <= error(*block_params(rows, 2, symmetric, ratio)) + 1e-6).all()
         assert chosen.sum() < 0.9 * error(*block_params(rows, 2, symmetric)).sum()
         four = group_params(rows, 4, symmetric)
-        np.testing.assert_array_equal(four[0], block_params(rows, 4, symmetric)[0])  # min-max from 4 bits up
+        assert error(*four, 4).sum() < error(*block_params(rows, 4, symmetric), 4).sum()  # clipped at 4 bits too
+        eight = group_params(rows, 8, symmetric)
+        np.testing.assert_array_equal(eight[0], block_params(rows, 8, symmetric)[0])  # min-max above
 
 
 def test_lazy_block_updates_equal_eager_updates():
@@ -90,7 +92,7 @@ def test_equals_the_textbook_row_by_row_algorithm():
     codes = np.empty(w.shape, np.int8)
     for row in range(len(work)):
         if row % 32 == 0:
-            scale, _ = block_params(work[row: row + 32].astype(np.float32), 4, True)
+            scale, _ = group_params(work[row: row + 32].astype(np.float32), 4, True)
         codes[row] = quantize_values(work[row], scale, None, 4)
         err = (work[row] - dequantize_values(codes[row], scale, None)) / upper[row, row]
         work[row + 1:] -= np.outer(upper[row, row + 1:], err)
@@ -99,10 +101,11 @@ def test_equals_the_textbook_row_by_row_algorithm():
 
 
 def test_identity_hessian_is_rtn():
-    """With uncorrelated unit inputs GPTQ has nothing to compensate: it reduces to RTN."""
+    """With uncorrelated unit inputs GPTQ has nothing to compensate: it reduces to RTN (at 8 bits, where both
+    take min-max ranges)."""
     _, w = _layer(k=128, n=32)
-    qw = quantize_gptq(w, np.eye(128), 4, 32, True, damp=0.0)
-    np.testing.assert_array_equal(qw.q, quantize_rtn(w, 4, 32, True).q)
+    qw = quantize_gptq(w, np.eye(128), 8, 32, True, damp=0.0)
+    np.testing.assert_array_equal(qw.q, quantize_rtn(w, 8, 32, True).q)
 
 
 def test_dead_channels_and_short_last_group():
