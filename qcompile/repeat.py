@@ -4,12 +4,13 @@ period of layers (Gemma 2 alternates sliding and global attention), all the way 
 
 `plan(model)` finds the period P from structure: each layer's modules (types, scalar attributes), parameter shapes
 and buffer values, and the config's per-layer lists (`layer_types`, `no_rope_layers`, ...), must repeat every P
-layers. The export then traces T = 2P + ((L - 2P) mod P) layers, so that the last P traced layers (the template)
-and their predecessors show every value a layer takes from the one before, and L - T is a multiple of P.
-`repeat(graph, plan)` checks that traced layers of one phase are node for node the same (ops, attributes,
-constants), clones the template's nodes for layers T..L-1 (their parameters, past and present renamed, the
-hidden state carried from the layer before), and moves what read the last traced layer (the final norm) to the
-last layer. Anything it cannot place is a `NotRepeatable`: the export then traces every layer, as before.
+layers. The export then traces T = 3P + ((L - 3P) mod P) layers: the first P trace apart (torch computes shared
+shape arithmetic where it is first needed), the next P show every value a layer takes from the one before, the
+last P are the template, and L - T is a multiple of P. `repeat(graph, plan)` checks that traced layers of one
+phase (from the second period on) are node for node the same (ops, attributes, constants), clones the
+template's nodes for layers T..L-1 (their parameters, past and present renamed, the hidden state carried from
+the layer before), and moves what read the last traced layers (the final norm) to the last layers. Anything it
+cannot place is a `NotRepeatable`: the export then traces every layer, as before.
 """
 
 from __future__ import annotations
@@ -195,15 +196,22 @@ def repeat(graph, p: Plan) -> None:
     def data_free(value) -> bool:
         """`value` is the same in every layer: it reads no layer's parameters or past, only shapes, constants and
         the model's inputs (shape arithmetic torch computed once, in whichever layer first needed it)."""
-        if id(value) not in free:
-            node = value.producer()
-            if value.is_initializer():
-                free[id(value)] = not (value.name or "").startswith(layer_prefix)
+        stack = [value]  # depth first without recursion: a hidden state's producers go back through every layer
+        while stack:
+            v = stack[-1]
+            node = v.producer()
+            if id(v) in free:
+                stack.pop()
+            elif v.is_initializer():
+                free[id(v)] = not (v.name or "").startswith(layer_prefix)
             elif node is None:
-                free[id(value)] = _past_index(value) is None
+                free[id(v)] = _past_index(v) is None
+            elif node.op_type in ("Shape", "Constant"):
+                free[id(v)] = True
+            elif pending := [x for x in node.inputs if x is not None and id(x) not in free]:
+                stack.extend(pending)
             else:
-                free[id(value)] = node.op_type in ("Shape", "Constant") or \
-                    all(data_free(x) for x in node.inputs if x is not None)
+                free[id(v)] = all(free[id(x)] for x in node.inputs if x is not None)
         return free[id(value)]
 
     for new in range(p.traced, p.layers):
