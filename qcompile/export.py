@@ -347,6 +347,7 @@ def _trace_layers(model, cache_shapes):
 
 
 def _trace(model, cache_shapes):
+    """The ONNXProgram of `model`'s KV-cache decoder, every layer traced."""
     import torch
     from transformers import DynamicCache
 
