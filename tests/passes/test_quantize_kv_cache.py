@@ -5,11 +5,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qcompile import analysis, errors
+from qcompile import analysis, calibration, custom_ops, errors
 from qcompile.calibration import TapStats
 from qcompile.passes import (Calibrate, FuseGroupQueryAttention, FuseNormGains, InsertOnlineHadamard,
                              InsertQueryKeyHadamard, QuantizeKVCache, RotateResidualStream, RotateValueOutput)
-from qcompile.passes.quantize_kv_cache import _scales
+from qcompile.passes.quantize_kv_cache import _scales, key_transform
 from qcompile.runtime import Decoder
 from tests.conftest import prompt_and_step
 
@@ -48,7 +48,7 @@ def test_kv_cache_holds_values_quantized_with_calibrated_per_channel_scales(tiny
     # layer 0's keys and values are computed before any quantized cache is read: exactly the float ones, quantized
     # with a scale per (head, channel) of c · max |x| over the calibration windows / qmax, c in 0.5..1
     _, full = decoder.forward(WINDOWS, decoder.empty_cache(len(WINDOWS)), 0)
-    for name in ("past_key_values.0.key", "past_key_values.0.value"):
+    for name in (["past_key_values.0.key"] if bits == 8 else []) + ["past_key_values.0.value"]:  # 4-bit keys: transformed
         scale = model.graph.initializers[name.replace("past_key_values", "present") + ".kv_scale"].const_value.numpy()
         ratio = scale / (np.abs(full[name]).max(axis=(0, 2), keepdims=True) / qmax)
         assert ratio.shape == (1, 2, 1, 16) and (ratio > 0.5 - 1e-6).all() and (ratio < 1 + 1e-6).all()
@@ -69,7 +69,8 @@ def test_ort_lowering_stores_the_cache_quantized_and_computes_the_reference(tiny
     assert FuseGroupQueryAttention(max_positions=256)(model).modified
     gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert {n.attributes.get_int("kv_cache_bit_width") for n in gqa} == {bits}
-    assert {n.attributes.get_int("do_rotary") for n in gqa} == {int(not rotate)}  # RoPE in GQA unless keys are rotated
+    # RoPE in GQA unless the keys are rotated or (4 bits) transformed after it
+    assert {n.attributes.get_int("do_rotary") for n in gqa} == {int(not rotate and bits == 8)}
     assert "QuantizeDequantizeStatic" not in [n.op_type for n in model.graph]
     lowered = _save(model, tmp_path / "lowered.onnx")
     ids = np.random.default_rng(4).integers(0, 256, size=(1, 14))
@@ -126,3 +127,59 @@ def test_clip_search_lowers_the_error_of_heavy_tailed_channels():
         return np.square(np.clip(np.rint(rows / s), -8, 7) * s - rows).sum()
 
     assert error(scale) < 0.5 * error(top)
+
+
+def _without_quantizers(model: ir.Model) -> ir.Model:
+    """The model with every cache quantizer bypassed: what remains of the pass is its key transform."""
+    for node in [n for n in model.graph if n.op_type == custom_ops.STATIC]:
+        node.outputs[0].replace_all_uses_with(node.inputs[0])
+        model.graph.remove(node, safe=True)
+    return model
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_4bit_key_transform_leaves_float_attention_unchanged(tiny_export, tmp_path, rotate):
+    """k·A − μ cached, q·A⁻ᵀ read: the same logits for a prompt, a chunk and a cached step (float, no quantizer)."""
+    _, path = tiny_export("llama")
+    model = _quantized(path, 4, rotate)
+    assert [n.op_type for n in model.graph].count("Einsum") == 2 * 2 and [n.op_type for n in model.graph].count("Sub") >= 2
+    transformed = _save(_without_quantizers(model), tmp_path / "transformed.onnx")
+    ids = np.random.default_rng(6).integers(0, 256, size=(1, 14))
+    (p1, s1, _), (p0, s0, _) = prompt_and_step(transformed, ids), prompt_and_step(path, ids)
+    np.testing.assert_allclose(p1, p0, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(s1, s0, atol=1e-4, rtol=0)
+
+
+def test_4bit_key_cache_holds_the_first_position_exactly(tiny_export):
+    """Calibrated on windows that all start with one token, the key cached at position 0 of a prompt starting
+    with it lies on the grid (the attention sink's key), while later keys carry rounding error. Layer 0: later
+    layers' first keys read the quantized values of the layers before, which calibration (on the float model)
+    does not see."""
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    windows = WINDOWS.copy()
+    windows[:, 0] = 7
+    kv = QuantizeKVCache(4)
+    Calibrate(windows, [kv])(model)
+    kv(model)
+    quantizer = next(n for n in model.graph if n.op_type == custom_ops.STATIC and n.name.startswith("present.0.key"))
+    ids = np.concatenate([[7], np.random.default_rng(7).integers(0, 256, size=11)])[None]
+    with calibration.tapped_session(model, [quantizer.inputs[0], quantizer.outputs[0]]) as decoder:
+        before, after = next(calibration._runs(decoder, [quantizer.inputs[0].name, quantizer.outputs[0].name], ids, None)).values()
+    error = np.abs(after - before)[0]  # [kv_heads, positions, head_dim]
+    assert error[:, 0].max() < 1e-5 < error[:, 1:].mean()
+
+
+def test_key_transform_equalises_and_lowers_the_score_error_proxy():
+    """diag(Aᵀ·S_k·A) and diag(A⁻¹·S_q·A⁻ᵀ) are both flat at Σ√m / d, below the Hadamard's Σ_c Q_c·K_c."""
+    rng = np.random.default_rng(0)
+    d = 16
+    keys = rng.standard_normal((4096, d)) @ (rng.standard_normal((d, d)) * np.logspace(0, 1.5, d)) + 3.0
+    queries = rng.standard_normal((4096, d)) @ (rng.standard_normal((d, d)) * np.logspace(1, 0, d))
+    a = key_transform(queries, keys, centered=True)
+    s_k, s_q = np.cov(keys, rowvar=False, bias=True), queries.T @ queries / len(queries)
+    k_diag, q_diag = np.diag(a.T @ s_k @ a), np.diag(np.linalg.inv(a) @ s_q @ np.linalg.inv(a).T)
+    np.testing.assert_allclose(k_diag, k_diag.mean(), rtol=0.02)
+    np.testing.assert_allclose(q_diag, k_diag.mean(), rtol=0.02)
+    hadamard = np.diag(s_k).mean() * np.diag(s_q).mean() * d  # a Hadamard flattens both diagonals to their means
+    assert (k_diag * q_diag).sum() < 0.5 * hadamard
