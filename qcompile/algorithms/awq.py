@@ -14,14 +14,34 @@ Output errors use the calibration Hessian H = Σ xᵀx: ||X·ΔW||² = tr(ΔWᵀ
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
+import scipy.linalg.blas
 
 from qcompile.algorithms.rtn import QuantizedWeight, _blocks, quantize_rtn
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """||X·W - X·Ŵ||² = tr(ΔWᵀ H ΔW) for W [K, N], H = XᵀX [K, K] (float32 H, float32 products)."""
+    return factored_error(w, w_hat, hessian_factor(h))
+
+
+def hessian_factor(h: np.ndarray) -> np.ndarray:
+    """The lower Cholesky factor L of H (+ a 1e-6 relative ridge, for channels that never fire), float32, in
+    LAPACK's order, so that tr(ΔWᵀ H ΔW) = ||ΔWᵀ·L||²: a triangular product, half a general one's flops."""
+    h = np.array(h, dtype=np.float64, order="F")
+    diagonal = np.einsum("ii->i", h)
+    diagonal += 1e-6 * max(float(diagonal.mean()), 1e-30)
+    lower, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"Hessian is not positive semi-definite (LAPACK dpotrf info {info})")
+    return np.asfortranarray(lower, dtype=np.float32)
+
+
+def factored_error(w: np.ndarray, w_hat: np.ndarray, lower: np.ndarray) -> float:
+    """`output_error` with H's factor from `hessian_factor`."""
     d = (np.asarray(w, np.float64) - w_hat).astype(np.float32)
-    return float(np.einsum("kn,kn->", h.astype(np.float32, copy=False) @ d, d, dtype=np.float64))
+    y = scipy.linalg.blas.strmm(1.0, lower, d.T, side=1, lower=1, overwrite_b=1)  # ΔWᵀ·L, [N, K]
+    return float(np.einsum("nk,nk->", y, y, dtype=np.float64))
 
 
 COARSE = 4  # search_scales tries every COARSE-th α of the grid, then the grid points beside the best
@@ -37,7 +57,11 @@ def search_scales(weights: list[np.ndarray], hessians: list[np.ndarray], absmean
     along the grid, as it does on every group of SmolLM2-135M, this is the grid's own choice.
     """
     base = np.maximum(absmean.astype(np.float64), 1e-8)
-    hessians = [h.astype(np.float32, copy=False) for h in hessians]
+    shared: dict[int, np.ndarray] = {}  # linears reading one input share its Hessian: factor it once
+    for h in hessians:
+        if id(h) not in shared:
+            shared[id(h)] = hessian_factor(h)
+    factors = [shared[id(h)] for h in hessians]
     errors: dict[int, float] = {}
 
     def scales(i: int) -> np.ndarray:
@@ -48,10 +72,10 @@ def search_scales(weights: list[np.ndarray], hessians: list[np.ndarray], absmean
         if i not in errors:
             s = scales(i)
             errors[i] = 0.0
-            for w, h in zip(weights, hessians):
+            for w, lower in zip(weights, factors):
                 scaled = quantize_rtn((w * s[:, None]).astype(np.float32), bits, group_size, symmetric,
                                       positive=positive).dequantize()
-                errors[i] += output_error(w, scaled / s[:, None], h)
+                errors[i] += factored_error(w, scaled / s[:, None], lower)
         return errors[i]
 
     coarse = min(range(0, grid, COARSE), key=error)  # the first of equal errors, as a full pass would keep
