@@ -16,6 +16,11 @@ linears read a pre-norm, or the residual stream itself (post-norm blocks); a par
 the same stream as its attention. Norms on the attention or MLP output before the residual add
 (post/sandwich norms) are the block's `branch_norms`.
 
+A mixture-of-experts MLP is a router linear whose scores pick each token's experts (a TopK), and expert
+weight tables: constant [E, N, K] (or [E, K, N]) tensors a Gather reads per token at the TopK's indices,
+multiplied by the token's input. The router is not one of the block's linears (it stays float); the tables
+are the block's `experts`. A shared expert beside them (Qwen2-MoE) is an ordinary MLP of linears.
+
 A linear is a MatMul whose second input is a constant [K, N] weight, a DequantizeLinear of one (the
 canonical quantized form), a Transpose of one (a tied lm_head), or a com.microsoft.MatMulNBits. An ORT
 target's packed QKV (one MatMulNBits whose output is a GroupQueryAttention's packed query-key-value input)
@@ -109,6 +114,38 @@ class Linear:
 
 
 @dataclasses.dataclass
+class ExpertTable:
+    """One weight of every expert, a constant [E, N, K] or [E, K, N] table that `reader` (a Gather or GatherND)
+    picks each token's experts from, for a MatMul computing W·x ([E, N, K]: `in_axis` 2) or x·W (`in_axis` 1)."""
+
+    name: str  # "blocks.0.experts.0", "blocks.0.experts.1", ... in graph order
+    reader: ir.Node
+    in_axis: int
+
+    @property
+    def table(self) -> ir.Value:
+        return self.reader.inputs[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.table.shape)
+
+    def float_table(self) -> np.ndarray:
+        if self.table.producer() is not None or self.table.const_value is None:
+            raise errors.InputError(f"expert table {self.name} is already quantized: start from a float model")
+        return self.table.const_value.numpy()
+
+
+@dataclasses.dataclass
+class Experts:
+    """A mixture-of-experts MLP: `router` (a float linear; a TopK of its scores picks each token's experts) and
+    the experts' weight tables."""
+
+    router: ir.Node
+    tables: list[ExpertTable]
+
+
+@dataclasses.dataclass
 class Block:
     index: int
     input: ir.Value  # the residual stream entering the block
@@ -118,6 +155,7 @@ class Block:
     branch_norms: list[Norm] = dataclasses.field(default_factory=list)  # on o's / down's output (post-norms)
     parallel: bool = False  # the MLP reads the block's input stream, as the attention does
     sliding_window: int | None = None  # the attention sees only the last this-many positions (the export's record)
+    experts: Experts | None = None  # a mixture-of-experts MLP (a shared expert's linears, if any, are in `linears`)
 
     def norms(self) -> list[Norm]:
         """The block's pre-norms (each once), in the order their linears appear."""
@@ -171,6 +209,9 @@ class ModelMap:
     def linears(self) -> list[Linear]:
         """Every weight once, in block order, lm_head last (a fused projection is one linear)."""
         return [lin for b in self.blocks for lin in b.linears.values()] + [self.lm_head]
+
+    def expert_tables(self) -> list[ExpertTable]:
+        return [t for b in self.blocks if b.experts for t in b.experts.tables]
 
     def norm_readers(self) -> list[tuple[Norm, list[Linear]]]:
         """Every norm that feeds linears, with the linears reading it (the final norm → lm_head last)."""
@@ -314,6 +355,31 @@ def _forward_first(value: ir.Value, stop, limit: int = 400) -> tuple[ir.Node, in
     return None
 
 
+def _forward_uses(value: ir.Value, through: tuple[str, ...]) -> list[ir.Usage]:
+    """The uses of `value`, and of what it becomes through `through` ops (reshapes), in order."""
+    out, queue = [], [value]
+    while queue:
+        for use in queue.pop(0).uses():
+            out.append(use)
+            if use.node.op_type in through:
+                queue.extend(use.node.outputs)
+    return out
+
+
+def _backward_first(value: ir.Value, stop, limit: int = 16) -> ir.Node | None:
+    """Depth-first over producers of `value` (at most `limit` nodes); the first node where stop(node) holds."""
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        node = stack.pop().producer()
+        if node is None or node in seen:
+            continue
+        if stop(node):
+            return node
+        seen.add(node)
+        stack.extend(v for v in node.inputs if v is not None and not _is_const(v))
+    return None
+
+
 def _softmax_before(context: ir.Node, limit: int = 8) -> ir.Value | None:
     """The Softmax output feeding an attention context MatMul's probabilities (through Where/IsNaN/Cast)."""
     if context.op_type != "MatMul":
@@ -393,6 +459,52 @@ class _Analyzer:
         self.order = {node: i for i, node in enumerate(self.graph)}
         self.linear_nodes = {n: d for n in self.graph if (d := _linear_dims(n)) is not None}
         self.shared_norms: dict[ir.Node, Norm] = {}
+        self.experts = self.find_experts()
+        for router in self.experts:
+            del self.linear_nodes[router]  # the router stays float: its scores choose, they are not summed
+        self.expert_matmuls = {use.node for tables in self.experts.values() for t in tables
+                               for use in _forward_uses(t.reader.outputs[0], ("Transpose", "Reshape", "Squeeze", "Unsqueeze"))
+                               if use.node.op_type == "MatMul"}
+
+    def find_experts(self) -> dict[ir.Node, list[ExpertTable]]:
+        """Each router linear → the expert tables gathered at its TopK's indices (empty for a dense model)."""
+        routers: dict[ir.Node, ir.Node] = {}  # TopK → router
+        for node in self.graph:
+            if node.op_type != "TopK":
+                continue
+            value, router = node.inputs[0], None
+            for _ in range(8):  # back through Softmax/Sigmoid, a bias, casts and reshapes to the router's scores
+                producer = value.producer()
+                if producer is None or producer in self.linear_nodes:
+                    router = producer
+                    break
+                data = [v for v in producer.inputs if v is not None and not _is_const(v)]
+                if len(data) != 1:
+                    break
+                value = data[0]
+            if router is None:
+                raise self.fail(f"the TopK at '{node.name}' picks from no linear's scores (a router)")
+            routers[node] = router
+        found: dict[ir.Node, list[ExpertTable]] = {router: [] for router in routers.values()}
+        for node in self.graph:
+            if node.op_type not in ("Gather", "GatherND") or len(node.inputs[0].shape or ()) != 3:
+                continue
+            table = node.inputs[0]
+            if (p := table.producer()) is not None and p.op_type == "DequantizeLinear":
+                table = p.inputs[0]
+            topk = _backward_first(node.inputs[1], lambda n: n in routers)
+            if not _is_const(table) or topk is None:
+                continue
+            matmul = next((u for u in _forward_uses(node.outputs[0], ("Transpose", "Reshape", "Squeeze", "Unsqueeze"))
+                           if u.node.op_type == "MatMul"), None)
+            if matmul is None:
+                raise self.fail(f"the expert table gathered at '{node.name}' is not multiplied by the token's input")
+            tables = found[routers[topk]]
+            tables.append(ExpertTable(f"?.experts.{len(tables)}", node, 2 if matmul.idx == 0 else 1))
+        for router, tables in found.items():
+            if not tables:
+                raise self.fail(f"the router at '{router.name}' picks experts, but no expert weight table is gathered at its choice")
+        return found
 
     def fail(self, what: str) -> errors.UnsupportedModelError:
         return errors.UnsupportedModelError(
@@ -402,7 +514,9 @@ class _Analyzer:
         )
 
     def is_dynamic_matmul(self, node: ir.Node) -> bool:
-        return (node.op_type == "MatMul" and node not in self.linear_nodes) or node.op_type in _ATTENTION_OPS
+        """An attention MatMul (not a linear, a router, or an expert's weight times its input) or attention op."""
+        return ((node.op_type == "MatMul" and node not in self.linear_nodes and node not in self.expert_matmuls
+                 and node not in self.experts) or node.op_type in _ATTENTION_OPS)
 
     def embedding(self) -> ir.Node:
         graph_inputs = [v for v in self.graph.inputs if v.name == "input_ids"] or list(self.graph.inputs)
@@ -447,10 +561,6 @@ class _Analyzer:
         return _skip_back(node.inputs[0], ops=_BETWEEN_NORM_AND_LINEAR + ("Cast", "Identity")), None
 
     def run(self) -> ModelMap:
-        if router := next((n for n in self.graph if n.op_type == "TopK"), None):
-            raise errors.UnsupportedModelError(
-                f"a router (TopK at '{router.name}') picks experts per token: mixture-of-experts MLPs are not "
-                "supported yet (qcompile quantizes dense decoders)")
         embedding = self.embedding()
         head_node, softcap = self.lm_head()
         final_norm = match_norm(head_node.inputs[0])
@@ -490,15 +600,26 @@ class _Analyzer:
             if index is None or index in mlps:
                 raise self.fail(f"the MLP at '{down.name}' belongs to no block (or a block has two)")
             mlps[index] = (down, ups, parallel)
+        experts = {}
+        for router, tables in self.experts.items():
+            index = max((i for i, pos in enumerate(o_positions) if pos < self.order[router]), default=None)
+            if index is None or index in experts:
+                raise self.fail(f"the router at '{router.name}' belongs to no block (or a block has two)")
+            for table in tables:
+                table.name = f"blocks.{index}.{table.name.split('.', 1)[1]}"
+            experts[index] = Experts(router, tables)
         out = []
         for i, stream, linears, probs in blocks:
-            if i not in mlps:
-                raise self.fail(f"block {i}: no MLP (up → down linears) after its attention")
-            down, ups, parallel = mlps[i]
-            linears.update(self.mlp_roles(i, ups, down))
-            branch = [n for lin in (linears[Role.O], linears[Role.DOWN]) if (n := self.branch_norm(lin)) is not None]
+            if i not in mlps and i not in experts:
+                raise self.fail(f"block {i}: no MLP (up → down linears, or experts) after its attention")
+            parallel = False
+            if i in mlps:
+                down, ups, parallel = mlps[i]
+                linears.update(self.mlp_roles(i, ups, down))
+            writers = [lin for role in (Role.O, Role.DOWN) if (lin := linears.get(role)) is not None]
+            branch = [n for lin in writers if (n := self.branch_norm(lin)) is not None]
             window = self.windows[i] if i < len(self.windows) and self.windows[i] else None
-            out.append(Block(i, stream, None, linears, probs, branch, parallel, window))
+            out.append(Block(i, stream, None, linears, probs, branch, parallel, window, experts.get(i)))
         for block, after in zip(out, out[1:]):
             block.output = after.input
         out[-1].output = final_norm.input

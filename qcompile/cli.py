@@ -280,6 +280,12 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
                 analysis.Role.O, analysis.Role.DOWN) else "")
             parts = f" ({', '.join(f'{r.value} {a}:{z}' for r, (a, z) in lin.parts.items())})" if lin.parts else ""
             table.add_row(lin.name, lin.role.value + parts, str(lin.in_features), str(lin.out_features), fed, lin.format())
+        for t in b.experts.tables if b.experts else ():
+            dq = t.table.producer()
+            stored = (f"{dq.inputs[0].dtype.name} block {dq.attributes.get_int('block_size', 0)} (DequantizeLinear)"
+                      if dq is not None else t.table.dtype.name)
+            k, n = t.shape[t.in_axis], t.shape[3 - t.in_axis]
+            table.add_row(t.name, f"{t.shape[0]} experts", str(k), str(n), "router's choice", stored)
     head = mm.lm_head
     table.add_row(head.name, head.role.value, str(head.in_features), str(head.out_features),
                   f"{mm.final_norm.kind}norm (final)", head.format() + (" (tied to embedding)" if mm.tied_lm_head else ""))
@@ -290,7 +296,8 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
     console.print(f"embedding: {mm.embedding.op_type} of {emb.name} {list(emb.shape)} {emb.dtype.name}"
                   + (" (lm_head's weight, shared)" if shared else ""))
     b = mm.blocks[0]
-    console.print(f"blocks: {'parallel' if b.parallel else 'sequential'} attention and {'gated' if b.gated else 'plain'} MLP; "
+    mlp = "mixture-of-experts MLP (router kept float)" if b.experts else f"{'gated' if b.gated else 'plain'} MLP"
+    console.print(f"blocks: {'parallel' if b.parallel else 'sequential'} attention and {mlp}; "
                   f"pre-norms per block: {len(b.norms())}, post-norms: {len(b.branch_norms)}; final norm: "
                   f"{mm.final_norm.kind}" + (f"; logit softcap {mm.logit_softcap:g}" if mm.logit_softcap else ""))
     ops = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph_model.graph)

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from qcompile import analysis, errors, targets
 from qcompile.analysis import Linear
+from qcompile.passes import _canonical
 from qcompile.passes._canonical import Decoded
 
 PROMPT = "The history of the city began in the early nineteenth century, when a group of settlers"
@@ -36,13 +37,17 @@ class Reader(Protocol):
 
 
 def _decoded(model: ir.Model, reader: Reader) -> Iterator[tuple[str, Decoded]]:
-    """(name, Decoded) for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head') and the
-    embedding table ('embedding') when it is quantized, decoded one at a time."""
+    """(name, Decoded) for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head'), expert table
+    ('blocks.3.experts.0') and the embedding table ('embedding') when it is quantized, decoded one at a time."""
     mm = analysis.analyze(model)
     for linear in mm.linears():
         decoded = reader.read_weight(linear)
         if decoded is not None:
             yield linear.name, decoded
+    for table in mm.expert_tables():  # the canonical form in every target
+        decoded = _canonical.read_expert_table(table)
+        if decoded is not None:
+            yield table.name, decoded
     embedding = reader.read_embedding(mm.embedding)
     if embedding is not None:
         yield "embedding", embedding

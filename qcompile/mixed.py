@@ -56,20 +56,21 @@ def stored_bits(bits: int | None, group: int, k: int, n: int, symmetric: bool = 
 
 
 def bits_per_weight(layers: list[dict]) -> float | None:
-    """Stored bits per weight over a manifest's `layers` (linears, and the embedding table when quantized;
+    """Stored bits per weight over a manifest's `layers` (linears, expert tables, and the embedding table when quantized;
     a float linear counts its 32 bits); None when nothing was quantized."""
     total = count = 0
     quantized = False
     for entry in layers:
-        k, n = entry["shape"]
+        *experts, k, n = entry["shape"]  # [K, N], or [E, K, N] for a table of experts
+        copies = experts[0] if experts else 1
         if "bits" in entry:
             quantized = True
-            total += stored_bits(entry["bits"], entry["group_size"], k, n, entry.get("symmetric", True))
+            total += copies * stored_bits(entry["bits"], entry["group_size"], k, n, entry.get("symmetric", True))
         elif entry.get("format", "").upper() in ("FLOAT", "FLOAT32"):
-            total += stored_bits(None, 0, k, n)
+            total += copies * stored_bits(None, 0, k, n)
         else:
             continue
-        count += k * n
+        count += copies * k * n
     return round(total / count, 4) if quantized else None
 
 

@@ -21,7 +21,7 @@ from qcompile.algorithms.gptq import CLIP_BITS, CLIP_RATIOS, quantize_gptq
 from qcompile.algorithms.rtn import quantize_fp8, quantize_rtn
 from qcompile.analysis import Role
 from qcompile.passes import (FoldSmoothQuantScales, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, QuantizeActivations,
-                             QuantizeEmbedding, QuantizeKVCache, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN,
+                             QuantizeEmbedding, QuantizeExperts, QuantizeKVCache, QuantizeWeightsAWQ, QuantizeWeightsGPTQ, QuantizeWeightsRTN,
                              RotateResidualStream, RotateValueOutput, SmoothRotateNormOutputs, WherePossible)
 from qcompile.passes import _canonical
 from qcompile.passes.calibrate import Calibrate
@@ -382,7 +382,8 @@ def _quantize(src: sources.Source, plan: Recipe, tgts: list[targets.Target], eva
     model = scratch.unmapped(artifact.load_onnx(float_path))
     model_map = analysis.analyze(model)  # and fail early, before any work, on an unsupported graph
     tied = model_map.tied_lm_head
-    unknown = sorted(set(plan.weight_scheme().layer_formats()) - {lin.name for lin in model_map.linears()})
+    names = {lin.name for lin in model_map.linears()} | {t.name for t in model_map.expert_tables()}
+    unknown = sorted(set(plan.weight_scheme().layer_formats()) - names)
     if unknown:
         raise errors.InputError(f"weights.layers names {', '.join(unknown[:3])}, which this model does not have: "
                                 f"use its linears' names (e.g. {model_map.linears()[0].name}, see `qcompile inspect`)")
@@ -555,7 +556,7 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     """The passes that turn the float model into the canonical quantized model, in order: QuaRot's
     rotations (float-equivalent), one calibration run for every pass that needs the float model's
     statistics, SmoothQuant's fold, the weights (a 4-bit lm_head by GPTQ first, when the blocks are not
-    GPTQ's), the activation and KV-cache quantizers, the embedding. `tied`: the float model's lm_head reads
+    GPTQ's; a mixture of experts' tables by RTN), the activation and KV-cache quantizers, the embedding. `tied`: the float model's lm_head reads
     the embedding table; quantized to the same width, the table then takes the lm_head's integers."""
     scheme, act = plan.weight_scheme(), plan.activations
     passes = _rotation_passes(plan, windows, progress)
@@ -570,7 +571,7 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
                  if p is not None]
     if consumers:
         passes.append(Calibrate(windows, consumers, progress))
-    passes += [p for p in (fold, head, weights, acts, kv) if p is not None]
+    passes += [p for p in (fold, head, weights, QuantizeExperts(scheme, progress), acts, kv) if p is not None]
     if plan.embeddings.bits is not None:
         passes.append(_embedding_pass(plan, scheme, tied))
     return passes

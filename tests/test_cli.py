@@ -207,6 +207,7 @@ def test_float_perplexity_of_an_onnx_source_is_evaluated_once(monkeypatch, tmp_p
     from qcompile.export import export_model
     from tests.conftest import tiny_hf_model, write_byte_tokenizer
 
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "cache"))  # no float evaluation left by other tests
     folder = tmp_path / "src"  # 1024 positions: room for the 512-token evaluation windows
     folder.mkdir()
     path = export_model(tiny_hf_model("llama", max_position_embeddings=1024), folder)

@@ -19,9 +19,9 @@ from tests.families import FAMILIES, write_folder
 
 R = analysis.Role
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
-DENSE = [f for f in FAMILIES if f not in MOE]
-FAST = ["phi3", "gpt2", "gemma2"]  # fused projections, GELU MLP + biases + Conv1D, sandwich norms + softcap
-params = [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in DENSE]
+# fused projections, GELU MLP + biases + Conv1D, sandwich norms + softcap, experts + a shared expert
+FAST = ["phi3", "gpt2", "gemma2", "qwen2_moe"]
+params = [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES]
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +64,15 @@ def test_model_map_has_every_role(family_export, family):
     model_map = analysis.analyze(ir.load(family_export(family)[2]))
     assert len(model_map.blocks) == 2
     for block in model_map.blocks:
-        assert R.O in block.linears and R.DOWN in block.linears
+        assert R.O in block.linears and (R.DOWN in block.linears or block.experts)
         assert (R.QKV in block.linears) != ({R.Q, R.K, R.V} <= set(block.linears))
-        assert block.part(R.UP) is not None or R.GATE_UP in block.linears
+        assert block.part(R.UP) is not None or R.GATE_UP in block.linears or block.experts
+        assert (block.experts is not None) == (family in MOE)
+        if block.experts:  # the router stays float, outside the linears; gate_up [E, 2I, H] then down [E, H, I]
+            assert block.experts.router not in {lin.node for lin in model_map.linears()}
+            (e, up, h), (e2, h2, i) = (t.shape for t in block.experts.tables)
+            assert (e, h, h2, up) == (4, 64, 64, 2 * i) and e2 == e
+            assert all(t.in_axis == 2 for t in block.experts.tables)
         qkv = block.linears.get(R.QKV)
         if qkv is not None and qkv.parts:  # contiguous q | k | v columns cover the projection
             spans = sorted(qkv.parts.values())
@@ -76,10 +82,15 @@ def test_model_map_has_every_role(family_export, family):
 
 def _rotations(model_map: analysis.ModelMap):
     """The float-equivalent rotation passes that apply to this structure: QuaRot's residual rotation needs
-    RMSNorms and no post-norms; the value rotation needs v's columns."""
-    if any(b.branch_norms for b in model_map.blocks) or any(n.kind != "rms" for n, _ in model_map.norm_readers()):
+    RMSNorms, no post-norms and no experts; the value rotation needs v's columns."""
+    if not _rotatable(model_map):
         return [RotateValueOutput, InsertOnlineHadamard, InsertQueryKeyHadamard]
     return [FuseNormGains, RotateResidualStream, RotateValueOutput, InsertOnlineHadamard, InsertQueryKeyHadamard]
+
+
+def _rotatable(model_map: analysis.ModelMap) -> bool:
+    return not any(b.branch_norms or b.experts for b in model_map.blocks) and all(
+        n.kind == "rms" for n, _ in model_map.norm_readers())
 
 
 @pytest.mark.parametrize("family", params)
@@ -130,13 +141,50 @@ def test_rotations_refuse_layernorm_and_post_norm_families_with_the_reason(famil
         FuseNormGains()(ir.load(family_export("gemma2")[2]))
 
 
-def test_moe_is_refused_in_one_line_naming_the_router(tmp_path):
-    folder = tmp_path / "mixtral"
-    write_folder("mixtral", folder)
-    with pytest.raises(errors.UnsupportedModelError, match="router .* experts per token") as info:
-        qcompile.compile(folder, "ort-int4", tmp_path / "out", eval_windows=None, algo="rtn")
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "out").exists()
+def test_rotations_refuse_experts_with_the_reason(family_export):
+    with pytest.raises(errors.UnsupportedModelError, match="routes each token to experts"):
+        FuseNormGains()(ir.load(family_export("qwen2_moe")[2]))
+
+
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
+def test_expert_tables_are_each_experts_rtn_and_the_router_stays_float(family_export, family, tmp_path):
+    """QuantizeExperts stores every expert's own RTN integers (blocked along K) under one DequantizeLinear per table;
+    the router's weight is untouched; at 8 bits the logits stay within the quantization's reach of float."""
+    from qcompile.algorithms.rtn import quantize_rtn
+    from qcompile.passes import QuantizeExperts
+    from qcompile.passes._canonical import read_expert_table
+    from qcompile.schemes import WeightScheme
+
+    _, _, path = family_export(family)
+    model = ir.load(path)
+    before = analysis.analyze(model)
+    floats = {t.name: t.float_table() for t in before.expert_tables()}
+    router = before.blocks[0].experts.router.inputs[1].const_value.numpy().copy()
+    result = QuantizeExperts(WeightScheme(bits=4, group_size=32))(model)
+    assert [e["name"] for e in result.layers] == list(floats) and all(e["bits"] == 4 for e in result.layers)
+    after = analysis.analyze(model)
+    np.testing.assert_array_equal(after.blocks[0].experts.router.inputs[1].const_value.numpy(), router)
+    for table in after.expert_tables():
+        decoded = read_expert_table(table)
+        w = floats[table.name]
+        assert decoded.q.shape == w.shape and decoded.block_size == 32
+        for e in range(w.shape[0]):  # expert e's [N, K] slice is RTN of its own [K, N] weight
+            want = quantize_rtn(w[e].T, 4, 32, True)
+            np.testing.assert_array_equal(decoded.q[e].T, want.q)
+            np.testing.assert_array_equal(decoded.scale[e].T, want.scale)
+
+    def logits_at(bits):
+        quantized = ir.load(path)
+        QuantizeExperts(WeightScheme(bits=bits, group_size=32))(quantized)
+        out = tmp_path / f"int{bits}" / "model.onnx"
+        out.parent.mkdir()
+        ir.save(quantized, out, external_data="model.onnx.data")
+        return run_logits(out, ids)
+
+    ids = np.random.default_rng(1).integers(3, 256, size=(2, 16))
+    float_logits = run_logits(path, ids)
+    err8, err4 = (np.abs(logits_at(bits) - float_logits).max() for bits in (8, 4))
+    assert 0 < err8 < err4 / 4 and err8 < 1e-2, (err8, err4)
 
 
 @pytest.mark.parametrize("family", params)
@@ -149,9 +197,7 @@ def test_every_target_compiles_verifies_and_decodes(family_export, family, tmp_p
     for target in ("ort-w8a8", "trt-int8", "trt-fp8", "ort-w4a8"):
         arts[target] = qcompile.compile(folder, target, tmp_path / target, eval_windows=None, **small)
     rotations = next(p for p in arts["ort-w4a8"].manifest["passes"] if p["name"].startswith("FuseNormGains"))
-    model_map = analysis.analyze(ir.load(family_export(family)[2]))
-    rotatable = not any(b.branch_norms for b in model_map.blocks) and all(
-        n.kind == "rms" for n, _ in model_map.norm_readers())
+    rotatable = _rotatable(analysis.analyze(ir.load(family_export(family)[2])))
     assert rotations["modified"] == rotatable and ("skipped" in rotations) != rotatable  # else: why, in the manifest
     from qcompile.package import genai_greedy
 

@@ -9,6 +9,7 @@ from qcompile.passes.insert_online_hadamard import InsertOnlineHadamard
 from qcompile.passes.insert_query_key_hadamard import InsertQueryKeyHadamard
 from qcompile.passes.quantize_activations import QuantizeActivations
 from qcompile.passes.quantize_embedding import QuantizeEmbedding
+from qcompile.passes.quantize_experts import QuantizeExperts
 from qcompile.passes.quantize_kv_cache import QuantizeKVCache
 from qcompile.passes.quantize_weights_awq import QuantizeWeightsAWQ
 from qcompile.passes.quantize_weights_gptq import QuantizeWeightsGPTQ
@@ -18,5 +19,5 @@ from qcompile.passes.rotate_value_output import RotateValueOutput
 from qcompile.passes.smooth_rotate_norm_outputs import SmoothRotateNormOutputs
 from qcompile.passes.where_possible import WherePossible
 
-__all__ = ["Calibrate", "FoldAWQScales", "FoldSmoothQuantScales", "FuseGroupQueryAttention", "FuseNormGains", "InsertOnlineHadamard", "InsertQueryKeyHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeKVCache", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
+__all__ = ["Calibrate", "FoldAWQScales", "FoldSmoothQuantScales", "FuseGroupQueryAttention", "FuseNormGains", "InsertOnlineHadamard", "InsertQueryKeyHadamard", "QuantizeActivations", "QuantizeEmbedding", "QuantizeExperts", "QuantizeKVCache", "QuantizeWeightsAWQ", "QuantizeWeightsGPTQ", "QuantizeWeightsRTN",
            "RotateResidualStream", "RotateValueOutput", "SmoothRotateNormOutputs", "WherePossible"]

@@ -97,6 +97,20 @@ def read_dequantize_linear(dq: ir.Node) -> Decoded:
     return Decoded(q, scale, zp, bits, dq.attributes.get_int("block_size", 0), dq.inputs[0].name, fp8)
 
 
+def read_expert_table(table: analysis.ExpertTable) -> Decoded | None:
+    """A quantized expert table's integers and scales as stored ([E, N, K] or [E, K, N], every target keeps the
+    canonical form); None for a float table."""
+    dq = table.table.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    fp8 = dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
+    zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    return Decoded((_array(dq.inputs[0]).view(np.uint8) if fp8 else _array(dq.inputs[0])).astype(np.int16),
+                   _array(dq.inputs[1]).astype(np.float32), None if zp is None else _array(zp).astype(np.int16),
+                   8 if fp8 else _INT_TYPES[dq.inputs[0].dtype][0], dq.attributes.get_int("block_size", 0),
+                   dq.inputs[0].name, fp8)
+
+
 def read_embedding(gather: ir.Node) -> Decoded | None:
     """A quantized embedding table's integers [V, H] and scales [V, G] when `gather` reads
     DequantizeLinear(q, scale); None for a float table."""

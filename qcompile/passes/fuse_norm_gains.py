@@ -12,6 +12,11 @@ from qcompile.passes._fold import set_tensor, set_weight, untie_lm_head
 def check_rms_norms(model_map: analysis.ModelMap, what: str) -> None:
     """Refuse graphs whose norms are not RMSNorms with a constant gain that only the linears read."""
     for block in model_map.blocks:
+        if block.experts:
+            raise errors.UnsupportedModelError(
+                f"{what}: block {block.index} routes each token to experts (a router and expert weight tables read the "
+                "residual stream), which a rotation of the residual stream would have to rotate too (not supported "
+                "yet): use a target or recipe without rotations")
         if block.branch_norms:
             raise errors.UnsupportedModelError(
                 f"{what} needs every norm before the linears it feeds; block {block.index} normalizes an attention "

@@ -20,6 +20,7 @@ class InsertOnlineHadamard(ir.passes.InPlacePass):
     The input of down_proj, the hardest activation to quantize in a Llama MLP, loses its outliers.
     With `roles` including o, the same is done on o_proj's input (all heads' attention outputs together:
     QuaRot's across-head Hadamard; RotateValueOutput only mixes within a head), for 4-bit activations.
+    A block whose MLP is experts alone has no down linear: its experts keep their input as it is.
     """
 
     def __init__(self, roles: tuple[R, ...] = (R.DOWN,)):
@@ -27,7 +28,7 @@ class InsertOnlineHadamard(ir.passes.InPlacePass):
         self.roles = roles
 
     def requires(self, model: ir.Model) -> None:
-        linears = [block.linears[role] for block in analysis.analyze(model).blocks for role in self.roles]
+        linears = [lin for block in analysis.analyze(model).blocks for role in self.roles if (lin := block.linears.get(role))]
         for n in dict.fromkeys(linear.in_features for linear in linears):
             known_hadamard(n)
         for linear in linears:
@@ -37,8 +38,7 @@ class InsertOnlineHadamard(ir.passes.InPlacePass):
         graph = model.graph
         factors: dict[int, tuple[ir.Value, ir.Value, np.ndarray]] = {}
         for block in analysis.analyze(model).blocks:
-            for role in self.roles:
-                linear = block.linears[role]
+            for linear in filter(None, map(block.linears.get, self.roles)):
                 left, right, dense = hadamard_factors(graph, factors, linear.in_features)
                 node = custom_ops.hadamard_node(linear.node.inputs[0], left, right, f"{linear.name}.hadamard")
                 graph.insert_before(linear.node, node)

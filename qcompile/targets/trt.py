@@ -125,13 +125,14 @@ def check_tensorrt(model: ir.Model) -> list[Violation]:
                                           "use a trt-* target's standard-op form"))
         if node.op_type not in ("DequantizeLinear", "QuantizeLinear") or node.domain not in _ONNX_DOMAINS:
             continue
-        table = bool(node.outputs[0].uses()) and all(c.op_type == "Gather" and i == 0 for c, i in node.outputs[0].uses())
+        table = bool(node.outputs[0].uses()) and all(c.op_type in ("Gather", "GatherND") and i == 0 for c, i in node.outputs[0].uses())
         found += [Violation(where, rule) for rule in _qdq_rules(node, table)]
     return found
 
 
 def _qdq_rules(node: ir.Node, table: bool = False) -> list[str]:
-    """`table`: the DequantizeLinear feeds only Gathers (an embedding table [V, H], blocked along H)."""
+    """`table`: the DequantizeLinear feeds only Gathers (an embedding table [V, H], blocked along H; or a
+    mixture of experts' table [E, N, K] or [E, K, N], blocked along K, which TensorRT-RTX 1.7 builds)."""
     rules = []
     data, scale = node.inputs[0], node.inputs[1]
     zp = node.inputs[2] if len(node.inputs) > 2 else None
@@ -156,6 +157,12 @@ def _qdq_rules(node: ir.Node, table: bool = False) -> list[str]:
     if q is None:  # an activation: per-tensor only
         if s.size != 1:
             rules.append(f"activation scale has {s.size} values: activations are quantized per tensor")
+        return rules
+    if q.ndim == 3 and table:
+        if axis not in (1, 2) or not block or q.shape[axis] % block:
+            rules.append(f"expert table {list(q.shape)} is not in whole blocks along its axis 1 or 2 (axis {axis}, block {block})")
+        elif s.shape != tuple(d // block if i == axis else d for i, d in enumerate(q.shape)):
+            rules.append(f"blocked scale shape {list(s.shape)} does not match expert table {list(q.shape)} / block {block}")
         return rules
     if q.ndim != 2:
         return rules + [f"weight has rank {q.ndim}, expected a 2-D [K, N] weight"]
