@@ -121,10 +121,21 @@ class ExpertTable:
     name: str  # "blocks.0.experts.0", "blocks.0.experts.1", ... in graph order
     reader: ir.Node
     in_axis: int
+    matmul: ir.Node  # multiplies the gathered weights by the rows' inputs
 
     @property
     def table(self) -> ir.Value:
         return self.reader.inputs[0]
+
+    @property
+    def input(self) -> ir.Value:
+        """The MatMul's other input: one row of K features per (token, chosen expert)."""
+        return self.matmul.inputs[1 if self.in_axis == 2 else 0]
+
+    @property
+    def expert_index(self) -> ir.Value:
+        """Each row's expert: the Gather's indices."""
+        return self.reader.inputs[1]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -500,7 +511,7 @@ class _Analyzer:
             if matmul is None:
                 raise self.fail(f"the expert table gathered at '{node.name}' is not multiplied by the token's input")
             tables = found[routers[topk]]
-            tables.append(ExpertTable(f"?.experts.{len(tables)}", node, 2 if matmul.idx == 0 else 1))
+            tables.append(ExpertTable(f"?.experts.{len(tables)}", node, 2 if matmul.idx == 0 else 1, matmul.node))
         for router, tables in found.items():
             if not tables:
                 raise self.fail(f"the router at '{router.name}' picks experts, but no expert weight table is gathered at its choice")

@@ -120,6 +120,11 @@ def attention_key(tap: str) -> str:
     return f"{tap}|attention"
 
 
+def expert_key(tap: str, expert: int) -> str:
+    """The stats key of `tap`'s statistics over the rows routed to `expert`."""
+    return f"{tap}|expert{expert}"
+
+
 @contextlib.contextmanager
 def tapped_session(model: ir.Model, outputs: list[ir.Value], start: ir.Value | None = None):
     """A Decoder over a pruned copy of `model` whose graph outputs are `outputs` (values of `model`).
@@ -185,7 +190,9 @@ class Request:
     many sampled `rows` per window, and attention-weighted statistics for the taps `attention` maps to
     attention probabilities (see the module docstring). `linears`: the linears whose inputs the taps are,
     for `linear_hessians`. `per_head`: the taps are [batch, heads, seq, head_dim] (a KV cache's new keys
-    or values) and their channels are the (head, dim) pairs, head-major."""
+    or values) and their channels are the (head, dim) pairs, head-major. `experts`: for a tap that is the
+    input of a mixture of experts' MatMul (one row per token and chosen expert), the value holding each
+    row's expert index: its statistics are kept per expert, under `expert_key(tap, e)`."""
 
     taps: list[ir.Value]
     hessian: bool = False
@@ -193,6 +200,7 @@ class Request:
     attention: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
     linears: list = dataclasses.field(default_factory=list)
     per_head: bool = False
+    experts: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
 
 
 def linear_request(model: ir.Model, linears: list) -> Request:
@@ -225,7 +233,8 @@ def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=
     rows = {t.name: max(r.rows for r in requests if t in r.taps) for t in taps}
     attention = {k: v for r in requests for k, v in r.attention.items()}
     per_head = {t.name for r in requests if r.per_head for t in r.taps}
-    wanted = list(dict.fromkeys([*taps, *attention.values(), *([keep] if keep is not None else [])]))
+    experts = {k: v for r in requests for k, v in r.experts.items()}
+    wanted = list(dict.fromkeys([*taps, *attention.values(), *experts.values(), *([keep] if keep is not None else [])]))
     names = [t.name for t in wanted]
     start_value, start_arrays = start if start is not None else (None, None)
     stats: dict[str, TapStats] = {}
@@ -237,11 +246,15 @@ def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=
                 x = out[tap.name]
                 if tap.name in per_head:
                     x = x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
-                keys = [(tap.name, None)]
+                keys = [(tap.name, x, None)]
                 if tap.name in attention:
                     probs = out[attention[tap.name].name]  # [1, heads, q, k]
-                    keys.append((attention_key(tap.name), (probs**2).sum(axis=(1, 2)) / probs.shape[1]))
-                for key, weights in keys:
+                    keys.append((attention_key(tap.name), x, (probs**2).sum(axis=(1, 2)) / probs.shape[1]))
+                if tap.name in experts:  # one row per (token, chosen expert): [rows, K] split by expert
+                    index = out[experts[tap.name].name].reshape(-1)
+                    x = x.reshape(index.shape[0], -1)
+                    keys = [(expert_key(tap.name, int(e)), x[index == e], None) for e in np.unique(index)]
+                for key, x, weights in keys:
                     if key not in stats:
                         k = x.shape[-1]
                         stats[key] = TapStats(np.zeros(k, np.float32), np.zeros(k, np.float64),

@@ -571,7 +571,7 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
                  if p is not None]
     if consumers:
         passes.append(Calibrate(windows, consumers, progress))
-    passes += [p for p in (fold, head, weights, QuantizeExperts(scheme, progress), acts, kv) if p is not None]
+    passes += [p for p in (fold, head, weights, QuantizeExperts(scheme, windows, progress), acts, kv) if p is not None]
     if plan.embeddings.bits is not None:
         passes.append(_embedding_pass(plan, scheme, tied))
     return passes
