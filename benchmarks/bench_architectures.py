@@ -4,7 +4,8 @@
 
 For every family of tests/families.py (tiny random models from transformers configs, saved as Hugging Face
 folders with a byte-level tokenizer): `qcompile.compile` for each target (its default recipe, on 2 short
-calibration windows, no evaluation), then a cached decode of the artifact (the edge package: onnxruntime-genai generates 4 tokens from it); and
+calibration windows, no evaluation) and for each recipe of RECIPES on ort-int4 (`--algo` rtn, gptq, awq,
+awq+gptq; the W4A4/KV4 reference: rotations, int4 activations, a 4-bit KV cache), then a cached decode of the artifact (the edge package: onnxruntime-genai generates 4 tokens from it); and
 onnxruntime-genai's model
 builder (`-p int4 -e cpu`) on the same folder, whose model is then run by onnxruntime-genai for 4 tokens.
 A cell is `ok`, or the first line of why not. Writes benchmarks/results/architectures.{json,md}.
@@ -28,6 +29,11 @@ from tests.families import FAMILIES, write_folder  # noqa: E402
 from _results import meta, save  # noqa: E402
 
 TARGETS = ["ort-int4", "trt-int4", "edge-int4", "ort-w8a8", "trt-int8", "trt-fp8", "ort-w4a8"]
+# Recipes beside the targets' defaults, each on ort-int4: the weight algorithms and the W4A4/KV4 reference.
+RECIPES = {
+    "rtn": dict(algo="rtn"), "gptq": dict(algo="gptq"), "awq": dict(algo="awq"), "awq+gptq": dict(algo="awq+gptq"),
+    "w4a4-kv4": dict(rotate=True, activations="int4-dynamic", kv_cache_bits=4),
+}
 
 
 def first_line(text: str, limit: int = 160) -> str:
@@ -37,11 +43,14 @@ def first_line(text: str, limit: int = 160) -> str:
 
 
 def qcompile_cell(folder: pathlib.Path, target: str, out: pathlib.Path) -> tuple[str, dict]:
+    """`target`'s default recipe, or a name of RECIPES (on ort-int4)."""
     from qcompile.runtime import Decoder
 
     started = time.perf_counter()
+    overrides = RECIPES.get(target, {})
     try:
-        art = qcompile.compile(folder, target, out, eval_windows=None, calib_samples=2, calib_seqlen=128)
+        art = qcompile.compile(folder, "ort-int4" if overrides else target, out, eval_windows=None, calib_samples=2,
+                               calib_seqlen=128, **overrides)
         decoder = Decoder(art.model_path)
         ids = np.arange(3, 15)[None]
         _, cache = decoder.forward(ids[:, :-1], decoder.empty_cache(), 0)
@@ -82,7 +91,8 @@ def genai_fails(folder: pathlib.Path) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets", default=",".join(TARGETS + list(RECIPES)),
+                        help="targets (their default recipes) and recipe names of RECIPES (on ort-int4)")
     parser.add_argument("--no-builder", action="store_true")
     parser.add_argument("--update", action="store_true",
                         help="rerun only --families and replace their rows in the saved results")

@@ -128,6 +128,10 @@ class ExpertTable:
         return self.reader.inputs[0]
 
     @property
+    def block(self) -> int:
+        return int(self.name.split(".")[1])
+
+    @property
     def input(self) -> ir.Value:
         """The MatMul's other input: one row of K features per (token, chosen expert)."""
         return self.matmul.inputs[1 if self.in_axis == 2 else 0]

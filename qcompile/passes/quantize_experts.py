@@ -19,8 +19,8 @@ from qcompile.schemes import Algorithm, WeightScheme
 
 class QuantizeExperts(ir.passes.InPlacePass):
     """Each expert's weight W_e ≈ (q_e - z_e)·s_e blockwise along its input features (K), at the scheme's width
-    and group size (shrunk to a divisor of K where it is not one; FP8 E4M3 per output channel for an FP8
-    scheme); the table's Gather then reads DequantizeLinear(q [E, N, K], s [E, N, ceil(K/B)], axis=K's axis,
+    and group size (shrunk to divide the K of every table of the block; FP8 E4M3 per output channel for an
+    FP8 scheme); the table's Gather then reads DequantizeLinear(q [E, N, K], s [E, N, ceil(K/B)], axis=K's axis,
     block_size=B), so every token's chosen experts are dequantized from the integers. The router stays float.
 
     With a GPTQ scheme (gptq, awq+gptq) and calibration `windows`, expert e is GPTQ'd with the Hessian of the
@@ -44,9 +44,14 @@ class QuantizeExperts(ir.passes.InPlacePass):
             return Result(model, modified=False)
         hessians = self.hessians(model, tables)
         advance = self.progress.task("Quantizing expert tables", len(tables)) if self.progress else (lambda: None)
+        # one block size for a block's tables, dividing each table's K (TensorRT needs whole blocks, ORT's QMoE one
+        # block size for both projections); per channel (group 0) stays one block spanning each table's K
+        block_of = collections.defaultdict(lambda: self.scheme.group_size)
+        for table in tables if self.scheme.group_size else ():
+            block_of[table.block] = math.gcd(block_of[table.block], table.shape[table.in_axis])
         layers, counts = [], collections.Counter()
         for table in tables:
-            bits, group = self.scheme.layer_formats().get(table.name, (self.scheme.bits, self.scheme.group_size))
+            bits, group = self.scheme.layer_formats().get(table.name, (self.scheme.bits, block_of[table.block]))
             entry, used = self.quantize(model.graph, table, bits, group, hessians)
             layers.append(entry)
             counts.update(used)
@@ -74,7 +79,7 @@ class QuantizeExperts(ir.passes.InPlacePass):
         entry = {"name": table.name, "role": "experts", "shape": [e, k, w.size // (e * k)]}
         if bits is None:
             return {**entry, "format": "float32"}, []
-        group = math.gcd(group, k)  # whole blocks (TensorRT needs them): a group that does not divide K shrinks
+        group = math.gcd(group, k)  # a recipe's own format for the table: whole blocks too
         per_expert, used = [], []
         for index, expert in enumerate(w):
             kn = expert.T if table.in_axis == 2 else expert  # [K, N], as the linear quantizers take it
