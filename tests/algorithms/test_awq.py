@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from qcompile.algorithms.awq import output_error, search_clip, search_scales
 from qcompile.algorithms.rtn import quantize_rtn
@@ -36,3 +37,18 @@ def test_clip_search_never_worse_than_rtn():
     for symmetric in (True, False):
         clipped = search_clip(w, h, 4, 64, symmetric)
         assert output_error(w, clipped.dequantize(), h) < output_error(w, quantize_rtn(w, 4, 64, symmetric).dequantize(), h)
+
+
+def test_output_error_of_a_slightly_indefinite_hessian():
+    """A singular H (fewer tokens than channels) that float32 accumulation left slightly indefinite along its
+    null space (smallest eigenvalue -2e-6 of the mean diagonal, beyond the first ridge): the factor's ridge
+    grows until LAPACK accepts it, and the error stays tr(ΔWᵀ·H·ΔW)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 64))  # rank 40 < 64
+    h = x.T @ x
+    null = np.linalg.svd(x)[2][-1]  # x · null = 0
+    h -= 2e-6 * np.trace(h) / 64 * np.outer(null, null)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w_hat = quantize_rtn(w, 4, 32).dequantize()
+    d = (w - w_hat).astype(np.float64)
+    assert output_error(w, w_hat, h) == pytest.approx(float(np.sum(d * (h @ d))), rel=1e-3)
