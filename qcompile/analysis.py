@@ -99,6 +99,15 @@ class Linear:
         weight = _weight_initializer(self.node)
         return weight.dtype.name if weight is not None else "?"
 
+    def views(self) -> list["Linear"]:
+        """A fused projection with known column ranges as one view per part, named as the separate linears
+        would be ('blocks.3.gate', 'blocks.3.up'); any other linear as itself."""
+        if not self.parts:
+            return [self]
+        prefix = self.name.rsplit(".", 1)[0]
+        return [dataclasses.replace(self, name=f"{prefix}.{role.value}", role=role, out_features=stop - start,
+                                    columns=(start, stop), parts=None) for role, (start, stop) in self.parts.items()]
+
     def float_weight(self) -> np.ndarray:
         """The float weight as a [K, N] array (a tied lm_head's embedding is transposed; a view of a fused
         projection gets its `columns`)."""
@@ -201,11 +210,7 @@ class Block:
         if role in self.linears:
             return self.linears[role]
         fused = self.linears.get(Role.QKV if role in (Role.Q, Role.K, Role.V) else Role.GATE_UP)
-        if fused is None or fused.parts is None or role not in fused.parts:
-            return None
-        start, stop = fused.parts[role]
-        return dataclasses.replace(fused, name=f"blocks.{self.index}.{role.value}", role=role,
-                                   out_features=stop - start, columns=(start, stop), parts=None)
+        return next((view for view in fused.views() if view.role == role), None) if fused is not None else None
 
 
 @dataclasses.dataclass

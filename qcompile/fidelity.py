@@ -37,10 +37,11 @@ class Reader(Protocol):
 
 
 def _decoded(model: ir.Model, reader: Reader) -> Iterator[tuple[str, Decoded]]:
-    """(name, Decoded) for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head'), expert table
+    """(name, Decoded) for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head'; a fused projection's
+    parts each by its own name, as a target may fuse or not), expert table
     ('blocks.3.experts.0') and the embedding table ('embedding') when it is quantized, decoded one at a time."""
     mm = analysis.analyze(model)
-    for linear in mm.linears():
+    for linear in (view for lin in mm.linears() for view in lin.views()):  # fused or not, as a target stores it
         decoded = reader.read_weight(linear)
         if decoded is not None:
             yield linear.name, decoded

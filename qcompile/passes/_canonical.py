@@ -77,12 +77,17 @@ class Decoded:
 
 
 def read_weight(linear: Linear) -> Decoded | None:
-    """The integers and scales of `linear` when its weight is DequantizeLinear(q, scale[, zp]) → MatMul;
-    None otherwise (a float weight, or a form only a target can read)."""
+    """The integers and scales of `linear` (its `columns`, for a view of a fused projection) when its weight
+    is DequantizeLinear(q, scale[, zp]) → MatMul; None otherwise (a float weight, or a form only a target can read)."""
     dq = linear.weight_input.producer()
     if dq is None or dq.op_type != "DequantizeLinear":
         return None
-    return read_dequantize_linear(dq).one_block_if_uniform()
+    decoded = read_dequantize_linear(dq)
+    if linear.columns is not None:  # a view of a fused projection: its columns
+        cols = slice(*linear.columns)
+        zp = None if decoded.zero_point is None else decoded.zero_point[:, cols]
+        decoded = dataclasses.replace(decoded, q=decoded.q[:, cols], scale=decoded.scale[:, cols], zero_point=zp)
+    return decoded.one_block_if_uniform()
 
 
 def read_dequantize_linear(dq: ir.Node) -> Decoded:

@@ -74,7 +74,7 @@ class OnnxRuntimeTarget(Target):
             return [ort.LowerToMatMulNBits(level)]
         # A quantized cache exists only inside GroupQueryAttention: every block must fuse, or the compile fails.
         return [FuseGroupQueryAttention(max_positions, strict=recipe.kv_cache.bits is not None), ort.LowerToMatMulNBits(level),
-                ort.FuseNormalizations(), ort.PackQKV()]
+                ort.FuseNormalizations(), ort.PackQKV(), ort.PackGateUp()]
 
     def read_weight(self, linear):
         return ort.read_weight(linear)

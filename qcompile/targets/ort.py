@@ -309,37 +309,87 @@ class PackQKV(ir.passes.InPlacePass):
 
 
 def _pack_qkv(graph: ir.Graph, attention: ir.Node) -> bool:
-    """Pack `attention`'s q, k, v projections when all three are MatMulNBits of one input with the same
-    format (weights, scales and zero points, if any, stack along N; no g_idx or bias)."""
+    """Pack `attention`'s q, k, v projections when all three are MatMulNBits of one input (`_stack`)."""
     projections = [value.producer() if value is not None else None for value in attention.inputs[:3]]
     if not all(p is not None and p.op_type == "MatMulNBits" and len(p.outputs[0].uses()) == 1 for p in projections):
         return False
-    q, k, v = projections
-    attrs = lambda n: {a: n.attributes.get_int(a) for a in ("K", "bits", "block_size", "accuracy_level")}
-    if not (q.inputs[0] is k.inputs[0] is v.inputs[0] and attrs(q) == attrs(k) == attrs(v)
-            and len(q.inputs) == len(k.inputs) == len(v.inputs) in (3, 4)
-            and all(x is not None and x.const_value is not None for p in projections for x in p.inputs[1:])):
+    node = _stack(graph, projections, "qkv")
+    if node is None:
         return False
+    for index, value in enumerate((node.outputs[0], None, None)):
+        attention.replace_input_with(index, value)
+    _remove(graph, projections)
+    return True
+
+
+class PackGateUp(ir.passes.InPlacePass):
+    """A gated MLP's gate and up MatMulNBits (one input, one format) become one MatMulNBits over the two
+    weights stacked along N, cut back into gate and up by a Split: one pass over the input and one kernel
+    launch instead of two. Exact, as PackQKV. On SmolLM2's default ort-int4, decode 4.82 → 4.39 ms/token after
+    a 128-token prompt, 7.45 → 7.15 after 1024 (one run, best of 3; logits identical). `analysis` reads it back
+    as a fused gate_up projection with the two column ranges, as an exported fused gate_up_proj."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from qcompile import analysis
+
+        count = 0
+        for block in analysis.analyze(model).blocks:
+            pair = [block.linears.get(role) for role in (analysis.Role.GATE, analysis.Role.UP)]
+            if not all(lin is not None and lin.node.op_type == "MatMulNBits" and lin.columns is None for lin in pair):
+                continue
+            nodes = [lin.node for lin in pair]
+            node = _stack(model.graph, nodes, "gate_up")
+            if node is None:
+                continue
+            sizes = [n.attributes.get_int("N") for n in nodes]
+            split_sizes = ir.Value(name=f"{node.name}_sizes", const_value=ir.tensor(np.array(sizes, np.int64)))
+            split_sizes.shape, split_sizes.dtype = ir.Shape([2]), ir.DataType.INT64
+            model.graph.register_initializer(split_sizes)
+            split = ir.node("Split", [node.outputs[0], split_sizes], attributes={"axis": -1}, num_outputs=2,
+                            name=f"{node.name}_split")
+            model.graph.insert_after(node, split)
+            for old, new in zip(nodes, split.outputs):
+                new.name, new.dtype = f"{old.outputs[0].name}_part", old.outputs[0].dtype
+                ir.convenience.replace_all_uses_with(old.outputs[0], new)
+            _remove(model.graph, nodes)
+            count += 1
+        return ir.passes.PassResult(model, modified=bool(count))
+
+
+def _stack(graph: ir.Graph, nodes: list[ir.Node], suffix: str) -> ir.Node | None:
+    """One MatMulNBits over `nodes`' weights stacked along N (B, scales and zero points, if any, concatenate;
+    no g_idx or bias), inserted before the first; None unless all read one input in the same format."""
+    first = nodes[0]
+    attrs = lambda n: {a: n.attributes.get_int(a) for a in ("K", "bits", "block_size", "accuracy_level")}  # noqa: E731
+    if not (all(n.inputs[0] is first.inputs[0] and attrs(n) == attrs(first) and len(n.inputs) == len(first.inputs)
+                for n in nodes) and len(first.inputs) in (3, 4)
+            and all(x is not None and x.const_value is not None for n in nodes for x in n.inputs[1:])):
+        return None
     stacked = []
-    for index, suffix in zip(range(1, len(q.inputs)), ("B", "scales", "zero_points")):
-        array = np.concatenate([p.inputs[index].const_value.numpy() for p in projections])
-        value = ir.Value(name=f"{q.name}_qkv_{suffix}", shape=ir.Shape(array.shape),
+    for index, name in zip(range(1, len(first.inputs)), ("B", "scales", "zero_points")):
+        array = np.concatenate([n.inputs[index].const_value.numpy() for n in nodes])
+        value = ir.Value(name=f"{first.name}_{suffix}_{name}", shape=ir.Shape(array.shape),
                          type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=scratch.tensor(array))
         graph.register_initializer(value)
         stacked.append(value)
-    node = ir.node("MatMulNBits", [q.inputs[0], *stacked], domain="com.microsoft", name=f"{q.name}_qkv",
-                   attributes={**attrs(q), "N": sum(p.attributes.get_int("N") for p in projections)})
-    node.outputs[0].name, node.outputs[0].dtype = f"{q.name}_qkv_output", q.outputs[0].dtype
-    graph.insert_before(q, [node])
-    for index, value in enumerate((node.outputs[0], None, None)):
-        attention.replace_input_with(index, value)
-    for p in projections:
-        stale = p.inputs[1:]
-        graph.remove(p, safe=True)
+    node = ir.node("MatMulNBits", [first.inputs[0], *stacked], domain="com.microsoft", name=f"{first.name}_{suffix}",
+                   attributes={**attrs(first), "N": sum(n.attributes.get_int("N") for n in nodes)})
+    out, shape = node.outputs[0], first.outputs[0].shape
+    out.name, out.dtype = f"{first.name}_{suffix}_output", first.outputs[0].dtype
+    if shape is not None:
+        out.shape = ir.Shape([*shape[:-1], node.attributes.get_int("N")])
+    graph.insert_before(first, [node])
+    return node
+
+
+def _remove(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    """Remove `nodes` (no longer read) and the initializers only they read."""
+    for n in nodes:
+        stale = n.inputs[1:]
+        graph.remove(n, safe=True)
         for value in stale:
-            if not value.uses() and value.name in graph.initializers:
+            if value is not None and not value.uses() and value.name in graph.initializers:
                 del graph.initializers[value.name]
-    return True
 
 
 def _integer_linear(node: ir.Node) -> bool:

@@ -112,7 +112,7 @@ def test_registry_lists_ort_int4_with_its_defaults():
     target, plan = get("ort-int4"), resolve("ort-int4")
     assert plan.weights.bits == 4 and plan.weights.group_size == 64 and plan.weights.symmetric and plan.lm_head.bits == 4
     assert [type(p).__name__ for p in target.lowering_passes(plan)] == ["FuseGroupQueryAttention", "LowerToMatMulNBits",
-                                                                    "FuseNormalizations", "PackQKV"]
+                                                                    "FuseNormalizations", "PackQKV", "PackGateUp"]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -129,7 +129,7 @@ def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_pa
     digests = fidelity.digests(model, ort_target)
     from qcompile.recipe import resolve
 
-    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256)[:-1]:
+    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256)[:-2]:  # up to PackQKV
         lower(model)
     ir.save(model, tmp_path / "three.onnx", external_data="three.onnx.data")
     assert PackQKV()(model).modified
@@ -149,6 +149,35 @@ def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_pa
         np.testing.assert_allclose(c1[name], c0[name], atol=1e-6, rtol=0)
     norms = [n for n in model.graph if n.op_type.endswith("SimplifiedLayerNormalization")]
     assert norms and all(not out.name for n in norms for out in n.outputs[1:3])  # unread mean/inv-std dropped
+
+
+def test_packed_gate_up_is_exact_and_reads_back_as_two_linears(tiny_export, tmp_path):
+    """gate and up stacked into one MatMulNBits and split: the same logits as two kernels, one kernel fewer per
+    block, read back as a fused gate_up with both column ranges and the same integers per linear."""
+    from qcompile import fidelity
+    from qcompile.recipe import resolve
+    from qcompile.targets.ort import PackGateUp
+    from tests.conftest import prompt_and_step
+
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=8))(model)
+    digests = fidelity.digests(model, ort_target)
+    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256)[:-1]:
+        lower(model)
+    ir.save(model, tmp_path / "two.onnx", external_data="two.onnx.data")
+    kernels = [n.op_type for n in model.graph].count("MatMulNBits")
+    assert PackGateUp()(model).modified
+    ir.save(model, tmp_path / "packed.onnx", external_data="packed.onnx.data")
+    assert [n.op_type for n in model.graph].count("MatMulNBits") == kernels - 2
+    block = analysis.analyze(model).blocks[0]
+    gate_up = block.linears[analysis.Role.GATE_UP]
+    assert gate_up.parts == {analysis.Role.GATE: (0, 128), analysis.Role.UP: (128, 256)}
+    assert fidelity.digests(model, ort_target) == digests
+    ids = np.random.default_rng(5).integers(0, 256, size=(1, 12))
+    (p1, s1, _), (p0, s0, _) = prompt_and_step(tmp_path / "packed.onnx", ids), prompt_and_step(tmp_path / "two.onnx", ids)
+    np.testing.assert_allclose(p1, p0, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(s1, s0, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -268,7 +297,7 @@ def test_ort_w4a8_rotates_then_lowers_with_the_online_hadamard(tiny_export, tmp_
     assert manifest["recipe"]["rotation"]["seed"] == 0
     model = ir.load(art.path / "model.onnx")
     assert sum(n.op_type == "Hadamard" for n in model.graph) == 2
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 2 * 7 + 1
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 2 * 6 + 1  # q, k, v, o, gate+up packed, down; lm_head
     ids = np.random.default_rng(1).integers(0, 256, size=(1, 12))
     got, ref = run_logits(art.path / "model.onnx", ids), run_logits(path, ids)
     assert np.isfinite(got).all() and np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9  # still the same model

@@ -143,11 +143,11 @@ def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, t
 
     # flip one stored 4-bit value of blocks.1.up in the ORT artifact's external data
     model = ir.load(ort.model_path)
-    up = next(linear for linear in analysis.analyze(model).linears() if linear.name == "blocks.1.up")
+    up = next(view for linear in analysis.analyze(model).linears() for view in linear.views() if view.name == "blocks.1.up")
     tensor = ort_target.read_weight(up).tensor
     value = model.graph.initializers[tensor]
     array = value.const_value.numpy().copy()
-    array.flat[5] ^= 0x01
+    array[up.columns[0] if up.columns else 0].flat[5] ^= 0x01  # in up's rows of B [N, blocks, bytes] (packed after gate's)
     value.const_value = ir.tensor(array, name=tensor)
     ir.save(model, ort.model_path, external_data="model.onnx.data")
     report = fidelity.verify(ort.path)
