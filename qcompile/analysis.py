@@ -128,13 +128,14 @@ class ExpertTable:
     picks each token's experts from, for a MatMul computing W·x ([E, N, K]: `in_axis` 2) or x·W (`in_axis` 1)."""
 
     name: str  # "blocks.0.experts.0", "blocks.0.experts.1", ... in graph order
-    reader: ir.Node
+    reader: ir.Node  # a Gather/GatherND, or the QMoE an ORT target lowered the block to
     in_axis: int
-    matmul: ir.Node  # multiplies the gathered weights by the rows' inputs
+    matmul: ir.Node | None  # multiplies the gathered weights by the rows' inputs (None in a QMoE)
+    index: int = 0  # the reader's input holding the table
 
     @property
     def table(self) -> ir.Value:
-        return self.reader.inputs[0]
+        return self.reader.inputs[self.index]
 
     @property
     def block(self) -> int:
@@ -152,10 +153,12 @@ class ExpertTable:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.table.shape)
+        """[E, N, K] or [E, K, N] (a QMoE's packed [E, N, K/2] bytes hold two 4-bit codes each)."""
+        e, n, k = self.table.shape
+        return (e, n, 2 * k) if self.reader.op_type == "QMoE" else (e, n, k)
 
     def float_table(self) -> np.ndarray:
-        if self.table.producer() is not None or self.table.const_value is None:
+        if self.table.producer() is not None or self.table.const_value is None or self.matmul is None:
             raise errors.InputError(f"expert table {self.name} is already quantized: start from a float model")
         return self.table.const_value.numpy()
 
@@ -482,9 +485,7 @@ class _Analyzer:
         self.experts = self.find_experts()
         for router in self.experts:
             del self.linear_nodes[router]  # the router stays float: its scores choose, they are not summed
-        self.expert_matmuls = {use.node for tables in self.experts.values() for t in tables
-                               for use in _forward_uses(t.reader.outputs[0], ("Transpose", "Reshape", "Squeeze", "Unsqueeze"))
-                               if use.node.op_type == "MatMul"}
+        self.expert_matmuls = {t.matmul for tables in self.experts.values() for t in tables}
 
     def find_experts(self) -> dict[ir.Node, list[ExpertTable]]:
         """Each router linear → the expert tables gathered at its TopK's indices (empty for a dense model)."""
@@ -521,6 +522,9 @@ class _Analyzer:
                 raise self.fail(f"the expert table gathered at '{node.name}' is not multiplied by the token's input")
             tables = found[routers[topk]]
             tables.append(ExpertTable(f"?.experts.{len(tables)}", node, 2 if matmul.idx == 0 else 1, matmul.node))
+        for node in self.graph:  # an ORT target's lowered form: fc1 (gate and up) at input 2, fc2 (down) at 5
+            if node.op_type == "QMoE" and (router := node.inputs[1].producer()) in self.linear_nodes:
+                found[router] = [ExpertTable("?.experts.0", node, 2, None, 2), ExpertTable("?.experts.1", node, 2, None, 5)]
         for router, tables in found.items():
             if not tables:
                 raise self.fail(f"the router at '{router.name}' picks experts, but no expert weight table is gathered at its choice")

@@ -17,7 +17,6 @@ import onnx_ir as ir
 
 from qcompile import analysis, errors, targets
 from qcompile.analysis import Linear
-from qcompile.passes import _canonical
 from qcompile.passes._canonical import Decoded
 
 PROMPT = "The history of the city began in the early nineteenth century, when a group of settlers"
@@ -35,6 +34,8 @@ class Reader(Protocol):
 
     def read_embedding(self, gather: ir.Node) -> Decoded | None: ...
 
+    def read_expert_table(self, table: analysis.ExpertTable) -> Decoded | None: ...
+
 
 def _decoded(model: ir.Model, reader: Reader) -> Iterator[tuple[str, Decoded]]:
     """(name, Decoded) for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head'; a fused projection's
@@ -45,8 +46,8 @@ def _decoded(model: ir.Model, reader: Reader) -> Iterator[tuple[str, Decoded]]:
         decoded = reader.read_weight(linear)
         if decoded is not None:
             yield linear.name, decoded
-    for table in mm.expert_tables():  # the canonical form in every target
-        decoded = _canonical.read_expert_table(table)
+    for table in mm.expert_tables():
+        decoded = reader.read_expert_table(table)
         if decoded is not None:
             yield table.name, decoded
     embedding = reader.read_embedding(mm.embedding)

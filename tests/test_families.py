@@ -226,6 +226,43 @@ def test_expert_gptq_uses_each_experts_own_rows(family_export):
     assert errors_by[Algorithm.GPTQ] < 0.8 * errors_by[Algorithm.RTN], errors_by
 
 
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
+def test_experts_lower_to_one_qmoe_per_block_exactly(family_export, family, tmp_path):
+    """ORT targets run a 4-bit MoE block as one QMoE: the same logits as the canonical form in ORT (fp32
+    compute), the same integers read back, the routing ops gone. Mixtral renormalises its top-k weights
+    (normalize_routing_weights=1); Qwen2-MoE does not (the softmax probabilities are QMoE's router_weights).
+    8-bit tables do not fit, and stay canonical with the reason recorded."""
+    from qcompile import fidelity, targets
+    from qcompile.passes import QuantizeExperts
+    from qcompile.schemes import WeightScheme
+    from qcompile.targets.ort_experts import LowerExpertsToQMoE
+
+    _, _, path = family_export(family)
+    ids = np.random.default_rng(3).integers(3, 256, size=(1, 16))
+    ort = targets.get("ort-int4")
+    model = ir.load(path)
+    QuantizeExperts(WeightScheme(bits=4, group_size=32))(model)
+    digests = fidelity.digests(model, ort)
+    ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
+    result = LowerExpertsToQMoE(accuracy_level=0)(model)
+    assert result.record == {"experts": "QMoE in 2 blocks"}
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("QMoE") == 2 and "TopK" not in ops and "DequantizeLinear" not in ops  # tables packed in QMoE
+    qmoe = next(n for n in model.graph if n.op_type == "QMoE")
+    renormalised = family == "mixtral"
+    assert qmoe.attributes.get_int("normalize_routing_weights") == renormalised
+    assert (len(qmoe.inputs) > 14 and qmoe.inputs[14] is not None) != renormalised  # router_weights
+    assert fidelity.digests(model, ort) == digests
+    ir.save(model, tmp_path / "qmoe.onnx", external_data="qmoe.onnx.data")
+    np.testing.assert_allclose(run_logits(tmp_path / "qmoe.onnx", ids), run_logits(tmp_path / "canonical.onnx", ids),
+                               atol=1e-5, rtol=0)
+
+    model = ir.load(path)
+    QuantizeExperts(WeightScheme(bits=8, group_size=32))(model)
+    result = LowerExpertsToQMoE()(model)
+    assert not result.modified and "not 4-bit symmetric integers, which QMoE cannot express" in result.record["experts"]
+
+
 @pytest.mark.parametrize("family", params)
 def test_every_target_compiles_verifies_and_decodes(family_export, family, tmp_path):
     _, folder, _ = family_export(family)

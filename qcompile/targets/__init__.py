@@ -2,7 +2,7 @@
 
 A `Target` owns everything runtime-specific: `validate(recipe)` (what the runtime cannot run),
 `lowering_passes(recipe, max_positions)` (canonical form → the runtime's spelling), `check(model)` (the
-runtime's rules on the lowered model), `read_weight`/`read_embedding` (the lowered form read back to the
+runtime's rules on the lowered model), `read_weight`/`read_embedding`/`read_expert_table` (the lowered form read back to the
 canonical integers and scales, for `verify`), and `package(folder)` / `finish(out)` (files beside the
 model). Nothing outside `targets/` names a runtime. Add a target by writing its lowering passes in a
 module here and registering a `Target` below.
@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from qcompile import errors, package
 from qcompile.passes import FuseGroupQueryAttention, _canonical
-from qcompile.targets import ort, trt
+from qcompile.targets import ort, ort_experts, trt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,9 @@ class Target:
     def read_embedding(self, gather: ir.Node):
         return _canonical.read_embedding(gather)
 
+    def read_expert_table(self, table):
+        return _canonical.read_expert_table(table)
+
     def package(self, folder: pathlib.Path, name: str) -> dict | None:
         """Add this target's files to the artifact folder (before its manifest); returns their record."""
         return None
@@ -74,13 +77,17 @@ class OnnxRuntimeTarget(Target):
             return [ort.LowerToMatMulNBits(level)]
         # A quantized cache exists only inside GroupQueryAttention: every block must fuse, or the compile fails.
         return [FuseGroupQueryAttention(max_positions, strict=recipe.kv_cache.bits is not None), ort.LowerToMatMulNBits(level),
-                ort.FuseNormalizations(), ort.PackQKV(), ort.PackGateUp()]
+                ort.FuseNormalizations(), ort.PackQKV(), ort.PackGateUp(),
+                ort_experts.LowerExpertsToQMoE(level)]
 
     def read_weight(self, linear):
         return ort.read_weight(linear)
 
     def read_embedding(self, gather: ir.Node):
         return ort.read_embedding(gather)
+
+    def read_expert_table(self, table):
+        return ort_experts.read_expert_table(table)
 
     def package(self, folder: pathlib.Path, name: str) -> dict | None:
         return package.write_edge_files(folder, name) if self.edge else None
