@@ -19,7 +19,8 @@ the same stream as its attention. Norms on the attention or MLP output before th
 A mixture-of-experts MLP is a router linear whose scores pick each token's experts (a TopK), and expert
 weight tables: constant [E, N, K] (or [E, K, N]) tensors a Gather reads per token at the TopK's indices,
 multiplied by the token's input. The router is not one of the block's linears (it stays float); the tables
-are the block's `experts`. A shared expert beside them (Qwen2-MoE) is an ordinary MLP of linears.
+are the block's `experts`. A shared expert beside them (Qwen2-MoE) is an ordinary MLP of linears. An ORT
+target's com.microsoft.QMoE (the whole block in one node) gives the same two tables on its packed inputs.
 
 A linear is a MatMul whose second input is a constant [K, N] weight, a DequantizeLinear of one (the
 canonical quantized form), a Transpose of one (a tied lm_head), or a com.microsoft.MatMulNBits. An ORT

@@ -1,6 +1,7 @@
 """Fidelity: every target stores the same quantized integers and scales, and we can prove it.
 
-A reader (the target that wrote a model: anything with `read_weight(linear)` and `read_embedding(gather)`)
+A reader (the target that wrote a model: anything with `read_weight(linear)`, `read_embedding(gather)` and
+`read_expert_table(table)`)
 reads each quantized weight back from its own lowered form, or the canonical one, into the canonical
 arrays (`Decoded`). `digests` hashes them per linear; the compiler records the digests of the canonical
 model before lowering, and `verify` checks an artifact against them (and against another artifact: same

@@ -32,6 +32,9 @@ _RESHAPES = ("Squeeze", "Unsqueeze", "Reshape", "Expand")
 
 
 class LowerExpertsToQMoE(ir.passes.InPlacePass):
+    """Each MoE block that fits (see the module docstring) becomes one QMoE over the same integers and scales;
+    the record says how many, and why any block kept the canonical form. `accuracy_level` as MatMulNBits'."""
+
     def __init__(self, accuracy_level: int = 4):
         super().__init__()
         self.accuracy_level = accuracy_level

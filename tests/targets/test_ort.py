@@ -120,7 +120,7 @@ def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_pa
     """q, k, v stacked into one MatMulNBits feeding GroupQueryAttention's packed input: the same logits and
     cache as the three separate kernels, and the same integers for each linear (fidelity digests)."""
     from qcompile import fidelity
-    from qcompile.targets.ort import FuseNormalizations, PackQKV
+    from qcompile.targets.ort import PackQKV
     from tests.conftest import prompt_and_step
 
     _, path = tiny_export("llama")
