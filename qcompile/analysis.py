@@ -173,6 +173,30 @@ class Experts:
     tables: list[ExpertTable]
 
 
+# ops between the attention scores MatMul and the softmax (mask, scale, a softcap c·tanh(s / c)), and between
+# a cache Concat and the scores MatMul's key input (GQA's repeat, transposes, the scale)
+SCORE_PATH_OPS = {"Add", "Where", "Mul", "Div", "Cast", "Tanh"}
+KEY_PATH_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Mul", "Div", "Cast", "Identity"}
+
+
+@dataclasses.dataclass
+class Attention:
+    """A decomposed attention, softmax(q·kᵀ)·v as `qcompile export` writes it: the q·kᵀ MatMul behind the
+    softmax, the probabilities·v MatMul, and the KV-cache Concat(past, new) nodes whose outputs are the
+    `present.*` key and value its keys and values come from (None where they do not come from a cache)."""
+
+    scores: ir.Node
+    context: ir.Node | None
+    key_cache: ir.Node | None
+    value_cache: ir.Node | None
+
+    @staticmethod
+    def head_size(cache: ir.Node | None) -> int | None:
+        """The static head size of a cache Concat's new [batch, heads, seq, head_dim] entries, or None."""
+        shape = cache.inputs[1].shape if cache is not None else None
+        return shape[-1] if shape is not None and len(shape) == 4 and isinstance(shape[-1], int) else None
+
+
 @dataclasses.dataclass
 class Block:
     index: int
@@ -184,6 +208,7 @@ class Block:
     parallel: bool = False  # the MLP reads the block's input stream, as the attention does
     sliding_window: int | None = None  # the attention sees only the last this-many positions (the export's record)
     experts: Experts | None = None  # a mixture-of-experts MLP (a shared expert's linears, if any, are in `linears`)
+    attention: Attention | None = None  # the decomposed attention's MatMuls and cache Concats (None once fused)
 
     def norms(self) -> list[Norm]:
         """The block's pre-norms (each once), in the order their linears appear."""
@@ -422,6 +447,61 @@ def _softmax_before(context: ir.Node, limit: int = 8) -> ir.Value | None:
     return None
 
 
+def _scores_matmul(probs: ir.Value) -> ir.Node | None:
+    """The q·kᵀ MatMul behind an attention softmax (through the mask Add, the scale and a softcap)."""
+    frontier = [probs.producer().inputs[0]]
+    for _ in range(8):
+        found = []
+        for value in frontier:
+            node = value.producer()
+            if node is None:
+                continue
+            if node.op_type == "MatMul" and all(i.const_value is None for i in node.inputs):
+                return node
+            if node.op_type in SCORE_PATH_OPS:
+                found += [i for i in node.inputs if i is not None and i.const_value is None]
+        frontier = found
+    return None
+
+
+def _context_matmul(probs: ir.Value) -> ir.Node | None:
+    """The probabilities·v MatMul that consumes an attention softmax (through IsNaN/Where/Cast)."""
+    frontier = [probs]
+    for _ in range(4):
+        found = []
+        for value in frontier:
+            for use in value.uses():
+                if use.node.op_type == "MatMul" and use.idx == 0:
+                    return use.node
+                if use.node.op_type in ("Where", "Cast"):
+                    found.extend(use.node.outputs)
+        frontier = found
+    return None
+
+
+def _cache_concat(value: ir.Value, outputs: set[ir.Value]) -> ir.Node | None:
+    """The Concat(past, new) producing a graph output (`present.*`) that `value` (keys or values) comes from."""
+    for _ in range(16):
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Concat" and node.outputs[0] in outputs and len(node.inputs) == 2:
+            return node
+        if node.op_type not in KEY_PATH_OPS:
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def _attention(probs: ir.Value | None, outputs: set[ir.Value]) -> Attention | None:
+    scores = _scores_matmul(probs) if probs is not None else None
+    if scores is None:
+        return None
+    context = _context_matmul(probs)
+    return Attention(scores, context, _cache_concat(scores.inputs[1], outputs),
+                     _cache_concat(context.inputs[1], outputs) if context is not None else None)
+
+
 def _packed_qkv(node: ir.Node) -> ir.Node | None:
     """The GroupQueryAttention reading `node`'s output as its packed query-key-value input, or None."""
     uses = list(node.outputs[0].uses())
@@ -644,7 +724,8 @@ class _Analyzer:
             writers = [lin for role in (Role.O, Role.DOWN) if (lin := linears.get(role)) is not None]
             branch = [n for lin in writers if (n := self.branch_norm(lin)) is not None]
             window = self.windows[i] if i < len(self.windows) and self.windows[i] else None
-            out.append(Block(i, stream, None, linears, probs, branch, parallel, window, experts.get(i)))
+            out.append(Block(i, stream, None, linears, probs, branch, parallel, window, experts.get(i),
+                             _attention(probs, set(self.graph.outputs))))
         for block, after in zip(out, out[1:]):
             block.output = after.input
         out[-1].output = final_norm.input

@@ -8,7 +8,6 @@ import onnx_ir as ir
 from qcompile import analysis, custom_ops, errors
 from qcompile.passes._canonical import _initializer
 from qcompile.passes._result import Result
-from qcompile.passes.insert_query_key_hadamard import KEY_PATH_OPS, SCORE_PATH_OPS, cache_concat, scores_matmul
 
 _CONTEXT_PATH = {"Transpose", "Reshape"}  # between the probabilities·V MatMul and o_proj (heads merged back)
 _ON_O_INPUT = {(custom_ops.DOMAIN, custom_ops.HADAMARD), (custom_ops.DOMAIN, custom_ops.PER_TOKEN),
@@ -79,12 +78,15 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
                 max_positions: int | None) -> None:
     graph = model.graph
     fail = lambda what: errors.UnsupportedModelError(f"block {block.index}: cannot fuse attention: {what}")  # noqa: E731
-    scores = scores_matmul(block)
-    key_concat = cache_concat(scores.inputs[1], graph)
-    context = _context_matmul(block.attention_probs)
-    if context is None:
+    attention = block.attention
+    if attention is None:
+        raise fail("no decomposed attention (softmax of q·kᵀ)")
+    if attention.context is None:
         raise fail("no probabilities·V MatMul after the softmax")
-    value_concat = cache_concat(context.inputs[1], graph)
+    if attention.key_cache is None or attention.value_cache is None:
+        raise errors.UnsupportedModelError("the attention keys/values do not come from a KV-cache Concat(past, new): "
+                                           "export the model with `qcompile export`")
+    scores, context, key_concat, value_concat = attention.scores, attention.context, attention.key_cache, attention.value_cache
     query, key, value = scores.inputs[0], key_concat.inputs[1], value_concat.inputs[1]
     quantizers = [_cache_quantizer(v) for v in (key, value)]
     if quantizers[0] is not None or quantizers[1] is not None:
@@ -95,7 +97,7 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
     if any(s is None or len(s) != 4 or not all(isinstance(d, int) for d in (s[1], s[3])) for s in dims):
         raise fail("the query/key/value head counts and head size are not static [batch, heads, seq, head_dim]")
     heads, kv_heads, head_dim = dims[0][1], dims[1][1], dims[0][3]
-    scale = _constant_factor(scores.inputs[1], key_concat.outputs[0], KEY_PATH_OPS, fail)
+    scale = _constant_factor(scores.inputs[1], key_concat.outputs[0], analysis.KEY_PATH_OPS, fail)
     softcap, inner = _softcap_and_scale(block.attention_probs.producer().inputs[0], scores.outputs[0], fail)
     scale *= inner
     attention_out = _context_output(block.linears[analysis.Role.O].node.inputs[0], context, fail)
@@ -276,10 +278,10 @@ def _softcap_and_scale(value: ir.Value, stop: ir.Value, fail) -> tuple[float | N
         if node is None or tanh is stop:
             break
         if node.op_type == "Tanh":
-            outer = _constant_factor(value, node.outputs[0], SCORE_PATH_OPS - {"Tanh"}, fail)
-            return outer, _constant_factor(node.inputs[0], stop, SCORE_PATH_OPS - {"Tanh"}, fail)
+            outer = _constant_factor(value, node.outputs[0], analysis.SCORE_PATH_OPS - {"Tanh"}, fail)
+            return outer, _constant_factor(node.inputs[0], stop, analysis.SCORE_PATH_OPS - {"Tanh"}, fail)
         tanh = next((v for v in node.inputs if v is not None and v.const_value is None and _reaches(v, stop)), stop)
-    return None, _constant_factor(value, stop, SCORE_PATH_OPS - {"Tanh"}, fail)
+    return None, _constant_factor(value, stop, analysis.SCORE_PATH_OPS - {"Tanh"}, fail)
 
 
 def _constant_factor(value: ir.Value, stop: ir.Value, allowed: set[str], fail) -> float:
@@ -330,21 +332,6 @@ def _reaches(value: ir.Value, target: ir.Value, limit: int = 24) -> bool:
             return False
         value = data[-1] if node.op_type == "Where" else data[0]
     return False
-
-
-def _context_matmul(probs: ir.Value | None) -> ir.Node | None:
-    """The probabilities·V MatMul that consumes the softmax (through IsNaN/Where/Cast)."""
-    frontier = [probs] if probs is not None else []
-    for _ in range(4):
-        found = []
-        for value in frontier:
-            for use in value.uses():
-                if use.node.op_type == "MatMul" and use.idx == 0:
-                    return use.node
-                if use.node.op_type in ("Where", "Cast"):
-                    found.extend(use.node.outputs)
-        frontier = found
-    return None
 
 
 def _context_output(value: ir.Value, context: ir.Node, fail) -> ir.Value:

@@ -10,7 +10,7 @@ from qcompile.algorithms.hadamard import random_orthogonal
 from qcompile.calibration import Request, TapStats
 from qcompile.passes._canonical import _initializer
 from qcompile.passes._result import Result
-from qcompile.passes.insert_query_key_hadamard import SCORE_PATH_OPS, rotation_sites
+from qcompile.passes.insert_query_key_hadamard import rotation_sites
 
 
 class QuantizeKVCache(ir.passes.InPlacePass):
@@ -45,10 +45,10 @@ class QuantizeKVCache(ir.passes.InPlacePass):
         self.bits, self.stats = bits, stats
 
     def requires(self, model: ir.Model) -> None:
-        cache_concats(model.graph)
+        cache_concats(model)
 
     def calibration_request(self, model: ir.Model) -> list[Request]:
-        caches = Request([concat.inputs[1] for _, concat in cache_concats(model.graph)], rows=_ROWS if self.bits == 4 else 0,
+        caches = Request([concat.inputs[1] for _, concat in cache_concats(model)], rows=_ROWS if self.bits == 4 else 0,
                          per_head=True)
         queries = [scores.inputs[0] for scores, _, _ in self._key_sites(model)]
         return [caches, *([Request(queries, rows=_QUERY_ROWS, per_head=True)] if queries else [])]
@@ -67,7 +67,7 @@ class QuantizeKVCache(ir.passes.InPlacePass):
         sites = []
         for block in blocks:
             try:
-                scores, concat, _ = rotation_sites(block, model.graph)
+                scores, concat, _ = rotation_sites(block)
             except errors.UnsupportedModelError:
                 continue
             sites.append((scores, concat, _softcapped(block, scores)))
@@ -80,7 +80,7 @@ class QuantizeKVCache(ir.passes.InPlacePass):
         qmax = 2 ** (self.bits - 1) - 1
         transformed = {concat.outputs[0].name: self._transform_keys(graph, scores, concat, not capped, qmax)
                        for scores, concat, capped in self._key_sites(model)}
-        caches = cache_concats(graph)
+        caches = cache_concats(model)
         amax = []
         for present, concat in caches:
             new = concat.inputs[1]
@@ -185,7 +185,7 @@ def _softcapped(block: analysis.Block, scores: ir.Node) -> bool:
     frontier, seen = [block.attention_probs.producer().inputs[0]], set()
     while frontier:
         node = frontier.pop().producer()
-        if node is None or node is scores or id(node) in seen or node.op_type not in SCORE_PATH_OPS:
+        if node is None or node is scores or id(node) in seen or node.op_type not in analysis.SCORE_PATH_OPS:
             continue
         if node.op_type == "Tanh":
             return True
@@ -208,15 +208,15 @@ def _clip_scales(rows: np.ndarray, absmax: np.ndarray, qmax: int) -> np.ndarray:
     return (top * _RATIOS[np.argmin(losses, axis=0)]).astype(np.float32)
 
 
-def cache_concats(graph: ir.Graph) -> list[tuple[ir.Value, ir.Node]]:
-    """Every cache output `present.*` with the Concat(past, new) producing it; UnsupportedModelError if
-    there is none or one is not such a Concat."""
-    caches = [v for v in graph.outputs if v.name.startswith("present.")]
-    if not caches:
-        raise errors.UnsupportedModelError("the model has no KV-cache outputs (present.*) to quantize")
-    for present in caches:
-        concat = present.producer()
-        if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
+def cache_concats(model: ir.Model) -> list[tuple[ir.Value, ir.Node]]:
+    """Every block's KV-cache Concat(past, new) nodes (the ModelMap's `Block.attention`), key then value, each
+    with the `present.*` output it produces; UnsupportedModelError naming a block without them."""
+    caches = []
+    for block in analysis.analyze(model).blocks:
+        concats = (block.attention.key_cache, block.attention.value_cache) if block.attention else (None, None)
+        if None in concats:
             raise errors.UnsupportedModelError(
-                f"cache output '{present.name}' is not Concat(past, new): export it with `qcompile export`")
-    return [(present, present.producer()) for present in caches]
+                f"block {block.index}: its keys and values do not both enter a KV cache as Concat(past, new) producing "
+                "a present.* output: export it with `qcompile export`")
+        caches += [(concat.outputs[0], concat) for concat in concats]
+    return caches

@@ -12,16 +12,15 @@ from qcompile.passes._fold import bias_array, set_bias, set_weight
 R = analysis.Role
 
 
-def head_dim(model: ir.Model) -> int:
-    """The attention head size: the last dimension of the KV-cache inputs [batch, kv_heads, seq, head_dim]."""
-    for value in model.graph.inputs:
-        if value.name.startswith("past_key_values.") and value.shape is not None and len(value.shape) == 4:
-            if isinstance(dim := value.shape[3], int):
-                return dim
-    raise errors.UnsupportedModelError(
-        "the head size is unknown: no past_key_values.* input of shape [batch, kv_heads, seq, head_dim] "
-        "(export the model with `qcompile export`)"
-    )
+def head_dim(model_map: analysis.ModelMap) -> int:
+    """The attention head size: that of the values every block's attention puts in its KV cache
+    (`Block.attention`); UnsupportedModelError unless it is one static size."""
+    sizes = {analysis.Attention.head_size(b.attention.value_cache) if b.attention else None for b in model_map.blocks}
+    if len(sizes) != 1 or None in sizes:
+        raise errors.UnsupportedModelError(
+            "the head size is unknown: not every block's values enter a KV cache as [batch, kv_heads, seq, head_dim] "
+            "with one static head_dim (export the model with `qcompile export`)")
+    return sizes.pop()
 
 
 def head_counts(block: analysis.Block, d: int) -> tuple[int, int]:
@@ -63,17 +62,19 @@ class RotateValueOutput(ir.passes.InPlacePass):
         self.seed = seed
 
     def requires(self, model: ir.Model) -> None:
-        d = head_dim(model)
-        for block in analysis.analyze(model).blocks:
+        model_map = analysis.analyze(model)
+        d = head_dim(model_map)
+        for block in model_map.blocks:
             head_counts(block, d)
             for linear in (value_projection(block), block.linears[R.O]):
                 linear.float_weight()  # InputError if already quantized
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        d = head_dim(model)
+        model_map = analysis.analyze(model)
+        d = head_dim(model_map)
         h = random_orthogonal(d, self.seed)
         signs = np.random.default_rng([self.seed, 1])
-        blocks = analysis.analyze(model).blocks
+        blocks = model_map.blocks
         for block in blocks:
             v, o = value_projection(block), block.linears[R.O]
             kv_heads, heads = head_counts(block, d)

@@ -109,8 +109,8 @@ def test_eval_and_inspect_cli(int4_artifact, capsys):
     assert main(["inspect", str(int4_artifact.path)]) == 0
     text = capsys.readouterr().out
     assert "30 blocks, hidden 576" in text and "blocks.29.down" in text
-    # Per block: packed q/k/v, o, gate, up, down; then the lm_head.
-    assert "'com.microsoft.MatMulNBits': 151" in text
+    # Per block: packed q/k/v, o, packed gate/up, down; then the lm_head.
+    assert "'com.microsoft.MatMulNBits': 121" in text
     assert "(packed qkv)" in text
 
 

@@ -61,40 +61,33 @@ def _quantize_weight(model: ir.Model, linear: analysis.Linear) -> None:
     linear.node.replace_input_with(1, dq.outputs[0])
 
 
-def _kv_cache_model(value_is_concat: bool = True) -> ir.Model:
-    """present.0.key = Concat(past key, new); present.0.value = Concat(past value, new), or Identity(new)."""
-    past = [ir.Value(name=f"past_key_values.0.{kind}", type=FLOAT, shape=ir.Shape([1, 2, "past", 16]))
-            for kind in ("key", "value")]
-    new = ir.Value(name="new", type=FLOAT, shape=ir.Shape([1, 2, "seq", 16]))
-    key = ir.node("Concat", [past[0], new], attributes={"axis": 2})
-    value = ir.node("Concat", [past[1], new], attributes={"axis": 2}) if value_is_concat else ir.node("Identity", [new])
-    for node, kind in ((key, "key"), (value, "value")):
-        node.outputs[0].name = f"present.0.{kind}"
-        node.outputs[0].type = FLOAT
-    graph = ir.Graph([*past, new], [key.outputs[0], value.outputs[0]], nodes=[key, value], opset_imports={"": 21})
-    return ir.Model(graph, ir_version=10)
-
-
 # QuantizeKVCache
 
-def test_kv_cache_quantization_refuses_a_cache_output_that_is_not_a_concat():
-    model = _kv_cache_model(value_is_concat=False)  # the key's Concat comes first: it was rewritten before the raise
-    _refused_unchanged(QuantizeKVCache(4), model, r"cache output 'present\.0\.value' is not Concat\(past, new\)")
+def test_kv_cache_quantization_refuses_a_block_whose_values_skip_the_cache(tiny_export):
+    model = _tiny(tiny_export)
+    concat = next(v for v in model.graph.outputs if v.name == "present.1.value").producer()
+    concat.outputs[0].name = "present.1.value.concat"  # block 1's values reach the attention from a Concat that is no output
+    identity = ir.node("Identity", [concat.outputs[0]])
+    identity.outputs[0].name = "present.1.value"
+    model.graph.append(identity)
+    model.graph.outputs[list(model.graph.outputs).index(concat.outputs[0])] = identity.outputs[0]
+    _refused_unchanged(QuantizeKVCache(4), model, r"block 1: its keys and values do not both enter a KV cache")
 
 
 def test_kv_cache_quantization_refuses_a_model_without_cache_outputs():
-    _refused_unchanged(QuantizeKVCache(8), single_matmul_model(), r"no KV-cache outputs \(present\.\*\)")
+    _refused_unchanged(QuantizeKVCache(8), single_matmul_model(), r"not a supported decoder-only LLM graph")
 
 
-def test_kv_cache_quantization_of_a_valid_cache():
-    model = _kv_cache_model()
-    kv = QuantizeKVCache(4)
+def test_kv_cache_quantization_of_a_valid_cache(tiny_export):
+    model = _tiny(tiny_export)
+    kv = QuantizeKVCache(8)
     kv.requires(model)
-    (request,) = kv.calibration_request(model)  # no attention blocks: no queries to tap, no key transform
-    assert [t.name for t in request.taps] == ["new", "new"]
-    kv.calibrated({"new": TapStats(np.full(32, 0.7, np.float32), np.zeros(32), None, np.zeros(32))}, None)
+    (request,) = kv.calibration_request(model)  # 8 bits: no queries to tap, no key transform
+    assert len(request.taps) == 4  # 2 blocks' new keys and values
+    kv.calibrated({t.name: TapStats(np.full(32, 0.7, np.float32), np.zeros(32), None, np.zeros(32)) for t in request.taps},
+                  None)
     assert kv(model).modified
-    assert [n.op_type for n in model.graph].count(custom_ops.STATIC) == 2
+    assert [n.op_type for n in model.graph].count(custom_ops.STATIC) == 4
 
 
 # RotateValueOutput
@@ -109,9 +102,8 @@ def test_value_rotation_refuses_value_columns_that_are_not_whole_heads(tiny_expo
 
 def test_value_rotation_refuses_an_unknown_head_size(tiny_export):
     model = _tiny(tiny_export)
-    for value in model.graph.inputs:
-        if value.name.startswith("past_key_values."):
-            value.shape = ir.Shape([*value.shape[:3], "head_dim"])
+    new_values = next(v for v in model.graph.outputs if v.name == "present.1.value").producer().inputs[1]
+    new_values.shape = ir.Shape([*new_values.shape[:3], "head_dim"])
     _refused_unchanged(RotateValueOutput(), model, r"the head size is unknown")
 
 

@@ -112,7 +112,8 @@ def test_registry_lists_ort_int4_with_its_defaults():
     target, plan = get("ort-int4"), resolve("ort-int4")
     assert plan.weights.bits == 4 and plan.weights.group_size == 64 and plan.weights.symmetric and plan.lm_head.bits == 4
     assert [type(p).__name__ for p in target.lowering_passes(plan)] == ["FuseGroupQueryAttention", "LowerToMatMulNBits",
-                                                                    "FuseNormalizations", "PackQKV", "PackGateUp"]
+                                                                    "FuseNormalizations", "PackQKV", "PackGateUp",
+                                                                    "LowerExpertsToQMoE"]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -129,7 +130,7 @@ def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_pa
     digests = fidelity.digests(model, ort_target)
     from qcompile.recipe import resolve
 
-    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256)[:-2]:  # up to PackQKV
+    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256)[:-3]:  # up to PackQKV
         lower(model)
     ir.save(model, tmp_path / "three.onnx", external_data="three.onnx.data")
     assert PackQKV()(model).modified
@@ -163,7 +164,7 @@ def test_packed_gate_up_is_exact_and_reads_back_as_two_linears(tiny_export, tmp_
     model = ir.load(path)
     QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=8))(model)
     digests = fidelity.digests(model, ort_target)
-    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256)[:-1]:
+    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256)[:-2]:  # up to PackGateUp
         lower(model)
     ir.save(model, tmp_path / "two.onnx", external_data="two.onnx.data")
     kernels = [n.op_type for n in model.graph].count("MatMulNBits")
