@@ -415,7 +415,7 @@ def _forward_uses(value: ir.Value, through: tuple[str, ...]) -> list[ir.Usage]:
     return out
 
 
-def _backward_first(value: ir.Value, stop, limit: int = 16) -> ir.Node | None:
+def backward_first(value: ir.Value, stop, limit: int = 16) -> ir.Node | None:
     """Depth-first over producers of `value` (at most `limit` nodes); the first node where stop(node) holds."""
     stack, seen = [value], set()
     while stack and len(seen) < limit:
@@ -594,7 +594,7 @@ class _Analyzer:
             table = node.inputs[0]
             if (p := table.producer()) is not None and p.op_type == "DequantizeLinear":
                 table = p.inputs[0]
-            topk = _backward_first(node.inputs[1], lambda n: n in routers)
+            topk = backward_first(node.inputs[1], lambda n: n in routers)
             if not _is_const(table) or topk is None:
                 continue
             matmul = next((u for u in _forward_uses(node.outputs[0], ("Transpose", "Reshape", "Squeeze", "Unsqueeze"))

@@ -118,7 +118,7 @@ def _match(experts: analysis.Experts) -> dict:
             or split.outputs[0] not in act.inputs or not any(_reaches(v, split.outputs[1]) for v in product.inputs)):
         raise _fail("experts whose activation is not silu(gate)·up of a [gate | up] table")
     # routing: TopK over Softmax(router logits), weights optionally renormalised, then Σ_k weight·expert output
-    topk = analysis._backward_first(up.expert_index, lambda n: n.op_type == "TopK")
+    topk = analysis.backward_first(up.expert_index, lambda n: n.op_type == "TopK")
     softmax = topk.inputs[0].producer() if topk is not None else None
     if softmax is None or softmax.op_type != "Softmax" or softmax.inputs[0] is not experts.router.outputs[0]:
         raise _fail("routing that is not a top-k of the softmax of the router's logits")
@@ -131,7 +131,7 @@ def _match(experts: analysis.Experts) -> dict:
     scaled = _sole_use(down.matmul.outputs[0])
     total = _sole_use(scaled.outputs[0]) if scaled is not None and scaled.op_type == "Mul" else None
     if (total is None or total.op_type != "ReduceSum" or len(total.outputs[0].shape or ()) != 2
-            or not any(analysis._backward_first(v, lambda n: n is topk) for v in scaled.inputs)):
+            or not any(analysis.backward_first(v, lambda n: n is topk) for v in scaled.inputs)):
         raise _fail("experts' outputs that are not summed with the routing weights into [tokens, hidden]")
     x = experts.router.inputs[0]
     if not _reaches(up.input, x) or len(x.shape or ()) != 2:
