@@ -81,6 +81,7 @@ class Linear:
     norm: Norm | None = None
     columns: tuple[int, int] | None = None  # [start, stop) of `node`'s output columns, when it packs several linears
     parts: dict[Role, tuple[int, int]] | None = None  # a fused projection's roles → [start, stop) output columns
+    bias: ir.Value | None = None  # the constant [N] added right after (a view of a fused projection: the whole one's)
 
     @property
     def weight_input(self) -> ir.Value:
@@ -502,6 +503,15 @@ def _attention(probs: ir.Value | None, outputs: set[ir.Value]) -> Attention | No
                      _cache_concat(context.inputs[1], outputs) if context is not None else None)
 
 
+def _bias_after(node: ir.Node, n: int) -> ir.Value | None:
+    """The constant [n] bias added right after `node` (MatMul → Add(·, b)), or None."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Add":
+        return None
+    other = uses[0].node.inputs[1 - uses[0].idx]
+    return other if _is_const(other) and other.const_value.shape == (n,) else None
+
+
 def _packed_qkv(node: ir.Node) -> ir.Node | None:
     """The GroupQueryAttention reading `node`'s output as its packed query-key-value input, or None."""
     uses = list(node.outputs[0].uses())
@@ -731,12 +741,13 @@ class _Analyzer:
         out[-1].output = final_norm.input
         k, n = self.linear_nodes[head_node]
         tied = head_node.op_type == "MatMul" and _weight_initializer(head_node) is embedding.inputs[0]
-        lm_head = Linear("lm_head", Role.LM_HEAD, None, head_node, k, n, final_norm)
+        lm_head = Linear("lm_head", Role.LM_HEAD, None, head_node, k, n, final_norm, bias=_bias_after(head_node, n))
         return ModelMap(embedding, out, final_norm, lm_head, tied, softcap)
 
     def linear(self, block: int, role: Role, node: ir.Node, parts=None) -> Linear:
         k, n = self.linear_nodes[node]
-        return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, self.stream(node)[1], parts=parts)
+        return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, self.stream(node)[1], parts=parts,
+                      bias=_bias_after(node, n))
 
     def attention_roles(self, i: int, nodes: list[ir.Node]) -> tuple[dict[Role, Linear], ir.Value | None]:
         """q, k, v (or the fused qkv) and o of block i, and the attention probabilities."""
@@ -803,7 +814,8 @@ class _Analyzer:
         head = n // (heads + 2 * kv_heads)
         bounds = {Role.Q: (0, heads * head), Role.K: (heads * head, (heads + kv_heads) * head),
                   Role.V: ((heads + kv_heads) * head, n)}
-        out = {role: Linear(f"blocks.{i}.{role.value}", role, i, node, k, stop - start, norm, (start, stop))
+        out = {role: Linear(f"blocks.{i}.{role.value}", role, i, node, k, stop - start, norm, (start, stop),
+                            bias=_bias_after(node, n))
                for role, (start, stop) in bounds.items()}
         o_hit = _forward_first(attention.outputs[0], lambda n: n in self.linear_nodes)
         if o_hit is None:

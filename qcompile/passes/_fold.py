@@ -70,22 +70,9 @@ def input_scalings(model_map: analysis.ModelMap) -> list[tuple[list[analysis.Lin
     return groups
 
 
-def bias_of(linear: analysis.Linear) -> ir.Value | None:
-    """The constant [N] bias added right after `linear` (MatMul → Add(·, b)), or None (for a view of a
-    fused projection: the whole projection's bias)."""
-    uses = list(linear.node.outputs[0].uses())
-    if len(uses) != 1 or uses[0].node.op_type != "Add":
-        return None
-    other = uses[0].node.inputs[1 - uses[0].idx]
-    n = linear.weight_input.const_value.shape[1] if linear.columns else linear.out_features
-    if other is None or other.const_value is None or other.const_value.shape != (n,):
-        return None
-    return other
-
-
 def bias_array(linear: analysis.Linear) -> np.ndarray | None:
     """`linear`'s bias as an array (its columns, for a view of a fused projection), or None."""
-    bias = bias_of(linear)
+    bias = linear.bias
     if bias is None:
         return None
     b = bias.const_value.numpy()
@@ -94,7 +81,7 @@ def bias_array(linear: analysis.Linear) -> np.ndarray | None:
 
 def set_bias(linear: analysis.Linear, b: np.ndarray) -> None:
     """Replace `linear`'s bias (its columns, for a view of a fused projection)."""
-    bias = bias_of(linear)
+    bias = linear.bias
     if linear.columns:
         full = bias.const_value.numpy().copy()
         full[slice(*linear.columns)] = b

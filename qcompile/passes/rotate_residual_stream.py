@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from qcompile import analysis, errors
 from qcompile.algorithms.hadamard import random_orthogonal
-from qcompile.passes._fold import bias_of, set_tensor, set_weight
+from qcompile.passes._fold import set_tensor, set_weight
 from qcompile.passes.fuse_norm_gains import check_rms_norms
 
 R = analysis.Role
@@ -50,7 +50,7 @@ class RotateResidualStream(ir.passes.InPlacePass):
             for role, linear in block.linears.items():
                 if role in WRITERS:
                     set_weight(linear, linear.float_weight().astype(np.float64) @ q)
-                    if (bias := bias_of(linear)) is not None:
+                    if (bias := linear.bias) is not None:
                         set_tensor(bias, bias.const_value.numpy().astype(np.float64) @ q)
                 else:
                     set_weight(linear, q.T @ linear.float_weight().astype(np.float64))
