@@ -129,7 +129,7 @@ class ExpertTable:
     """One weight of every expert, a constant [E, N, K] or [E, K, N] table that `reader` (a Gather or GatherND)
     picks each token's experts from, for a MatMul computing W·x ([E, N, K]: `in_axis` 2) or x·W (`in_axis` 1)."""
 
-    name: str  # "blocks.0.experts.0", "blocks.0.experts.1", ... in graph order
+    name: str  # "blocks.0.experts.0", "blocks.0.experts.1", ... in graph order ("" until the block is known)
     reader: ir.Node  # a Gather/GatherND, or the QMoE an ORT target lowered the block to
     in_axis: int
     matmul: ir.Node | None  # multiplies the gathered weights by the rows' inputs (None in a QMoE)
@@ -138,10 +138,6 @@ class ExpertTable:
     @property
     def table(self) -> ir.Value:
         return self.reader.inputs[self.index]
-
-    @property
-    def block(self) -> int:
-        return int(self.name.split(".")[1])
 
     @property
     def input(self) -> ir.Value:
@@ -180,6 +176,10 @@ SCORE_PATH_OPS = {"Add", "Where", "Mul", "Div", "Cast", "Tanh"}
 KEY_PATH_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Mul", "Div", "Cast", "Identity"}
 
 
+NO_KV_CACHE = ("the attention keys/values do not come from a KV-cache Concat(past, new): export the model with "
+               "`qcompile export`")
+
+
 @dataclasses.dataclass
 class Attention:
     """A decomposed attention, softmax(q·kᵀ)·v as `qcompile export` writes it: the q·kᵀ MatMul behind the
@@ -190,6 +190,7 @@ class Attention:
     context: ir.Node | None
     key_cache: ir.Node | None
     value_cache: ir.Node | None
+    softcapped: bool = False  # a tanh between the scores and the softmax (scores capped as c·tanh(s / c))
 
     @staticmethod
     def head_size(cache: ir.Node | None) -> int | None:
@@ -276,7 +277,7 @@ def _is_const(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None
 
 
-def _skip_back(value: ir.Value, ops=("Cast", "Identity")) -> ir.Value:
+def skip_back(value: ir.Value, ops=("Cast", "Identity")) -> ir.Value:
     """Walk back through no-op-like producers (a bf16 model's upcasts, identities)."""
     while (p := value.producer()) is not None and p.op_type in ops:
         value = p.inputs[0]
@@ -322,17 +323,17 @@ _FUSED_NORMS = {
 def _sqrt_mean_square_of(value: ir.Value) -> ir.Value | None:
     """x if `value` = sqrt(mean(x²) + eps), else None."""
     for op in ("Sqrt", "Add", "ReduceMean"):
-        producer = _skip_back(value).producer()
+        producer = skip_back(value).producer()
         if producer is None or producer.op_type != op:
             return None
         value = producer.inputs[0]
-    square = _skip_back(value).producer()
+    square = skip_back(value).producer()
     if square is None:
         return None
-    x = _skip_back(square.inputs[0])
+    x = skip_back(square.inputs[0])
     if square.op_type == "Pow" and _is_const(square.inputs[1]) and float(square.inputs[1].const_value.numpy()) == 2:
         return x
-    if square.op_type == "Mul" and _skip_back(square.inputs[1]) is x:
+    if square.op_type == "Mul" and skip_back(square.inputs[1]) is x:
         return x
     return None
 
@@ -343,12 +344,12 @@ def _rms_input(normed: ir.Value) -> ir.Value | None:
     if node is None:
         return None
     if node.op_type == "Div":
-        x = _skip_back(node.inputs[0])
+        x = skip_back(node.inputs[0])
         return x if _sqrt_mean_square_of(node.inputs[1]) is x else None
     if node.op_type != "Mul":
         return None
     for a, b in (node.inputs, node.inputs[::-1]):
-        x, r = _skip_back(a), _skip_back(b).producer()
+        x, r = skip_back(a), skip_back(b).producer()
         if r is not None and r.op_type == "Reciprocal":
             inner = r.inputs[0]
         elif r is not None and r.op_type == "Div" and _is_const(r.inputs[0]):
@@ -366,9 +367,9 @@ _BETWEEN_NORM_AND_LINEAR = ("Pad", "QuantizeLinear", "DequantizeLinear", "Quanti
 def match_norm(value: ir.Value) -> Norm | None:
     """The norm producing `value` (through a TensorRT whole-block Pad, activation quantizers and an online
     Hadamard), or None."""
-    value = _skip_back(value, ops=_BETWEEN_NORM_AND_LINEAR)
+    value = skip_back(value, ops=_BETWEEN_NORM_AND_LINEAR)
     out = value
-    node = _skip_back(value).producer()
+    node = skip_back(value).producer()
     if node is None:
         return None
     if node.op_type in _FUSED_NORMS:
@@ -379,7 +380,7 @@ def match_norm(value: ir.Value) -> Norm | None:
     for gi in (0, 1):
         gain, other = node.inputs[gi], node.inputs[1 - gi]
         if _is_const(gain) and len(gain.const_value.shape) == 1:
-            x = _rms_input(_skip_back(other))
+            x = _rms_input(skip_back(other))
             if x is not None:
                 return Norm("rms", node, x, out, gain)
     return None
@@ -500,7 +501,22 @@ def _attention(probs: ir.Value | None, outputs: set[ir.Value]) -> Attention | No
         return None
     context = _context_matmul(probs)
     return Attention(scores, context, _cache_concat(scores.inputs[1], outputs),
-                     _cache_concat(context.inputs[1], outputs) if context is not None else None)
+                     _cache_concat(context.inputs[1], outputs) if context is not None else None,
+                     _tanh_between(probs.producer().inputs[0], scores))
+
+
+def _tanh_between(value: ir.Value, scores: ir.Node) -> bool:
+    """Whether a Tanh lies on the score path from `value` (the softmax's input) back to the scores MatMul."""
+    frontier, seen = [value], set()
+    while frontier:
+        node = frontier.pop().producer()
+        if node is None or node is scores or node in seen or node.op_type not in SCORE_PATH_OPS:
+            continue
+        if node.op_type == "Tanh":
+            return True
+        seen.add(node)
+        frontier += [i for i in node.inputs if i is not None]
+    return False
 
 
 def _bias_after(node: ir.Node, n: int) -> ir.Value | None:
@@ -612,10 +628,10 @@ class _Analyzer:
             if matmul is None:
                 raise self.fail(f"the expert table gathered at '{node.name}' is not multiplied by the token's input")
             tables = found[routers[topk]]
-            tables.append(ExpertTable(f"?.experts.{len(tables)}", node, 2 if matmul.idx == 0 else 1, matmul.node))
+            tables.append(ExpertTable("", node, 2 if matmul.idx == 0 else 1, matmul.node))
         for node in self.graph:  # an ORT target's lowered form: fc1 (gate and up) at input 2, fc2 (down) at 5
             if node.op_type == "QMoE" and (router := node.inputs[1].producer()) in self.linear_nodes:
-                found[router] = [ExpertTable("?.experts.0", node, 2, None, 2), ExpertTable("?.experts.1", node, 2, None, 5)]
+                found[router] = [ExpertTable("", node, 2, None, 2), ExpertTable("", node, 2, None, 5)]
         for router, tables in found.items():
             if not tables:
                 raise self.fail(f"the router at '{router.name}' picks experts, but no expert weight table is gathered at its choice")
@@ -637,7 +653,7 @@ class _Analyzer:
         graph_inputs = [v for v in self.graph.inputs if v.name == "input_ids"] or list(self.graph.inputs)
         for node in self.graph:
             if node.op_type not in ("Gather", "GatherBlockQuantized") or (
-                    _skip_back(node.inputs[1], ops=("Reshape", "Cast")) not in graph_inputs):
+                    skip_back(node.inputs[1], ops=("Reshape", "Cast")) not in graph_inputs):
                 continue
             table = node.inputs[0]
             if (p := table.producer()) is not None and p.op_type in ("DequantizeLinear", "Reshape"):
@@ -673,7 +689,7 @@ class _Analyzer:
         if norm is not None:
             norm = self.shared_norms.setdefault(norm.node, norm)  # one Norm per norm node, shared by its readers
             return norm.input, norm
-        return _skip_back(node.inputs[0], ops=_BETWEEN_NORM_AND_LINEAR + ("Cast", "Identity")), None
+        return skip_back(node.inputs[0], ops=_BETWEEN_NORM_AND_LINEAR + ("Cast", "Identity")), None
 
     def run(self) -> ModelMap:
         embedding = self.embedding()
@@ -720,8 +736,8 @@ class _Analyzer:
             index = max((i for i, pos in enumerate(o_positions) if pos < self.order[router]), default=None)
             if index is None or index in experts:
                 raise self.fail(f"the router at '{router.name}' belongs to no block (or a block has two)")
-            for table in tables:
-                table.name = f"blocks.{index}.{table.name.split('.', 1)[1]}"
+            for j, table in enumerate(tables):
+                table.name = f"blocks.{index}.experts.{j}"
             experts[index] = Experts(router, tables)
         out = []
         for i, stream, linears, probs in blocks:

@@ -92,28 +92,22 @@ def read_weight(linear: Linear) -> Decoded | None:
 
 def read_dequantize_linear(dq: ir.Node) -> Decoded:
     """A weight DequantizeLinear's arrays as stored (not yet `one_block_if_uniform`; a target that pads q
-    trims it first)."""
+    trims it first): a linear's [K, N] with scales [G, N], or an expert table's [E, ·, ·] with its scales."""
     fp8 = dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
     q = (_array(dq.inputs[0]).view(np.uint8) if fp8 else _array(dq.inputs[0])).astype(np.int16)
     zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
     bits = 8 if fp8 else _INT_TYPES[dq.inputs[0].dtype][0]
-    scale = _array(dq.inputs[1]).astype(np.float32).reshape(-1, q.shape[1])  # per-channel [N] → [1, N]
-    zp = None if zp is None else _array(zp).astype(np.int16).reshape(-1, q.shape[1])
+    scale = _array(dq.inputs[1]).astype(np.float32)
+    zp = None if zp is None else _array(zp).astype(np.int16)
+    if q.ndim == 2:  # a linear's: per-channel [N] → [1, N]; an expert table keeps its [E, ·, ·] layout
+        scale, zp = scale.reshape(-1, q.shape[1]), None if zp is None else zp.reshape(-1, q.shape[1])
     return Decoded(q, scale, zp, bits, dq.attributes.get_int("block_size", 0), dq.inputs[0].name, fp8)
 
 
 def read_expert_table(table: analysis.ExpertTable) -> Decoded | None:
-    """A quantized expert table's integers and scales as stored ([E, N, K] or [E, K, N], every target keeps the
-    canonical form); None for a float table."""
+    """A quantized expert table's integers and scales as stored ([E, N, K] or [E, K, N]); None for a float table."""
     dq = table.table.producer()
-    if dq is None or dq.op_type != "DequantizeLinear":
-        return None
-    fp8 = dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
-    zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    return Decoded((_array(dq.inputs[0]).view(np.uint8) if fp8 else _array(dq.inputs[0])).astype(np.int16),
-                   _array(dq.inputs[1]).astype(np.float32), None if zp is None else _array(zp).astype(np.int16),
-                   8 if fp8 else _INT_TYPES[dq.inputs[0].dtype][0], dq.attributes.get_int("block_size", 0),
-                   dq.inputs[0].name, fp8)
+    return read_dequantize_linear(dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
 
 
 def read_embedding(gather: ir.Node) -> Decoded | None:

@@ -84,8 +84,7 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
     if attention.context is None:
         raise fail("no probabilities·V MatMul after the softmax")
     if attention.key_cache is None or attention.value_cache is None:
-        raise errors.UnsupportedModelError("the attention keys/values do not come from a KV-cache Concat(past, new): "
-                                           "export the model with `qcompile export`")
+        raise errors.UnsupportedModelError(analysis.NO_KV_CACHE)
     scores, context, key_concat, value_concat = attention.scores, attention.context, attention.key_cache, attention.value_cache
     query, key, value = scores.inputs[0], key_concat.inputs[1], value_concat.inputs[1]
     quantizers = [_cache_quantizer(v) for v in (key, value)]

@@ -45,8 +45,7 @@ def rotation_sites(block: analysis.Block) -> tuple[ir.Node, ir.Node, int]:
         raise errors.UnsupportedModelError(
             f"block {block.index} has no decomposed attention (softmax of q·kᵀ) to rotate: export with `qcompile export`")
     if attention.key_cache is None:
-        raise errors.UnsupportedModelError("the attention keys/values do not come from a KV-cache Concat(past, new): "
-                                           "export the model with `qcompile export`")
+        raise errors.UnsupportedModelError(analysis.NO_KV_CACHE)
     head_dim = attention.head_size(attention.key_cache)
     if head_dim is None:
         raise errors.UnsupportedModelError(f"block {block.index}: the key head size is not static")

@@ -39,23 +39,23 @@ class QuantizeExperts(ir.passes.InPlacePass):
         self.progress = progress
 
     def call(self, model: ir.Model) -> Result:
-        tables = [t for t in analysis.analyze(model).expert_tables() if t.name not in self.scheme.skip]
+        blocks = [b.experts.tables for b in analysis.analyze(model).blocks if b.experts]
+        tables = [t for block in blocks for t in block if t.name not in self.scheme.skip]
         if not tables:
             return Result(model, modified=False)
         hessians = self.hessians(model, tables)
         advance = self.progress.task("Quantizing expert tables", len(tables)) if self.progress else (lambda: None)
-        # one block size for a block's tables, dividing each table's K (TensorRT needs whole blocks, ORT's QMoE one
-        # block size for both projections); per channel (group 0) stays one block spanning each table's K
-        block_of = collections.defaultdict(lambda: self.scheme.group_size)
-        for table in tables if self.scheme.group_size else ():
-            block_of[table.block] = math.gcd(block_of[table.block], table.shape[table.in_axis])
         layers, counts = [], collections.Counter()
-        for table in tables:
-            bits, group = self.scheme.layer_formats().get(table.name, (self.scheme.bits, block_of[table.block]))
-            entry, used = self.quantize(model.graph, table, bits, group, hessians)
-            layers.append(entry)
-            counts.update(used)
-            advance()
+        for block in blocks:
+            # one block size for the block's tables, dividing each table's K (TensorRT needs whole blocks, ORT's QMoE
+            # one block size for both projections); per channel (group 0) stays one block spanning each table's K
+            group = math.gcd(self.scheme.group_size, *(t.shape[t.in_axis] for t in block)) if self.scheme.group_size else 0
+            for table in (t for t in block if t.name not in self.scheme.skip):
+                bits, own_group = self.scheme.layer_formats().get(table.name, (self.scheme.bits, group))
+                entry, used = self.quantize(model.graph, table, bits, own_group, hessians)
+                layers.append(entry)
+                counts.update(used)
+                advance()
         experts = layers[0]["shape"][0]
         how = ", ".join(f"{n} by {algo}" for algo, n in sorted(counts.items()))
         return Result(model, modified=True, layers=layers, record={

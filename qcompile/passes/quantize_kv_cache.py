@@ -10,7 +10,6 @@ from qcompile.algorithms.hadamard import random_orthogonal
 from qcompile.calibration import Request, TapStats
 from qcompile.passes._canonical import _initializer
 from qcompile.passes._result import Result
-from qcompile.passes.insert_query_key_hadamard import rotation_sites
 
 
 class QuantizeKVCache(ir.passes.InPlacePass):
@@ -45,42 +44,32 @@ class QuantizeKVCache(ir.passes.InPlacePass):
         self.bits, self.stats = bits, stats
 
     def requires(self, model: ir.Model) -> None:
-        cache_concats(model)
+        cache_concats(analysis.analyze(model))
 
     def calibration_request(self, model: ir.Model) -> list[Request]:
-        caches = Request([concat.inputs[1] for _, concat in cache_concats(model)], rows=_ROWS if self.bits == 4 else 0,
+        model_map = analysis.analyze(model)
+        caches = Request([concat.inputs[1] for _, concat in cache_concats(model_map)], rows=_ROWS if self.bits == 4 else 0,
                          per_head=True)
-        queries = [scores.inputs[0] for scores, _, _ in self._key_sites(model)]
+        queries = [attention.scores.inputs[0] for attention in self._transformed(model_map)]
         return [caches, *([Request(queries, rows=_QUERY_ROWS, per_head=True)] if queries else [])]
 
     def calibrated(self, stats: dict[str, TapStats], request) -> None:
         self.stats = stats
 
-    def _key_sites(self, model: ir.Model) -> list[tuple[ir.Node, ir.Node, bool]]:
-        """At 4 bits, each block's (q·kᵀ MatMul, key cache Concat, softcapped) where attention is decomposed."""
-        if self.bits != 4:
-            return []
-        try:
-            blocks = analysis.analyze(model).blocks
-        except errors.UnsupportedModelError:
-            return []
-        sites = []
-        for block in blocks:
-            try:
-                scores, concat, _ = rotation_sites(block)
-            except errors.UnsupportedModelError:
-                continue
-            sites.append((scores, concat, _softcapped(block, scores)))
-        return sites
+    def _transformed(self, model_map: analysis.ModelMap) -> list[analysis.Attention]:
+        """At 4 bits, the attention of every block whose keys the cache stores transformed (see above)."""
+        return [b.attention for b in model_map.blocks if self.bits == 4 and b.attention
+                and b.attention.head_size(b.attention.key_cache) is not None]
 
     def call(self, model: ir.Model) -> Result:
         graph = model.graph
         if self.stats is None:
             raise errors.InputError("QuantizeKVCache needs calibration: run it after Calibrate(windows, [this pass])")
         qmax = 2 ** (self.bits - 1) - 1
-        transformed = {concat.outputs[0].name: self._transform_keys(graph, scores, concat, not capped, qmax)
-                       for scores, concat, capped in self._key_sites(model)}
-        caches = cache_concats(model)
+        model_map = analysis.analyze(model)
+        caches = cache_concats(model_map)
+        transformed = {a.key_cache.outputs[0].name: self._transform_keys(graph, a.scores, a.key_cache, not a.softcapped, qmax)
+                       for a in self._transformed(model_map)}
         amax = []
         for present, concat in caches:
             new = concat.inputs[1]
@@ -180,20 +169,6 @@ def _like(value: ir.Value, like: ir.Value, name: str) -> None:
     value.name, value.dtype, value.shape = name, like.dtype, like.shape
 
 
-def _softcapped(block: analysis.Block, scores: ir.Node) -> bool:
-    """A tanh between the q·kᵀ MatMul and the block's softmax (scores capped as c·tanh(s / c))."""
-    frontier, seen = [block.attention_probs.producer().inputs[0]], set()
-    while frontier:
-        node = frontier.pop().producer()
-        if node is None or node is scores or id(node) in seen or node.op_type not in analysis.SCORE_PATH_OPS:
-            continue
-        if node.op_type == "Tanh":
-            return True
-        seen.add(id(node))
-        frontier += [i for i in node.inputs if i is not None]
-    return False
-
-
 def _scales(stats: TapStats, qmax: int) -> np.ndarray:
     """Per channel, c · max|x| / qmax with the clip ratio c of `_RATIOS` that minimises the squared error of
     the sampled rows (c = 1 without rows: 8 bits)."""
@@ -208,11 +183,11 @@ def _clip_scales(rows: np.ndarray, absmax: np.ndarray, qmax: int) -> np.ndarray:
     return (top * _RATIOS[np.argmin(losses, axis=0)]).astype(np.float32)
 
 
-def cache_concats(model: ir.Model) -> list[tuple[ir.Value, ir.Node]]:
+def cache_concats(model_map: analysis.ModelMap) -> list[tuple[ir.Value, ir.Node]]:
     """Every block's KV-cache Concat(past, new) nodes (the ModelMap's `Block.attention`), key then value, each
     with the `present.*` output it produces; UnsupportedModelError naming a block without them."""
     caches = []
-    for block in analysis.analyze(model).blocks:
+    for block in model_map.blocks:
         concats = (block.attention.key_cache, block.attention.value_cache) if block.attention else (None, None)
         if None in concats:
             raise errors.UnsupportedModelError(
