@@ -19,13 +19,14 @@ the same stream as its attention. Norms on the attention or MLP output before th
 A mixture-of-experts MLP is a router linear whose scores pick each token's experts (a TopK), and expert
 weight tables: constant [E, N, K] (or [E, K, N]) tensors a Gather reads per token at the TopK's indices,
 multiplied by the token's input. The router is not one of the block's linears (it stays float); the tables
-are the block's `experts`. A shared expert beside them (Qwen2-MoE) is an ordinary MLP of linears. An ORT
-target's com.microsoft.QMoE (the whole block in one node) gives the same two tables on its packed inputs.
+are the block's `experts`. A shared expert beside them (Qwen2-MoE) is an ordinary MLP of linears.
 
 A linear is a MatMul whose second input is a constant [K, N] weight, a DequantizeLinear of one (the
-canonical quantized form), a Transpose of one (a tied lm_head), or a com.microsoft.MatMulNBits. An ORT
-target's packed QKV (one MatMulNBits whose output is a GroupQueryAttention's packed query-key-value input)
-gives three linears on one node, each with its `columns`.
+canonical quantized form), or a Transpose of one (a tied lm_head).
+
+`analyze` knows ONNX's own ops. A model a target lowered into ops of its own (fused norms, fused attention with
+packed q/k/v, quantized linears, a whole MoE block in one node) reads the same way with that target's
+`LoweredForms` (`Target.forms`): the target that writes an op says what it stands for.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import collections
 import dataclasses
 import enum
 import json
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -42,6 +44,31 @@ from qcompile import errors
 
 
 SLIDING_WINDOWS_KEY = "qcompile.sliding_windows"  # the export's metadata: JSON list of each layer's window (0: none)
+
+
+def _nothing(node: ir.Node) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredForms:
+    """What a target's own ops stand for in the canonical structure, so that `analyze` reads a model the target
+    lowered as it read the canonical one. Each field is empty by default: `NO_FORMS` (ONNX's own ops only)."""
+
+    domain: str | None = None  # the opset domain of the target's own ops
+    linear: Callable[[ir.Node], tuple[int, int, str] | None] = _nothing  # a lowered linear: K, N, its storage
+    norms: Mapping[str, str] = dataclasses.field(default_factory=dict)  # a fused norm op → "rms" or "layer"
+    skip_norms: frozenset[str] = frozenset()  # those of `norms` that also add the residual stream
+    attention: frozenset[str] = frozenset()  # fused attention ops reading q, k, v at inputs 0, 1, 2
+    packed_qkv: Callable[[ir.Node], tuple[int, int] | None] = _nothing  # a fused attention reading
+    # q | k | v packed at input 0, with inputs 1 and 2 empty: (query heads, key/value heads)
+    experts: Callable[[ir.Node], tuple[ir.Value, tuple[int, ...], int] | None] = _nothing  # a whole MoE block
+    # in one node: (the router's scores, the inputs holding its [E, N, K] tables, codes per stored element)
+    embeddings: frozenset[str] = frozenset()  # gathers reading a lowered embedding table at input 0
+    between: tuple[str, ...] = ()  # ops the target puts between a norm and the linears it feeds (on their inputs)
+
+
+NO_FORMS = LoweredForms()
 
 
 class Role(str, enum.Enum):
@@ -82,17 +109,16 @@ class Linear:
     columns: tuple[int, int] | None = None  # [start, stop) of `node`'s output columns, when it packs several linears
     parts: dict[Role, tuple[int, int]] | None = None  # a fused projection's roles → [start, stop) output columns
     bias: ir.Value | None = None  # the constant [N] added right after (a view of a fused projection: the whole one's)
+    lowered: str | None = None  # how a target's own op stores the weight (`LoweredForms.linear`); None: canonical
 
     @property
     def weight_input(self) -> ir.Value:
         return self.node.inputs[1]
 
     def format(self) -> str:
-        """How the weight is stored: 'float32', 'INT4 block 128 (DequantizeLinear)', 'MatMulNBits ...'."""
-        if self.node.op_type == "MatMulNBits":
-            a = self.node.attributes
-            return (f"MatMulNBits {a['bits'].as_int()}-bit block {a['block_size'].as_int()} "
-                    f"acc{a.get_int('accuracy_level', 0)}{' (packed qkv)' if self.columns else ''}")
+        """How the weight is stored: 'float32', 'INT4 block 128 (DequantizeLinear)', or a target's form."""
+        if self.lowered is not None:
+            return self.lowered + (" (packed qkv)" if self.columns and self.role in (Role.Q, Role.K, Role.V) else "")
         dq = self.weight_input.producer()
         if dq is not None and dq.op_type == "DequantizeLinear":
             block = dq.attributes.get_int("block_size", 0)
@@ -114,7 +140,7 @@ class Linear:
         """The float weight as a [K, N] array (a tied lm_head's embedding is transposed; a view of a fused
         projection gets its `columns`)."""
         producer = self.weight_input.producer()
-        if self.node.op_type == "MatMulNBits":
+        if self.lowered is not None:
             raise errors.InputError(f"linear {self.name} is already quantized ({self.format()}): start from a float model")
         if producer is None:
             w = self.weight_input.const_value.numpy()
@@ -130,10 +156,11 @@ class ExpertTable:
     picks each token's experts from, for a MatMul computing W·x ([E, N, K]: `in_axis` 2) or x·W (`in_axis` 1)."""
 
     name: str  # "blocks.0.experts.0", "blocks.0.experts.1", ... in graph order ("" until the block is known)
-    reader: ir.Node  # a Gather/GatherND, or the QMoE an ORT target lowered the block to
+    reader: ir.Node  # a Gather/GatherND, or the one node a target lowered the block to (`LoweredForms.experts`)
     in_axis: int
-    matmul: ir.Node | None  # multiplies the gathered weights by the rows' inputs (None in a QMoE)
+    matmul: ir.Node | None  # multiplies the gathered weights by the rows' inputs (None in a lowered block)
     index: int = 0  # the reader's input holding the table
+    packed: int = 1  # codes per stored element along the last axis (a lowered block's packed integers)
 
     @property
     def table(self) -> ir.Value:
@@ -151,9 +178,9 @@ class ExpertTable:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """[E, N, K] or [E, K, N] (a QMoE's packed [E, N, K/2] bytes hold two 4-bit codes each)."""
+        """[E, N, K] or [E, K, N] (a lowered block's tables may pack several codes per element)."""
         e, n, k = self.table.shape
-        return (e, n, 2 * k) if self.reader.op_type == "QMoE" else (e, n, k)
+        return e, n, k * self.packed
 
     def float_table(self) -> np.ndarray:
         if self.table.producer() is not None or self.table.const_value is None or self.matmul is None:
@@ -298,8 +325,6 @@ def _weight_initializer(node: ir.Node) -> ir.Value | None:
 
 
 def _linear_dims(node: ir.Node) -> tuple[int, int] | None:
-    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-        return node.attributes["K"].as_int(), node.attributes["N"].as_int()
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
         return None
     w = _weight_initializer(node)
@@ -311,13 +336,7 @@ def _linear_dims(node: ir.Node) -> tuple[int, int] | None:
     return int(k), int(n)
 
 
-_FUSED_NORMS = {
-    "SimplifiedLayerNormalization": "rms",
-    "SkipSimplifiedLayerNormalization": "rms",
-    "RMSNormalization": "rms",
-    "LayerNormalization": "layer",
-    "SkipLayerNormalization": "layer",
-}
+_FUSED_NORMS = {"RMSNormalization": "rms", "LayerNormalization": "layer"}  # ONNX's own (opsets 23 and 17)
 
 
 def _sqrt_mean_square_of(value: ir.Value) -> ir.Value | None:
@@ -361,20 +380,19 @@ def _rms_input(normed: ir.Value) -> ir.Value | None:
     return None
 
 
-_BETWEEN_NORM_AND_LINEAR = ("Pad", "QuantizeLinear", "DequantizeLinear", "QuantizeDequantizePerToken", "Hadamard")
+_BETWEEN_NORM_AND_LINEAR = ("QuantizeLinear", "DequantizeLinear", "QuantizeDequantizePerToken", "Hadamard")
 
 
-def match_norm(value: ir.Value) -> Norm | None:
-    """The norm producing `value` (through a TensorRT whole-block Pad, activation quantizers and an online
-    Hadamard), or None."""
-    value = skip_back(value, ops=_BETWEEN_NORM_AND_LINEAR)
+def match_norm(value: ir.Value, forms: LoweredForms = NO_FORMS) -> Norm | None:
+    """The norm producing `value` (through activation quantizers, an online Hadamard and `forms.between`), or None."""
+    value = skip_back(value, ops=_BETWEEN_NORM_AND_LINEAR + forms.between)
     out = value
     node = skip_back(value).producer()
     if node is None:
         return None
-    if node.op_type in _FUSED_NORMS:
+    if (kind := _FUSED_NORMS.get(node.op_type) or forms.norms.get(node.op_type)) is not None:
         gain = node.inputs[1] if len(node.inputs) > 1 else None
-        return Norm(_FUSED_NORMS[node.op_type], node, node.inputs[0], out, gain)
+        return Norm(kind, node, node.inputs[0], out, gain)
     if node.op_type != "Mul":
         return None
     for gi in (0, 1):
@@ -386,8 +404,7 @@ def match_norm(value: ir.Value) -> Norm | None:
     return None
 
 
-_SKIP_NORMS = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
-_ATTENTION_OPS = {"GroupQueryAttention", "MultiHeadAttention", "Attention"}
+_ATTENTION_OPS = frozenset({"Attention"})  # ONNX's own (opset 23): q, k, v at inputs 0, 1, 2
 
 
 def _forward_first(value: ir.Value, stop, limit: int = 400) -> tuple[ir.Node, int] | None:
@@ -528,15 +545,14 @@ def _bias_after(node: ir.Node, n: int) -> ir.Value | None:
     return other if _is_const(other) and other.const_value.shape == (n,) else None
 
 
-def _packed_qkv(node: ir.Node) -> ir.Node | None:
-    """The GroupQueryAttention reading `node`'s output as its packed query-key-value input, or None."""
+def _packed_qkv(node: ir.Node, forms: LoweredForms) -> tuple[ir.Node, tuple[int, int]] | None:
+    """The fused attention reading `node`'s output as its packed query-key-value input, with its (query heads,
+    key/value heads), or None."""
     uses = list(node.outputs[0].uses())
     if len(uses) != 1 or uses[0].idx != 0:
         return None
-    attention = uses[0].node
-    if attention.op_type != "GroupQueryAttention" or any(v is not None for v in attention.inputs[1:3]):
-        return None
-    return attention
+    heads = forms.packed_qkv(uses[0].node)
+    return (uses[0].node, heads) if heads is not None else None
 
 
 def _constant_scalar(value: ir.Value | None) -> float | None:
@@ -583,11 +599,15 @@ def _output_parts(node: ir.Node, n: int) -> list[tuple[ir.Value, tuple[int, int]
 
 
 class _Analyzer:
-    def __init__(self, model: ir.Model):
+    def __init__(self, model: ir.Model, forms: LoweredForms):
         self.graph = model.graph
+        self.forms = forms
+        self.attention_ops = _ATTENTION_OPS | forms.attention
         self.windows = json.loads(model.metadata_props.get(SLIDING_WINDOWS_KEY, "[]"))
         self.order = {node: i for i, node in enumerate(self.graph)}
-        self.linear_nodes = {n: d for n in self.graph if (d := _linear_dims(n)) is not None}
+        self.lowered = {n: lowered for n in self.graph if (lowered := forms.linear(n)) is not None}
+        self.linear_nodes = {n: self.lowered[n][:2] if n in self.lowered else _linear_dims(n) for n in self.graph}
+        self.linear_nodes = {n: d for n, d in self.linear_nodes.items() if d is not None}
         self.shared_norms: dict[ir.Node, Norm] = {}
         self.experts = self.find_experts()
         for router in self.experts:
@@ -629,9 +649,9 @@ class _Analyzer:
                 raise self.fail(f"the expert table gathered at '{node.name}' is not multiplied by the token's input")
             tables = found[routers[topk]]
             tables.append(ExpertTable("", node, 2 if matmul.idx == 0 else 1, matmul.node))
-        for node in self.graph:  # an ORT target's lowered form: fc1 (gate and up) at input 2, fc2 (down) at 5
-            if node.op_type == "QMoE" and (router := node.inputs[1].producer()) in self.linear_nodes:
-                found[router] = [ExpertTable("", node, 2, None, 2), ExpertTable("", node, 2, None, 5)]
+        for node in self.graph:  # a whole block a target lowered to one node
+            if (lowered := self.forms.experts(node)) is not None and (router := lowered[0].producer()) in self.linear_nodes:
+                found[router] = [ExpertTable("", node, 2, None, index, lowered[2]) for index in lowered[1]]
         for router, tables in found.items():
             if not tables:
                 raise self.fail(f"the router at '{router.name}' picks experts, but no expert weight table is gathered at its choice")
@@ -647,17 +667,17 @@ class _Analyzer:
     def is_dynamic_matmul(self, node: ir.Node) -> bool:
         """An attention MatMul (not a linear, a router, or an expert's weight times its input) or attention op."""
         return ((node.op_type == "MatMul" and node not in self.linear_nodes and node not in self.expert_matmuls
-                 and node not in self.experts) or node.op_type in _ATTENTION_OPS)
+                 and node not in self.experts) or node.op_type in self.attention_ops)
 
     def embedding(self) -> ir.Node:
         graph_inputs = [v for v in self.graph.inputs if v.name == "input_ids"] or list(self.graph.inputs)
         for node in self.graph:
-            if node.op_type not in ("Gather", "GatherBlockQuantized") or (
+            if (node.op_type != "Gather" and node.op_type not in self.forms.embeddings) or (
                     skip_back(node.inputs[1], ops=("Reshape", "Cast")) not in graph_inputs):
                 continue
             table = node.inputs[0]
             if (p := table.producer()) is not None and p.op_type in ("DequantizeLinear", "Reshape"):
-                table = p.inputs[0]  # a quantized table, or a MatMulNBits B read as one (ORT, shared with lm_head)
+                table = p.inputs[0]  # a quantized table, or a linear's lowered weight read as one (shared with lm_head)
             if _is_const(table):
                 return node
         raise self.fail("no token-embedding Gather reading a graph input was found")
@@ -685,16 +705,16 @@ class _Analyzer:
 
     def stream(self, node: ir.Node) -> tuple[ir.Value, Norm | None]:
         """The value a linear reads its input from: its pre-norm's input (and the norm), or its own input."""
-        norm = match_norm(node.inputs[0])
+        norm = match_norm(node.inputs[0], self.forms)
         if norm is not None:
             norm = self.shared_norms.setdefault(norm.node, norm)  # one Norm per norm node, shared by its readers
             return norm.input, norm
-        return skip_back(node.inputs[0], ops=_BETWEEN_NORM_AND_LINEAR + ("Cast", "Identity")), None
+        return skip_back(node.inputs[0], ops=_BETWEEN_NORM_AND_LINEAR + self.forms.between + ("Cast", "Identity")), None
 
     def run(self) -> ModelMap:
         embedding = self.embedding()
         head_node, softcap = self.lm_head()
-        final_norm = match_norm(head_node.inputs[0])
+        final_norm = match_norm(head_node.inputs[0], self.forms)
         if final_norm is None:
             raise self.fail("no norm (RMSNorm/LayerNorm) feeds lm_head")
         nodes = sorted((n for n in self.linear_nodes if n is not head_node), key=self.order.get)
@@ -757,17 +777,21 @@ class _Analyzer:
         out[-1].output = final_norm.input
         k, n = self.linear_nodes[head_node]
         tied = head_node.op_type == "MatMul" and _weight_initializer(head_node) is embedding.inputs[0]
-        lm_head = Linear("lm_head", Role.LM_HEAD, None, head_node, k, n, final_norm, bias=_bias_after(head_node, n))
+        lm_head = Linear("lm_head", Role.LM_HEAD, None, head_node, k, n, final_norm, bias=_bias_after(head_node, n),
+                         lowered=self.stored(head_node))
         return ModelMap(embedding, out, final_norm, lm_head, tied, softcap)
+
+    def stored(self, node: ir.Node) -> str | None:
+        return self.lowered[node][2] if node in self.lowered else None
 
     def linear(self, block: int, role: Role, node: ir.Node, parts=None) -> Linear:
         k, n = self.linear_nodes[node]
         return Linear(f"blocks.{block}.{role.value}", role, block, node, k, n, self.stream(node)[1], parts=parts,
-                      bias=_bias_after(node, n))
+                      bias=_bias_after(node, n), lowered=self.stored(node))
 
     def attention_roles(self, i: int, nodes: list[ir.Node]) -> tuple[dict[Role, Linear], ir.Value | None]:
         """q, k, v (or the fused qkv) and o of block i, and the attention probabilities."""
-        if len(nodes) == 1 and _packed_qkv(nodes[0]) is not None:
+        if len(nodes) == 1 and _packed_qkv(nodes[0], self.forms) is not None:
             return self.packed_attention_roles(i, nodes[0]), None
         if len(nodes) == 1:
             node = nodes[0]
@@ -784,7 +808,7 @@ class _Analyzer:
         else:
             raise self.fail(f"block {i}: {len(nodes)} linears reach the attention (expected q, k, v or one fused qkv)")
         targets = [target for target, _ in reached.values()]
-        context = next((t for t in targets if t.op_type in _ATTENTION_OPS or _softmax_before(t) is not None), None)
+        context = next((t for t in targets if t.op_type in self.attention_ops or _softmax_before(t) is not None), None)
         context = context or self.context(i, targets[0])
         o_hit = _forward_first(context.outputs[0], lambda n: n in self.linear_nodes)
         if o_hit is None:
@@ -803,7 +827,7 @@ class _Analyzer:
         at the context MatMul (or a fused attention op's inputs 0, 1, 2)."""
         roles = {}
         for key, (target, idx) in reached.items():
-            if target.op_type in _ATTENTION_OPS:
+            if target.op_type in self.attention_ops:
                 roles[key] = (Role.Q, Role.K, Role.V)[idx]
             else:
                 shared = sum(1 for t, _ in reached.values() if t is target)
@@ -822,16 +846,15 @@ class _Analyzer:
         raise self.fail(f"block {i}: no softmax(q·kᵀ)·v after the projections")
 
     def packed_attention_roles(self, i: int, node: ir.Node) -> dict[Role, Linear]:
-        """q, k and v as column ranges of one packed-QKV MatMulNBits: [q heads | kv heads | kv heads] × head size."""
-        attention = _packed_qkv(node)
-        heads, kv_heads = (attention.attributes.get_int(a) for a in ("num_heads", "kv_num_heads"))
+        """q, k and v as column ranges of one packed linear: [q heads | kv heads | kv heads] × head size."""
+        attention, (heads, kv_heads) = _packed_qkv(node, self.forms)
         k, n = self.linear_nodes[node]
         norm = self.stream(node)[1]
         head = n // (heads + 2 * kv_heads)
         bounds = {Role.Q: (0, heads * head), Role.K: (heads * head, (heads + kv_heads) * head),
                   Role.V: ((heads + kv_heads) * head, n)}
         out = {role: Linear(f"blocks.{i}.{role.value}", role, i, node, k, stop - start, norm, (start, stop),
-                            bias=_bias_after(node, n))
+                            bias=_bias_after(node, n), lowered=self.stored(node))
                for role, (start, stop) in bounds.items()}
         o_hit = _forward_first(attention.outputs[0], lambda n: n in self.linear_nodes)
         if o_hit is None:
@@ -868,17 +891,20 @@ class _Analyzer:
 
     def branch_norm(self, linear: Linear) -> Norm | None:
         """A norm on `linear`'s output before the residual add (a post- or sandwich norm), or None."""
+        skips = self.forms.skip_norms
+
         def norm_at(node: ir.Node) -> Norm | None:
-            if node.op_type not in _FUSED_NORMS and node.op_type != "Mul":
+            if node.op_type not in _FUSED_NORMS and node.op_type not in self.forms.norms and node.op_type != "Mul":
                 return None
-            norm = match_norm(node.outputs[0])
+            norm = match_norm(node.outputs[0], self.forms)
             return norm if norm is not None and norm.node is node else None
 
-        hit = _forward_first(linear.node.outputs[0], lambda n: n.op_type in _SKIP_NORMS or n in self.linear_nodes or (
+        hit = _forward_first(linear.node.outputs[0], lambda n: n.op_type in skips or n in self.linear_nodes or (
             n.op_type == "Add" and not any(map(_is_const, n.inputs))) or norm_at(n) is not None)
-        return None if hit is None or hit[0].op_type in _SKIP_NORMS else norm_at(hit[0])
+        return None if hit is None or hit[0].op_type in skips else norm_at(hit[0])
 
 
-def analyze(model: ir.Model) -> ModelMap:
-    """Return the ModelMap of `model`, or raise UnsupportedModelError naming what was not found."""
-    return _Analyzer(model).run()
+def analyze(model: ir.Model, forms: LoweredForms = NO_FORMS) -> ModelMap:
+    """Return the ModelMap of `model`, or raise UnsupportedModelError naming what was not found. A model a
+    target lowered reads with that target's `forms` (`Target.forms`)."""
+    return _Analyzer(model, forms).run()

@@ -266,11 +266,11 @@ def run(
 @app.command()
 def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an export/artifact folder.")):
     """Print the structure qcompile finds: blocks, norms, linears with roles, shapes and formats."""
-    from qcompile import analysis, artifact, runtime
+    from qcompile import analysis, artifact, runtime, targets
 
     model_path = runtime.model_file(path)
     graph_model = artifact.load_onnx(model_path)
-    mm = analysis.analyze(graph_model)
+    mm = analysis.analyze(graph_model, targets.reading(graph_model).forms)
     table = Table(title=f"{model_path}: {len(mm.blocks)} blocks, hidden {mm.hidden_size}")
     for col in ("linear", "role", "in", "out", "fed by", "weights"):
         table.add_column(col)
@@ -319,13 +319,14 @@ def check(
         raise errors.InputError(f"`qcompile check` checks a runtime's rules on a model; {target} is not a trt-* target")
     model_path = runtime.model_file(path)
     model = artifact.load_onnx(model_path)
-    manifest = model_path.parent / "manifest.json"
-    expected = json.loads(manifest.read_text()).get("fidelity", {}).get("weights", {}) if manifest.is_file() else {}
+    manifest_path = model_path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    expected = manifest.get("fidelity", {}).get("weights", {})
     by_rule = collections.defaultdict(list)
     for v in tgt.check(model):
         by_rule[v.rule].append(v.node)
-    if expected:
-        for problem in fidelity.compare_digests(expected, model, tgt):
+    if expected:  # read back by the target that wrote them
+        for problem in fidelity.compare_digests(expected, model, registry.of(manifest)):
             layer, rule = problem.split(": ", 1)
             by_rule[rule].append(layer)
     violations = sum(len(where) for where in by_rule.values())

@@ -1,8 +1,8 @@
 """Fidelity: every target stores the same quantized integers and scales, and we can prove it.
 
-A reader (the target that wrote a model: anything with `read_weight(linear)`, `read_embedding(gather)` and
-`read_expert_table(table)`)
-reads each quantized weight back from its own lowered form, or the canonical one, into the canonical
+A reader (the target that wrote a model: anything with `forms` (what its own ops stand for, to analyze the
+model), `read_weight(linear)`, `read_embedding(gather)` and `read_expert_table(table)`) reads each quantized
+weight back from its own lowered form, or the canonical one, into the canonical
 arrays (`Decoded`). `digests` hashes them per linear; the compiler records the digests of the canonical
 model before lowering, and `verify` checks an artifact against them (and against another artifact: same
 integers, then both run through ONNX Runtime on the same prompt).
@@ -29,7 +29,9 @@ MIN_ARGMAX_AGREEMENT = 0.8
 
 
 class Reader(Protocol):
-    """Reads a target's stored weights back as canonical arrays (a Target, or a target module)."""
+    """Reads a target's stored weights back as canonical arrays (a Target, or `passes._canonical`)."""
+
+    forms: analysis.LoweredForms
 
     def read_weight(self, linear: Linear) -> Decoded | None: ...
 
@@ -42,7 +44,7 @@ def _decoded(model: ir.Model, reader: Reader) -> Iterator[tuple[str, Decoded]]:
     """(name, Decoded) for every quantized linear (ModelMap names: 'blocks.3.q', 'lm_head'; a fused projection's
     parts each by its own name, as a target may fuse or not), expert table
     ('blocks.3.experts.0') and the embedding table ('embedding') when it is quantized, decoded one at a time."""
-    mm = analysis.analyze(model)
+    mm = analysis.analyze(model, reader.forms)
     for linear in (view for lin in mm.linears() for view in lin.views()):  # fused or not, as a target stores it
         decoded = reader.read_weight(linear)
         if decoded is not None:

@@ -29,6 +29,8 @@ from qcompile import analysis, scratch
 from qcompile.analysis import Linear, Role
 from qcompile.schemes import WeightScheme
 
+forms = analysis.NO_FORMS  # the canonical form is ONNX's own ops (a `fidelity.Reader`, as targets are)
+
 # The integer weight types, the one table: (bits, signed) → (numpy storage type, ONNX type).
 _STORAGE = {
     (2, True): (ml_dtypes.int2, ir.DataType.INT2),  # opset 25's type: only ONNX Runtime's MatMulNBits runs it (bits=2)

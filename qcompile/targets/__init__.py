@@ -1,7 +1,8 @@
 """Targets: a name, the recipe it defaults to, and what the runtime needs done around the canonical model.
 
 A `Target` owns everything runtime-specific: `validate(recipe)` (what the runtime cannot run),
-`lowering_passes(recipe, max_positions)` (canonical form → the runtime's spelling), `check(model)` (the
+`lowering_passes(recipe, max_positions)` (canonical form → the runtime's spelling), `forms` (what the ops it
+writes stand for, so that `analysis` reads its lowered models), `check(model)` (the
 runtime's rules on the lowered model), `read_weight`/`read_embedding`/`read_expert_table` (the lowered form read back to the
 canonical integers and scales, for `verify`), and `package(folder)` / `finish(out)` (files beside the
 model). Nothing outside `targets/` names a runtime. Add a target by writing its lowering passes in a
@@ -15,7 +16,7 @@ import pathlib
 
 import onnx_ir as ir
 
-from qcompile import errors, package
+from qcompile import analysis, errors, package
 from qcompile.passes import FuseGroupQueryAttention, _canonical
 from qcompile.targets import ort, ort_experts, trt
 
@@ -31,6 +32,7 @@ class Target:
     packages_edge: bool = False  # `qcompile package` applies (an onnxruntime-genai client loads it)
     rules: str | None = None  # what `check` enforces (None: nothing beyond the fidelity of the weights)
     mixed_formats: tuple[str, ...] = ()  # the weight formats a mixed-precision search chooses among (`schemes.parse_format`)
+    forms: analysis.LoweredForms = analysis.NO_FORMS  # what the ops its lowering writes stand for (`analysis.analyze`)
 
     def check_source(self, folder: pathlib.Path) -> None:
         """Raise InputError when the float model's folder lacks what this target's files are made from."""
@@ -136,8 +138,8 @@ _W8A8 = {"weights": {"bits": 8, "group_size": 0, "symmetric": True, "positive_sc
 # built-in model's weights lie on a 4-bit grid in blocks of 32, which would flatter them (list them in a recipe).
 _ORT_FORMATS = ("int2g128", "int2g64", "int4g128", "int4g64", "int8g128", "float")
 _TRT_FORMATS = ("int4g128", "int4g64", "int8", "float")
-_ORT = dict(runtime="onnxruntime", packages_edge=True, mixed_formats=_ORT_FORMATS)
-_TRT = dict(runtime="tensorrt", builds_engines=True, rules="TensorRT's explicit-quantization rules")
+_ORT = dict(runtime="onnxruntime", packages_edge=True, mixed_formats=_ORT_FORMATS, forms=ort.FORMS)
+_TRT = dict(runtime="tensorrt", builds_engines=True, rules="TensorRT's explicit-quantization rules", forms=trt.FORMS)
 
 _REGISTRY = {
     t.name: t
@@ -190,6 +192,13 @@ def get(name: str) -> Target:
         raise errors.UnknownTargetError(
             f"unknown target '{name}': choose one of {', '.join(_REGISTRY)} (see `qcompile targets`)"
         ) from None
+
+
+def reading(model: ir.Model) -> Target:
+    """A target that reads `model`: one whose own ops' domain `model` imports, else one whose ops are ONNX's (every
+    target also reads the canonical form)."""
+    return next((t for t in _REGISTRY.values() if t.forms.domain in model.opset_imports),
+                next(t for t in _REGISTRY.values() if t.forms.domain is None))
 
 
 def of(manifest: dict) -> Target:

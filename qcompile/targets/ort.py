@@ -20,7 +20,9 @@ A tied embedding table whose integers and scales are lm_head's (transposed, see 
 `shared`) is stored once: GatherBlockQuantized reads lm_head's B reshaped to [V, H*bits/8] as uint8
 codes with ORT's default zero point, which are the same bytes (`_share_embedding_tables`).
 
-`read_weight` and `read_embedding` read these forms back into the canonical arrays (`Decoded`).
+`FORMS` tells `analysis` what these ops (and the fused norms, GroupQueryAttention and QMoE that the other ORT
+lowering passes write) stand for; `read_weight` and `read_embedding` read the weights back into the canonical
+arrays (`Decoded`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,46 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase
 
-from qcompile import custom_ops, scratch
+from qcompile import analysis, custom_ops, scratch
 from qcompile.analysis import Linear
 from qcompile.passes import _canonical
 from qcompile.passes._canonical import _INT_TYPES, Decoded, _array
 
 PER_CHANNEL_BLOCK = 128  # MatMulNBits block for per-channel weights (the scale repeats in every block)
+
+
+def _lowered_linear(node: ir.Node) -> tuple[int, int, str] | None:
+    """A MatMulNBits: K, N and how it stores the weight."""
+    if (node.domain, node.op_type) != ("com.microsoft", "MatMulNBits"):
+        return None
+    a = node.attributes
+    return (a["K"].as_int(), a["N"].as_int(),
+            f"MatMulNBits {a['bits'].as_int()}-bit block {a['block_size'].as_int()} acc{a.get_int('accuracy_level', 0)}")
+
+
+def _packed_qkv_heads(node: ir.Node) -> tuple[int, int] | None:
+    """A GroupQueryAttention reading q | k | v packed at input 0 (`PackQKV`): its query and key/value heads."""
+    if node.op_type != "GroupQueryAttention" or any(v is not None for v in node.inputs[1:3]):
+        return None
+    return node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
+
+
+def _moe_tables(node: ir.Node) -> tuple[ir.Value, tuple[int, ...], int] | None:
+    """A QMoE (`ort_experts`): the router's logits, fc1 (gate and up) at input 2 and fc2 (down) at 5, two 4-bit
+    codes per byte."""
+    return (node.inputs[1], (2, 5), 2) if (node.domain, node.op_type) == ("com.microsoft", "QMoE") else None
+
+
+FORMS = analysis.LoweredForms(
+    domain="com.microsoft",
+    linear=_lowered_linear,
+    norms={"SimplifiedLayerNormalization": "rms", "SkipSimplifiedLayerNormalization": "rms"},  # `FuseNormalizations`
+    skip_norms=frozenset({"SkipSimplifiedLayerNormalization"}),
+    attention=frozenset({"GroupQueryAttention"}),
+    packed_qkv=_packed_qkv_heads,
+    experts=_moe_tables,
+    embeddings=frozenset({"GatherBlockQuantized"}),
+)
 
 
 def pack_matmul_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int, block_size: int):
@@ -301,7 +337,7 @@ class PackQKV(ir.passes.InPlacePass):
     the three weights stacked along N, feeding the attention's packed-QKV input: one pass over the block's
     input and one kernel launch instead of three (onnxruntime-genai's builder does the same). Exact: every
     output column is computed from the same integers, scales and input as before. `analysis` reads the
-    packed node back as three linears (`Linear.columns`)."""
+    packed node back as three linears (`Linear.columns`, through `FORMS`)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         packed = [_pack_qkv(model.graph, node) for node in list(model.graph) if node.op_type == "GroupQueryAttention"]
@@ -330,10 +366,8 @@ class PackGateUp(ir.passes.InPlacePass):
     as a fused gate_up projection with the two column ranges, as an exported fused gate_up_proj."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from qcompile import analysis
-
         count = 0
-        for block in analysis.analyze(model).blocks:
+        for block in analysis.analyze(model, FORMS).blocks:
             pair = [block.linears.get(role) for role in (analysis.Role.GATE, analysis.Role.UP)]
             if not all(lin is not None and lin.node.op_type == "MatMulNBits" and lin.columns is None for lin in pair):
                 continue

@@ -45,7 +45,7 @@ class LowerExpertsToQMoE(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> Result:
         lowered, kept = 0, []
-        for block in analysis.analyze(model).blocks:
+        for block in analysis.analyze(model, ort.FORMS).blocks:
             if block.experts is None:
                 continue
             try:

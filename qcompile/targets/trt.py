@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import errors, scratch
+from qcompile import analysis, errors, scratch
 from qcompile.analysis import Linear
 from qcompile.passes import _canonical
 from qcompile.passes._canonical import Decoded
@@ -24,6 +24,9 @@ from qcompile.passes._canonical import Decoded
 _WEIGHT_TYPES = {ir.DataType.INT4, ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN}
 _ONNX_DOMAINS = ("", "ai.onnx")
 MIN_OPSET = 21
+
+
+FORMS = analysis.LoweredForms(between=("Pad",))  # `PadPartialBlocks` pads a linear's input to whole blocks
 
 
 class PadPartialBlocks(ir.passes.InPlacePass):

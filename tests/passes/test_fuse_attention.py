@@ -2,7 +2,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qcompile import analysis, errors
+from qcompile import analysis, errors, targets
 from qcompile.passes import (FuseGroupQueryAttention, FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard,
                              RotateResidualStream, RotateValueOutput)
 from tests.conftest import prompt_and_step
@@ -26,7 +26,7 @@ def test_fused_attention_leaves_prompt_and_cached_decode_unchanged(tiny_export, 
     (p1, s1, c1), (p0, s0, c0), model = _fused_against_unfused(ir.load(path), tmp_path, ids, 256 if rope else None)
     ops = [n.op_type for n in model.graph]
     gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == len(analysis.analyze(model).blocks) == 2
+    assert len(gqa) == len(analysis.analyze(model, targets.get("ort-int4").forms).blocks) == 2
     assert {n.attributes.get_int("do_rotary") for n in gqa} == {int(rope)}
     assert "Softmax" not in ops and ("Neg" in ops) != rope
     np.testing.assert_allclose(p1, p0, atol=1e-4, rtol=0)

@@ -9,9 +9,10 @@ from qcompile.passes import QuantizeWeightsRTN
 from qcompile.passes._canonical import attach_quantized_weight
 from qcompile.schemes import WeightScheme
 from qcompile.targets import get
-from qcompile.targets import ort as ort_target
 from qcompile.targets.ort import LowerToMatMulNBits, decode_matmul_nbits, pack_matmul_nbits
 from tests.conftest import run_logits, single_matmul_model
+
+ort_target = get("ort-int4")
 
 CASES = [(4, True, 128), (4, False, 128), (4, True, 32), (8, True, 64), (8, False, 16), (4, False, 64)]
 PACKED = CASES + [(2, True, 64), (2, False, 32), (2, False, 128)]
@@ -138,7 +139,7 @@ def test_packed_qkv_is_exact_and_reads_back_as_three_linears(tiny_export, tmp_pa
     attention = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert len(attention) == 2 and all(n.inputs[1] is None and n.inputs[2] is None for n in attention)
     assert [n.op_type for n in model.graph].count("MatMulNBits") == 2 * 5 + 1
-    mm = analysis.analyze(model)
+    mm = analysis.analyze(model, ort_target.forms)
     q, k, v = (mm.blocks[0].linears[r] for r in (analysis.Role.Q, analysis.Role.K, analysis.Role.V))
     assert q.node is k.node is v.node and q.columns[0] == 0 and k.columns[0] == q.columns[1] == q.in_features
     assert fidelity.digests(model, ort_target) == digests
@@ -171,7 +172,7 @@ def test_packed_gate_up_is_exact_and_reads_back_as_two_linears(tiny_export, tmp_
     assert PackGateUp()(model).modified
     ir.save(model, tmp_path / "packed.onnx", external_data="packed.onnx.data")
     assert [n.op_type for n in model.graph].count("MatMulNBits") == kernels - 2
-    block = analysis.analyze(model).blocks[0]
+    block = analysis.analyze(model, ort_target.forms).blocks[0]
     gate_up = block.linears[analysis.Role.GATE_UP]
     assert gate_up.parts == {analysis.Role.GATE: (0, 128), analysis.Role.UP: (128, 256)}
     assert fidelity.digests(model, ort_target) == digests
@@ -187,16 +188,16 @@ def test_quantized_embedding_lowers_to_gather_block_quantized(tiny_export, tmp_p
 
     _, path = tiny_export("mistral")  # untied: the float table goes away
     model = ir.load(path)
-    table = analysis.analyze(model).embedding.inputs[0].const_value.numpy()
+    table = analysis.analyze(model, ort_target.forms).embedding.inputs[0].const_value.numpy()
     QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=8))(model)
     QuantizeEmbedding(bits, 32)(model)  # hidden 64: two blocks per row
-    canonical = ort_target.read_embedding(analysis.analyze(model).embedding)
+    canonical = ort_target.read_embedding(analysis.analyze(model, ort_target.forms).embedding)
     # each row is the RTN of that row, blocks along H
     np.testing.assert_array_equal(canonical.q, quantize_rtn(table.T, bits, 32, True).q.T)
     ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
     LowerToMatMulNBits(accuracy_level=0)(model)
     assert [n.op_type for n in model.graph].count("GatherBlockQuantized") == 1
-    assert ort_target.read_embedding(analysis.analyze(model).embedding).digest() == canonical.digest()
+    assert ort_target.read_embedding(analysis.analyze(model, ort_target.forms).embedding).digest() == canonical.digest()
     ir.save(model, tmp_path / "lowered.onnx", external_data="lowered.onnx.data")
     ids = np.random.default_rng(2).integers(0, 256, size=(2, 12))
     ref = run_logits(tmp_path / "canonical.onnx", ids, **{"session.qdq_matmulnbits_accuracy_level": 0})
@@ -210,14 +211,14 @@ def test_a_tied_table_and_lm_head_of_one_width_are_stored_once(tiny_export, tmp_
     _, path = tiny_export("llama")  # tied
     model = ir.load(path)
     QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=bits, lm_head_group_size=32))(model)
-    head = ort_target.read_weight(analysis.analyze(model).lm_head)
+    head = ort_target.read_weight(analysis.analyze(model, ort_target.forms).lm_head)
     QuantizeEmbedding(bits, 32, shared=True)(model)
-    table = ort_target.read_embedding(analysis.analyze(model).embedding)
+    table = ort_target.read_embedding(analysis.analyze(model, ort_target.forms).embedding)
     np.testing.assert_array_equal(table.q, head.q.T)  # the lm_head's integers and scales, transposed
     np.testing.assert_array_equal(table.scale, head.scale.T)
     ir.save(model, tmp_path / "canonical.onnx", external_data="canonical.onnx.data")
     LowerToMatMulNBits(accuracy_level=0)(model)
-    gather, lm_head = analysis.analyze(model).embedding, analysis.analyze(model).lm_head
+    gather, lm_head = analysis.analyze(model, ort_target.forms).embedding, analysis.analyze(model, ort_target.forms).lm_head
     assert gather.op_type == "GatherBlockQuantized" and gather.inputs[0].producer().inputs[0] is lm_head.node.inputs[1]
     assert not any(v.name.startswith("embedding.weight") for v in model.graph.initializers.values())  # stored once
     assert ort_target.read_embedding(gather).digest() == table.digest()
@@ -237,7 +238,7 @@ def test_a_shared_table_needs_the_lm_head_in_its_format(tiny_export):
 
     model = ir.load(tiny_export("llama")[1])  # lm_head no longer computes with the table: refused, not shared
     QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=4, lm_head_group_size=32))(model)
-    table = analysis.analyze(model).embedding.inputs[0]
+    table = analysis.analyze(model, ort_target.forms).embedding.inputs[0]
     table.const_value = ir.tensor(3 * table.const_value.numpy(), name=table.name)
     with pytest.raises(errors.QcompileError, match="not the embedding table"):
         QuantizeEmbedding(4, 32, shared=True)(model)
@@ -302,3 +303,31 @@ def test_ort_w4a8_rotates_then_lowers_with_the_online_hadamard(tiny_export, tmp_
     ids = np.random.default_rng(1).integers(0, 256, size=(1, 12))
     got, ref = run_logits(art.path / "model.onnx", ids), run_logits(path, ids)
     assert np.isfinite(got).all() and np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9  # still the same model
+
+
+def test_the_lowered_model_reads_as_the_canonical_one_through_the_targets_forms(tiny_export):
+    """`analysis` knows ONNX's own ops; the ORT target's `forms` say what MatMulNBits, the fused norms,
+    GroupQueryAttention (packed q/k/v) and GatherBlockQuantized stand for, so the lowered model has the
+    canonical model's ModelMap (names, roles, shapes, norms)."""
+    from qcompile.passes import QuantizeEmbedding
+    from qcompile.recipe import resolve
+
+    model = ir.load(tiny_export("llama")[1])
+    QuantizeWeightsRTN(WeightScheme(bits=4, group_size=32, lm_head_bits=4, lm_head_group_size=32))(model)
+    QuantizeEmbedding(4, 32, shared=True)(model)
+
+    def described(mm):
+        views = [view for lin in mm.linears() for view in lin.views()]
+        return [(v.name, v.role, v.in_features, v.out_features, v.norm.kind if v.norm else None) for v in views], len(mm.blocks)
+
+    canonical = described(analysis.analyze(model))
+    for lower in get("ort-int4").lowering_passes(resolve("ort-int4"), 256):
+        lower(model)
+    ops = {n.op_type for n in model.graph}
+    assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization", "GatherBlockQuantized"} <= ops
+    lowered = analysis.analyze(model, ort_target.forms)
+    assert described(lowered) == canonical
+    assert lowered.blocks[0].linears[analysis.Role.Q].format().startswith("MatMulNBits 4-bit block 32")
+    assert lowered.embedding.op_type == "GatherBlockQuantized"
+    with pytest.raises(errors.UnsupportedModelError):
+        analysis.analyze(model)  # ONNX's own ops alone: MatMulNBits is no linear

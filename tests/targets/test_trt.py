@@ -143,7 +143,8 @@ def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, t
 
     # flip one stored 4-bit value of blocks.1.up in the ORT artifact's external data
     model = ir.load(ort.model_path)
-    up = next(view for linear in analysis.analyze(model).linears() for view in linear.views() if view.name == "blocks.1.up")
+    up = next(view for linear in analysis.analyze(model, ort_target.FORMS).linears() for view in linear.views()
+              if view.name == "blocks.1.up")
     tensor = ort_target.read_weight(up).tensor
     value = model.graph.initializers[tensor]
     array = value.const_value.numpy().copy()
