@@ -40,7 +40,7 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import errors
+from qcompile import custom_ops, errors
 
 
 SLIDING_WINDOWS_KEY = "qcompile.sliding_windows"  # the export's metadata: JSON list of each layer's window (0: none)
@@ -208,22 +208,46 @@ NO_KV_CACHE = ("the attention keys/values do not come from a KV-cache Concat(pas
 
 
 @dataclasses.dataclass
+class Rotary:
+    """RoPE in rotate-half form over whole heads: q = query_factor · (x·cos + rotate_half(x)·sin) for x = `query`,
+    and k the same of `key` with the same cos and sin; rotate_half(x) = Concat(−x₂, x₁) of x's two halves."""
+
+    query: ir.Value  # before the rotation, [batch, heads, seq, head_dim]
+    key: ir.Value
+    cos: ir.Value  # the graph's own cos/sin tables for the positions
+    sin: ir.Value
+    query_factor: float = 1.0  # a constant the rotated queries are multiplied by (a scale folded onto q)
+
+
+@dataclasses.dataclass
 class Attention:
     """A decomposed attention, softmax(q·kᵀ)·v as `qcompile export` writes it: the q·kᵀ MatMul behind the
     softmax, the probabilities·v MatMul, and the KV-cache Concat(past, new) nodes whose outputs are the
-    `present.*` key and value its keys and values come from (None where they do not come from a cache)."""
+    `present.*` key and value its keys and values come from (None where they do not come from a cache).
+    The scores reach the softmax as scale·q·kᵀ (+ mask), or softcap·tanh(scale·q·kᵀ) (+ mask)."""
 
     scores: ir.Node
     context: ir.Node | None
     key_cache: ir.Node | None
     value_cache: ir.Node | None
     softcapped: bool = False  # a tanh between the scores and the softmax (scores capped as c·tanh(s / c))
+    scale: float | None = None  # the constant factors on the key and score paths (None: not constants)
+    softcap: float | None = None  # c, where the path is constants
+    rotary: Rotary | None = None  # RoPE on the queries and keys as they reach the scores and the cache
 
     @staticmethod
     def head_size(cache: ir.Node | None) -> int | None:
         """The static head size of a cache Concat's new [batch, heads, seq, head_dim] entries, or None."""
         shape = cache.inputs[1].shape if cache is not None else None
         return shape[-1] if shape is not None and len(shape) == 4 and isinstance(shape[-1], int) else None
+
+    @property
+    def heads(self) -> tuple[int, int] | None:
+        """(query heads, key/value heads), where the query and the new keys are static [batch, heads, seq, head_dim]."""
+        shapes = [v.shape if v is not None else None for v in (self.scores.inputs[0], self.key_cache and self.key_cache.inputs[1])]
+        if any(s is None or len(s) != 4 or not isinstance(s[1], int) for s in shapes):
+            return None
+        return shapes[0][1], shapes[1][1]
 
 
 @dataclasses.dataclass
@@ -517,9 +541,128 @@ def _attention(probs: ir.Value | None, outputs: set[ir.Value]) -> Attention | No
     if scores is None:
         return None
     context = _context_matmul(probs)
-    return Attention(scores, context, _cache_concat(scores.inputs[1], outputs),
-                     _cache_concat(context.inputs[1], outputs) if context is not None else None,
-                     _tanh_between(probs.producer().inputs[0], scores))
+    key_cache = _cache_concat(scores.inputs[1], outputs)
+    softcap, scale = _softcap_and_scale(probs.producer().inputs[0], scores.outputs[0])
+    if scale is not None and key_cache is not None:
+        key_factor = _constant_factor(scores.inputs[1], key_cache.outputs[0], KEY_PATH_OPS)
+        scale = scale * key_factor if key_factor is not None else None
+    return Attention(scores, context, key_cache, _cache_concat(context.inputs[1], outputs) if context is not None else None,
+                     _tanh_between(probs.producer().inputs[0], scores), scale, softcap,
+                     _rotary(scores.inputs[0], key_cache.inputs[1]) if key_cache is not None else None)
+
+
+def _softcap_and_scale(value: ir.Value, stop: ir.Value) -> tuple[float | None, float | None]:
+    """(c, f) for scores reaching the softmax as c·tanh(f·q·kᵀ) (+ mask), (None, f) as f·q·kᵀ (+ mask), where
+    `stop` is q·kᵀ; f None where the path is not constant factors."""
+    tanh = value
+    for _ in range(24):
+        node = tanh.producer()
+        if node is None or tanh is stop:
+            break
+        if node.op_type == "Tanh":
+            outer = _constant_factor(value, node.outputs[0], SCORE_PATH_OPS - {"Tanh"})
+            return outer, _constant_factor(node.inputs[0], stop, SCORE_PATH_OPS - {"Tanh"}) if outer is not None else None
+        tanh = next((v for v in node.inputs if v is not None and v.const_value is None and _reaches(v, stop)), stop)
+    return None, _constant_factor(value, stop, SCORE_PATH_OPS - {"Tanh"})
+
+
+def _constant_factor(value: ir.Value, stop: ir.Value, allowed: set[str]) -> float | None:
+    """The product of the constant scalar Mul/Div factors on the path from `stop` to `value` through `allowed`
+    ops (an Add/Where's other operand being a mask), or None where the path holds anything else."""
+    factor = 1.0
+    for _ in range(24):
+        if value is stop:
+            return factor
+        node = value.producer()
+        if node is None or node.op_type not in allowed:
+            return None
+        data = [v for v in node.inputs if v is not None and v.const_value is None]
+        if node.op_type in ("Mul", "Div"):
+            scaled = scalar_factor(node)
+            if scaled is None:
+                return None
+            data, factor = [scaled[0]], factor * scaled[1]
+        elif node.op_type in ("Add", "Where"):
+            data = [v for v in data if v.dtype != ir.DataType.BOOL and _reaches(v, stop)]  # the mask is the other operand
+            if len(data) != 1:
+                return None
+        if not data:
+            return None
+        value = data[0]
+    return None
+
+
+def scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
+    """(x, c) when `node` is x·c, c·x or x/c (then 1/c) for a constant scalar c; else None."""
+    data = [v for v in node.inputs if v.const_value is None]
+    const = [v for v in node.inputs if v.const_value is not None]
+    if len(data) != 1 or len(const) != 1 or const[0].const_value.numpy().size != 1:
+        return None
+    c = float(const[0].const_value.numpy().reshape(-1)[0])
+    if node.op_type == "Div":
+        return (data[0], 1.0 / c) if node.inputs[1] is const[0] else None
+    return data[0], c
+
+
+def _reaches(value: ir.Value, target: ir.Value, limit: int = 24) -> bool:
+    """Whether `target` lies on `value`'s single-data-input path back (at most `limit` steps)."""
+    for _ in range(limit):
+        if value is target:
+            return True
+        node = value.producer()
+        data = [v for v in (node.inputs if node else []) if v is not None and v.const_value is None]
+        if not data:
+            return False
+        value = data[0]
+    return False
+
+
+def _rotary(query: ir.Value, key: ir.Value) -> Rotary | None:
+    """RoPE on the queries entering the scores (after a constant factor, if any) and on the new keys entering the
+    cache (before a cache quantizer, if any), with one cos/sin; None elsewhere (no RoPE, partial RoPE, a
+    rotation between RoPE and the scores)."""
+    factor, node = 1.0, query.producer()
+    if node is not None and node.op_type in ("Mul", "Div"):
+        scaled = scalar_factor(node)
+        if scaled is None:
+            return None
+        query, factor = scaled
+    key = skip_back(key, ops=(custom_ops.STATIC,))  # QuantizeKVCache's quantizer on the new keys
+    q_rope, k_rope = _rope(query), _rope(key)
+    if q_rope is None or k_rope is None or q_rope[1:] != k_rope[1:]:
+        return None
+    return Rotary(q_rope[0], k_rope[0], *q_rope[1:], query_factor=factor)
+
+
+def _rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(x, cos, sin) when value = x·cos + rotate_half(x)·sin, rotate_half(x) = Concat(−x₂, x₁); else None."""
+    add = value.producer()
+    if add is None or add.op_type != "Add":
+        return None
+    for plain, rotated in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+        mul_x, mul_r = plain.producer(), rotated.producer()
+        if mul_x is None or mul_r is None or mul_x.op_type != "Mul" or mul_r.op_type != "Mul":
+            continue
+        for x, cos in (mul_x.inputs, mul_x.inputs[::-1]):
+            for half, sin in (mul_r.inputs, mul_r.inputs[::-1]):
+                if _is_rotate_half(half, x):
+                    return x, cos, sin
+    return None
+
+
+def _is_rotate_half(value: ir.Value, x: ir.Value) -> bool:
+    concat = value.producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or concat.attributes.get_int("axis") not in (-1, 3):
+        return False
+    neg, second = concat.inputs[0].producer(), concat.inputs[1].producer()
+    if neg is None or neg.op_type != "Neg" or second is None or second.op_type != "Slice":
+        return False
+    first = neg.inputs[0].producer()
+    if first is None or first.op_type != "Slice" or first.inputs[0] is not x or second.inputs[0] is not x:
+        return False
+    half = x.shape[-1] // 2 if x.shape is not None and isinstance(x.shape[-1], int) else None
+    starts = [_constant_scalar(s.inputs[1]) for s in (first, second)]
+    return half is not None and starts == [half, 0] and _constant_scalar(second.inputs[2]) == half
 
 
 def _tanh_between(value: ir.Value, scores: ir.Node) -> bool:

@@ -19,6 +19,8 @@ from tests.families import FAMILIES, write_folder
 
 R = analysis.Role
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+NO_ROPE = ("gpt2", "smollm3")  # learned positions; SmolLM3's NoPE layers
+PARTIAL_ROPE = ("phi", "stablelm", "gpt_neox")  # RoPE on part of each head
 # fused projections, GELU MLP + biases + Conv1D, sandwich norms + softcap, experts + a shared expert
 FAST = ["phi3", "gpt2", "gemma2", "qwen2_moe"]
 params = [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES]
@@ -61,9 +63,18 @@ def test_export_matches_transformers_prompt_and_cached_steps(family_export, fami
 
 @pytest.mark.parametrize("family", params)
 def test_model_map_has_every_role(family_export, family):
-    model_map = analysis.analyze(ir.load(family_export(family)[2]))
+    hf, _, path = family_export(family)
+    model_map = analysis.analyze(ir.load(path))
+    config = hf.config
     assert len(model_map.blocks) == 2
     for block in model_map.blocks:
+        attention = block.attention  # head counts, the constant score scale and full RoPE, from the graph
+        heads, kv_heads = attention.heads
+        assert heads == config.num_attention_heads and heads % kv_heads == 0
+        assert attention.scale is not None and 0 < attention.scale <= 1
+        assert attention.softcap == getattr(config, "attn_logit_softcapping", None)
+        if family not in NO_ROPE:  # RoPE over whole heads is found; partial RoPE is not (GQA gets the rotated q, k)
+            assert (attention.rotary is not None) == (family not in PARTIAL_ROPE)
         assert R.O in block.linears and (R.DOWN in block.linears or block.experts)
         assert (R.QKV in block.linears) != ({R.Q, R.K, R.V} <= set(block.linears))
         assert block.part(R.UP) is not None or R.GATE_UP in block.linears or block.experts

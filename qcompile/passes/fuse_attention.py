@@ -92,23 +92,22 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
         if quantizers[0] is None or quantizers[1] is None or _bits(quantizers[0]) != _bits(quantizers[1]):
             raise fail("its keys and values are not quantized alike for the cache")
         key, value = quantizers[0].inputs[0], quantizers[1].inputs[0]
-    dims = [v.shape for v in (query, key, value)]
-    if any(s is None or len(s) != 4 or not all(isinstance(d, int) for d in (s[1], s[3])) for s in dims):
+    head_dim = analysis.Attention.head_size(key_concat)
+    if attention.heads is None or head_dim is None:
         raise fail("the query/key/value head counts and head size are not static [batch, heads, seq, head_dim]")
-    heads, kv_heads, head_dim = dims[0][1], dims[1][1], dims[0][3]
-    scale = _constant_factor(scores.inputs[1], key_concat.outputs[0], analysis.KEY_PATH_OPS, fail)
-    softcap, inner = _softcap_and_scale(block.attention_probs.producer().inputs[0], scores.outputs[0], fail)
-    scale *= inner
+    (heads, kv_heads), scale, softcap = attention.heads, attention.scale, attention.softcap
+    if scale is None:
+        raise fail("the scores are not q·kᵀ times constants (plus a mask, under an optional softcap)")
     attention_out = _context_output(block.linears[analysis.Role.O].node.inputs[0], context, fail)
 
     prefix = f"blocks.{block.index}.attention"
-    rotary = _projections_with_rope(query, key, value) if max_positions else None
-    if rotary is not None:
-        packed, query_factor, cos, sin = rotary
-        if (cos, sin) not in caches:
-            caches[cos, sin] = _rope_caches(model, cos, sin, max_positions, len(caches))
-        scale *= query_factor
-        extra, do_rotary = caches[cos, sin], 1
+    rope = attention.rotary if max_positions else None
+    packed = [_merged_heads(v) for v in (rope.query, rope.key, value)] if rope is not None else None
+    if packed is not None and None not in packed:  # GQA takes the projections' outputs and applies RoPE itself
+        if (rope.cos, rope.sin) not in caches:
+            caches[rope.cos, rope.sin] = _rope_caches(model, rope.cos, rope.sin, max_positions, len(caches))
+        scale *= rope.query_factor
+        extra, do_rotary = caches[rope.cos, rope.sin], 1
     else:
         packed = [_pack_heads(graph, v, scores, f"{prefix}.{name}") for v, name in ((query, "query"), (key, "key"), (value, "value"))]
         extra, do_rotary = (), 0
@@ -140,7 +139,7 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
             for v in (past, out):
                 v.dtype, v.shape = cache_type, ir.Shape([*v.shape[:3], cache_dim])
     gqa.outputs[0].dtype = attention_out.dtype
-    gqa.outputs[0].shape = ir.Shape([*dims[0][:1], dims[0][2], heads * head_dim])
+    gqa.outputs[0].shape = ir.Shape([query.shape[0], query.shape[2], heads * head_dim])
 
 
 def _cache_quantizer(value: ir.Value) -> ir.Node | None:
@@ -171,59 +170,8 @@ def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Val
     return nodes[2].outputs[0], nodes[-1].outputs[0]
 
 
-def _projections_with_rope(query: ir.Value, key: ir.Value, value: ir.Value):
-    """(packed q, k, v projections, the query's constant factor, cos, sin) when the queries are
-    [factor ·] RoPE(heads(q_proj)), the keys RoPE(heads(k_proj)) with the same cos/sin, and the values
-    heads(v_proj); else None. heads(x) is x [batch, seq, heads·head_dim] split to [batch, heads, seq, head_dim]."""
-    factor, node = 1.0, query.producer()
-    if node is not None and node.op_type in ("Mul", "Div"):
-        scaled = _scalar_factor(node)
-        if scaled is None:
-            return None
-        query, factor = scaled
-    q_rope, k_rope = _rope(query), _rope(key)
-    if q_rope is None or k_rope is None or q_rope[1:] != k_rope[1:]:
-        return None
-    packed = [_merged_heads(v) for v in (q_rope[0], k_rope[0], value)]
-    if any(v is None for v in packed):
-        return None
-    return packed, factor, *q_rope[1:]
 
 
-def _rope(value: ir.Value):
-    """(x, cos, sin) when value = x·cos + rotate_half(x)·sin, rotate_half(x) = Concat(−x₂, x₁); else None."""
-    add = value.producer()
-    if add is None or add.op_type != "Add":
-        return None
-    for plain, rotated in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
-        mul_x, mul_r = plain.producer(), rotated.producer()
-        if mul_x is None or mul_r is None or mul_x.op_type != "Mul" or mul_r.op_type != "Mul":
-            continue
-        for x, cos in (mul_x.inputs, mul_x.inputs[::-1]):
-            for half, sin in (mul_r.inputs, mul_r.inputs[::-1]):
-                if _is_rotate_half(half, x):
-                    return x, cos, sin
-    return None
-
-
-def _is_rotate_half(value: ir.Value, x: ir.Value) -> bool:
-    concat = value.producer()
-    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or concat.attributes.get_int("axis") not in (-1, 3):
-        return False
-    neg, second = concat.inputs[0].producer(), concat.inputs[1].producer()
-    if neg is None or neg.op_type != "Neg" or second is None or second.op_type != "Slice":
-        return False
-    first = neg.inputs[0].producer()
-    if first is None or first.op_type != "Slice" or first.inputs[0] is not x or second.inputs[0] is not x:
-        return False
-    half = x.shape[-1] // 2 if x.shape is not None and isinstance(x.shape[-1], int) else None
-    starts = [_scalar(s.inputs[1]) for s in (first, second)]
-    return half is not None and starts == [half, 0] and _scalar(second.inputs[2]) == half
-
-
-def _scalar(value: ir.Value | None) -> int | None:
-    array = value.const_value.numpy() if value is not None and value.const_value is not None else None
-    return int(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
 
 
 def _merged_heads(value: ir.Value) -> ir.Value | None:
@@ -269,68 +217,8 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return graph.initializers[name] if name in graph.initializers else _initializer(graph, name, array)
 
 
-def _softcap_and_scale(value: ir.Value, stop: ir.Value, fail) -> tuple[float | None, float]:
-    """(c, f) for scores reaching the softmax as c·tanh(f·q·kᵀ) (+ mask), or (None, f) as f·q·kᵀ (+ mask)."""
-    tanh = value
-    for _ in range(24):
-        node = tanh.producer()
-        if node is None or tanh is stop:
-            break
-        if node.op_type == "Tanh":
-            outer = _constant_factor(value, node.outputs[0], analysis.SCORE_PATH_OPS - {"Tanh"}, fail)
-            return outer, _constant_factor(node.inputs[0], stop, analysis.SCORE_PATH_OPS - {"Tanh"}, fail)
-        tanh = next((v for v in node.inputs if v is not None and v.const_value is None and _reaches(v, stop)), stop)
-    return None, _constant_factor(value, stop, analysis.SCORE_PATH_OPS - {"Tanh"}, fail)
 
 
-def _constant_factor(value: ir.Value, stop: ir.Value, allowed: set[str], fail) -> float:
-    """Product of the constant scalar Mul/Div factors on the single-data-input path from `stop` to `value`."""
-    factor = 1.0
-    for _ in range(24):
-        if value is stop:
-            return factor
-        node = value.producer()
-        if node is None or node.op_type not in allowed:
-            raise fail(f"unexpected {node.op_type if node else 'graph input'} '{value.name}' in the attention path")
-        data = [v for v in node.inputs if v is not None and v.const_value is None]
-        if node.op_type in ("Mul", "Div"):
-            scaled = _scalar_factor(node)
-            if scaled is None:
-                raise fail(f"'{node.name}' is not a product of the attention with a constant scalar")
-            data, factor = [scaled[0]], factor * scaled[1]
-        elif node.op_type in ("Add", "Where"):
-            data = [v for v in data if v.dtype != ir.DataType.BOOL]
-            data = [v for v in data if _reaches(v, stop)]  # the mask is the other operand
-            if len(data) != 1:
-                raise fail(f"'{node.name}' combines the scores with something other than a mask")
-        if not data:
-            raise fail(f"'{node.name}' has no data input")
-        value = data[0]
-    raise fail("the attention path is longer than expected")
-
-
-def _scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
-    """(x, c) when node is x·c, c·x or x/c (then 1/c) for a constant scalar c; else None."""
-    data = [v for v in node.inputs if v.const_value is None]
-    const = [v for v in node.inputs if v.const_value is not None]
-    if len(data) != 1 or len(const) != 1 or const[0].const_value.numpy().size != 1:
-        return None
-    c = float(const[0].const_value.numpy().reshape(-1)[0])
-    if node.op_type == "Div":
-        return (data[0], 1.0 / c) if node.inputs[1] is const[0] else None
-    return data[0], c
-
-
-def _reaches(value: ir.Value, target: ir.Value, limit: int = 24) -> bool:
-    for _ in range(limit):
-        if value is target:
-            return True
-        node = value.producer()
-        data = [v for v in (node.inputs if node else []) if v is not None and v.const_value is None]
-        if not data:
-            return False
-        value = data[-1] if node.op_type == "Where" else data[0]
-    return False
 
 
 def _context_output(value: ir.Value, context: ir.Node, fail) -> ir.Value:
