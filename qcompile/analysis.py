@@ -431,8 +431,11 @@ def match_norm(value: ir.Value, forms: LoweredForms = NO_FORMS) -> Norm | None:
 _ATTENTION_OPS = frozenset({"Attention"})  # ONNX's own (opset 23): q, k, v at inputs 0, 1, 2
 
 
-def _forward_first(value: ir.Value, stop, limit: int = 400) -> tuple[ir.Node, int] | None:
-    """Breadth-first over consumers of `value`; the first (node, input index) where stop(node) holds."""
+def _forward_first(value: ir.Value, stop, limit: int = 400,
+                   through: tuple[str, ...] = _BETWEEN_NORM_AND_LINEAR) -> tuple[ir.Node, int] | None:
+    """Breadth-first over consumers of `value`; the first (node, input index) where stop(node) holds. `through`
+    ops take no step (activation quantizers, an online Hadamard): a quantized model's distances are its float
+    model's, whichever inputs a recipe quantizes."""
     queue = collections.deque([value])
     seen = set()
     while queue and len(seen) < limit:
@@ -443,7 +446,7 @@ def _forward_first(value: ir.Value, stop, limit: int = 400) -> tuple[ir.Node, in
                 return node, idx
             if node not in seen:
                 seen.add(node)
-                queue.extend(node.outputs)
+                (queue.extendleft if node.op_type in through else queue.extend)(node.outputs)
     return None
 
 
@@ -862,7 +865,8 @@ class _Analyzer:
             raise self.fail("no norm (RMSNorm/LayerNorm) feeds lm_head")
         nodes = sorted((n for n in self.linear_nodes if n is not head_node), key=self.order.get)
         stop = lambda n: n in self.linear_nodes or self.is_dynamic_matmul(n)  # noqa: E731
-        first_hit = {n: _forward_first(n.outputs[0], stop) for n in nodes}
+        first_hit = {n: _forward_first(n.outputs[0], stop, through=_BETWEEN_NORM_AND_LINEAR + self.forms.between)
+                     for n in nodes}
         attention_inputs: dict[ir.Value, list[ir.Node]] = {}
         for node in nodes:
             hit = first_hit[node]

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 import qcompile
-from qcompile import analysis, artifact, errors, mixed, pipeline, recipe as recipe_mod
+from qcompile import analysis, artifact, errors, mixed, pipeline, recipe as recipe_mod, targets
 from qcompile.algorithms.rtn import quantize_rtn
 from qcompile.cli import main
 from qcompile.export import export_model
@@ -272,3 +272,16 @@ def test_an_input_switched_off_in_the_probe_is_the_model_compiled_with_it_float(
     assert measured_gain > 0.05 * total  # a real change
     assert entry.gain == pytest.approx(measured_gain, rel=0.5)  # one input's gain, scaled so that the gains add up
     assert sum(e.gain for e in inputs) < total  # to all but the int8 weights' own cost
+
+
+def test_float_inputs_on_an_mlp_keep_the_structure(tiny_export, tmp_path):
+    """A block whose gate and up keep float inputs while the next block's q is quantized: the analysis still
+    finds every block's MLP (activation quantizers take no step in its search), so the compile goes through
+    with exactly those inputs float."""
+    _, path = tiny_export("llama")
+    art = qcompile.compile(path, "trt-int8", tmp_path / "out", eval_windows=None, calib_samples=2,
+                           float_inputs=["blocks.1.gate", "blocks.1.up"])
+    model = ir.load(art.model_path)
+    kept = {lin.name for lin in analysis.analyze(model, targets.get("trt-int8").forms).linears()
+            if lin.node.inputs[0].producer() is None or lin.node.inputs[0].producer().op_type != "DequantizeLinear"}
+    assert kept == {"blocks.1.gate", "blocks.1.up", "lm_head"}
