@@ -16,7 +16,9 @@ same way for the peer: MatMulNBits B + scales + zero points, 32 bits per float M
 - peer: onnxruntime-genai's builder, int4 with `int4_algo_config=k_quant_mixed` (llama.cpp's rule: some layers
   int8 and lm_head int8), on an HF folder saved from the same GGUF (--skip-peer leaves it out);
 - gate: `--search --max-ppl-increase 5` (evaluated on 32 windows, as the gate is), and its replay from the manifest,
-  compared file by file.
+  compared file by file;
+- activations: trt-int8 (static per-tensor W8A8) as it defaults, and `--search --max-ppl-increase 0.5`, which keeps
+  the inputs of the fewest linears float (evaluated on --windows, so the bound is checked on them), with how many.
 Writes benchmarks/results/mixed_precision.{json,md,png}.
 """
 
@@ -47,6 +49,7 @@ UNIFORM = {  # name → (options, format for the table)
 }
 PEER = "onnxruntime-genai builder int4 k_quant_mixed"
 GATE = 5.0
+ACTIVATION_BOUND = 0.5  # trt-int8's searched activation precision, percent
 
 
 def linear_bits_per_weight(model_path: pathlib.Path) -> float:
@@ -96,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         kept = json.loads((RESULTS / "mixed_precision.partial.json").read_text())
-        return report(kept["rows"], kept.get("gate"), kept["windows"])
+        return report(kept["rows"], kept.get("gate"), kept["windows"], kept.get("activations"))
 
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-mixed-") as tmp:
         work = pathlib.Path(tmp)
@@ -148,21 +151,67 @@ def main() -> None:
             gate = measure_gate(work)
             partial.write_text(json.dumps({**json.loads(partial.read_text()), "gate": gate}, indent=2))
 
+        activations = json.loads(partial.read_text()).get("activations") if partial.is_file() else None
+        if activations is None or json.loads(partial.read_text()).get("windows") != args.windows:
+            activations = measure_activations(work, args.windows)
+            partial.write_text(json.dumps({**json.loads(partial.read_text()), "activations": activations}, indent=2))
+
         if not args.skip_peer:
             peer = None if done(PEER) else build_peer(work)
             if peer is not None:
                 measure(PEER, peer, "peer")
 
-    report(rows, gate, args.windows)
+    report(rows, gate, args.windows, activations)
 
 
-def report(rows: dict, gate: dict | None, windows: int) -> None:
+def report(rows: dict, gate: dict | None, windows: int, activations: dict | None = None) -> None:
     float_ppl = rows["float"]["perplexity"]
     for r in rows.values():
         r["ppl_increase_pct"] = round(100 * (r["perplexity"] / float_ppl - 1), 2)
-    lines = table(rows, windows, gate) + acceptance(rows)
-    save("mixed_precision", {**meta(windows=windows, source=sources.resolve("smollm2-135m").describe()), "rows": rows, "gate": gate}, lines)
+    lines = table(rows, windows, gate) + acceptance(rows) + activation_table(activations)
+    save("mixed_precision", {**meta(windows=windows, source=sources.resolve("smollm2-135m").describe()), "rows": rows, "gate": gate,
+                             "activations": activations}, lines)
     plot(rows, windows)
+
+
+def measure_activations(work: pathlib.Path, windows: int) -> dict:
+    """trt-int8 as it defaults, and with `--search --max-ppl-increase ACTIVATION_BOUND` (on `windows` windows):
+    perplexity, the linears whose inputs stay float, size and compile time."""
+    out = {}
+    for name, options in (("default", {}), ("searched", dict(search=True, max_ppl_increase=ACTIVATION_BOUND))):
+        started = time.perf_counter()
+        try:
+            art = qcompile.compile("smollm2-135m", "trt-int8", out_dir=work / f"trt-int8-{name}", eval_windows=windows, **options)
+        except qcompile.AccuracyGateError as e:  # every try missed the bound: the message lists them
+            out[name] = {"missed": str(e), "ppl_increase_pct": e.metrics["ppl_increase_pct"],
+                         "seconds": round(time.perf_counter() - started, 1)}
+            print("trt-int8", name, out[name], flush=True)
+            continue
+        kept = art.manifest["recipe"]["activations"]["float_inputs"]
+        out[name] = {"float_ppl": art.metrics["float"]["ppl"], "perplexity": art.metrics["quantized"]["ppl"],
+                     "ppl_increase_pct": art.metrics["ppl_increase_pct"], "float_input_linears": len(kept), "float_inputs": kept,
+                     "size_mb": round(art.metrics["quantized"]["size_bytes"] / 1e6, 1), "search": art.manifest.get("search"),
+                     "seconds": round(time.perf_counter() - started, 1)}
+        print("trt-int8", name, out[name], flush=True)
+    return out
+
+
+def activation_table(activations: dict | None) -> list[str]:
+    if activations is None:
+        return ["", "trt-int8's activation precision was not measured in this run."]
+    lines = ["", f"trt-int8 (static per-tensor int8 activations), perplexity on the same windows; searched: `--search "
+             f"--max-ppl-increase {ACTIVATION_BOUND:g}`, the fewest linears whose inputs stay float.", "",
+             "| trt-int8 | perplexity | Δ vs float | linears with float inputs | size MB | compiles | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in activations.items():
+        if "missed" in r:
+            lines.append(f"| {name} | | {r['ppl_increase_pct']:+.2f} % (last try) | | | | {r['seconds']:.0f} |")
+            lines.append(f"\n{name}: {r['missed']}\n")
+            continue
+        compiles = len(r["search"]["tries"]) + 1 if r.get("search") else 1
+        lines.append(f"| {name} | {r['perplexity']:.2f} | {r['ppl_increase_pct']:+.2f} % | {r['float_input_linears']} | "
+                     f"{r['size_mb']:.0f} | {compiles} | {r['seconds']:.0f} |")
+    return lines
 
 
 def measure_gate(work: pathlib.Path) -> dict:
