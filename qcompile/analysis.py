@@ -581,7 +581,7 @@ def _constant_factor(value: ir.Value, stop: ir.Value, allowed: set[str]) -> floa
             return None
         data = [v for v in node.inputs if v is not None and v.const_value is None]
         if node.op_type in ("Mul", "Div"):
-            scaled = scalar_factor(node)
+            scaled = _scalar_factor(node)
             if scaled is None:
                 return None
             data, factor = [scaled[0]], factor * scaled[1]
@@ -595,7 +595,7 @@ def _constant_factor(value: ir.Value, stop: ir.Value, allowed: set[str]) -> floa
     return None
 
 
-def scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
+def _scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
     """(x, c) when `node` is x·c, c·x or x/c (then 1/c) for a constant scalar c; else None."""
     data = [v for v in node.inputs if v.const_value is None]
     const = [v for v in node.inputs if v.const_value is not None]
@@ -626,7 +626,7 @@ def _rotary(query: ir.Value, key: ir.Value) -> Rotary | None:
     rotation between RoPE and the scores)."""
     factor, node = 1.0, query.producer()
     if node is not None and node.op_type in ("Mul", "Div"):
-        scaled = scalar_factor(node)
+        scaled = _scalar_factor(node)
         if scaled is None:
             return None
         query, factor = scaled
