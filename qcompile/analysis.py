@@ -209,14 +209,16 @@ NO_KV_CACHE = ("the attention keys/values do not come from a KV-cache Concat(pas
 
 @dataclasses.dataclass
 class Rotary:
-    """RoPE in rotate-half form over whole heads: q = query_factor · (x·cos + rotate_half(x)·sin) for x = `query`,
-    and k the same of `key` with the same cos and sin; rotate_half(x) = Concat(−x₂, x₁) of x's two halves."""
+    """RoPE in rotate-half form: q = query_factor · (x·cos + rotate_half(x)·sin) for x = `query`, and k the same
+    of `key` with the same cos and sin; rotate_half(x) = Concat(−x₂, x₁) of x's two halves. Partial RoPE rotates
+    the first `dims` channels of each head this way and passes the rest."""
 
     query: ir.Value  # before the rotation, [batch, heads, seq, head_dim]
     key: ir.Value
     cos: ir.Value  # the graph's own cos/sin tables for the positions
     sin: ir.Value
     query_factor: float = 1.0  # a constant the rotated queries are multiplied by (a scale folded onto q)
+    dims: int | None = None  # the rotated channels of a head (None: all of them)
 
 
 @dataclasses.dataclass
@@ -234,6 +236,8 @@ class Attention:
     scale: float | None = None  # the constant factors on the key and score paths (None: not constants)
     softcap: float | None = None  # c, where the path is constants
     rotary: Rotary | None = None  # RoPE on the queries and keys as they reach the scores and the cache
+    query_norm: Norm | None = None  # a norm on the queries / keys before RoPE (Qwen3, OLMo2, Gemma 3)
+    key_norm: Norm | None = None
 
     @staticmethod
     def head_size(cache: ir.Node | None) -> int | None:
@@ -303,6 +307,7 @@ class ModelMap:
     lm_head: Linear
     tied_lm_head: bool
     logit_softcap: float | None = None  # logits = c·tanh(lm_head / c)
+    embedding_scale: float | None = None  # the embedded tokens times a constant (Gemma's √hidden)
 
     @property
     def hidden_size(self) -> int:
@@ -549,9 +554,17 @@ def _attention(probs: ir.Value | None, outputs: set[ir.Value]) -> Attention | No
     if scale is not None and key_cache is not None:
         key_factor = _constant_factor(scores.inputs[1], key_cache.outputs[0], KEY_PATH_OPS)
         scale = scale * key_factor if key_factor is not None else None
+    rotary = _rotary(scores.inputs[0], key_cache.inputs[1]) if key_cache is not None else None
+    query = rotary.query if rotary is not None else scores.inputs[0]
+    key = rotary.key if rotary is not None else key_cache.inputs[1] if key_cache is not None else None
     return Attention(scores, context, key_cache, _cache_concat(context.inputs[1], outputs) if context is not None else None,
-                     _tanh_between(probs.producer().inputs[0], scores), scale, softcap,
-                     _rotary(scores.inputs[0], key_cache.inputs[1]) if key_cache is not None else None)
+                     _tanh_between(probs.producer().inputs[0], scores), scale, softcap, rotary,
+                     _head_norm(query), _head_norm(key) if key is not None else None)
+
+
+def _head_norm(value: ir.Value) -> Norm | None:
+    """The norm that per-head queries or keys come from, before the heads are split off, or None."""
+    return match_norm(skip_back(value, ops=("Transpose", "Reshape", custom_ops.STATIC)))
 
 
 def _softcap_and_scale(value: ir.Value, stop: ir.Value) -> tuple[float | None, float | None]:
@@ -631,14 +644,31 @@ def _rotary(query: ir.Value, key: ir.Value) -> Rotary | None:
             return None
         query, factor = scaled
     key = skip_back(key, ops=(custom_ops.STATIC,))  # QuantizeKVCache's quantizer on the new keys
-    q_rope, k_rope = _rope(query), _rope(key)
+    q_rope, k_rope = _rope(query) or _partial_rope(query), _rope(key) or _partial_rope(key)
     if q_rope is None or k_rope is None or q_rope[1:] != k_rope[1:]:
         return None
-    return Rotary(q_rope[0], k_rope[0], *q_rope[1:], query_factor=factor)
+    return Rotary(q_rope[0], k_rope[0], *q_rope[1:3], query_factor=factor, dims=q_rope[3])
 
 
-def _rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
-    """(x, cos, sin) when value = x·cos + rotate_half(x)·sin, rotate_half(x) = Concat(−x₂, x₁); else None."""
+def _partial_rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, int] | None:
+    """(x, cos, sin, r) when value = Concat(RoPE(x[..., :r]), x[..., r:]) along the last axis; else None."""
+    concat = value.producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or concat.attributes.get_int("axis") not in (-1, 3):
+        return None
+    rope, rest = _rope(concat.inputs[0]), concat.inputs[1].producer()
+    first = rope[0].producer() if rope is not None else None
+    if first is None or rest is None or first.op_type != "Slice" or rest.op_type != "Slice" or first.inputs[0] is not rest.inputs[0]:
+        return None
+    x = rest.inputs[0]
+    n = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+    rotated, passed = (_column_range(node, n) for node in (first, rest)) if n is not None else (None, None)
+    if rotated is None or passed is None or rotated[0] != 0 or passed != (rotated[1], n):
+        return None
+    return x, rope[1], rope[2], rotated[1]
+
+
+def _rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, None] | None:
+    """(x, cos, sin, None) when value = x·cos + rotate_half(x)·sin, rotate_half(x) = Concat(−x₂, x₁); else None."""
     add = value.producer()
     if add is None or add.op_type != "Add":
         return None
@@ -649,7 +679,7 @@ def _rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
         for x, cos in (mul_x.inputs, mul_x.inputs[::-1]):
             for half, sin in (mul_r.inputs, mul_r.inputs[::-1]):
                 if _is_rotate_half(half, x):
-                    return x, cos, sin
+                    return x, cos, sin, None
     return None
 
 
@@ -926,7 +956,9 @@ class _Analyzer:
         tied = head_node.op_type == "MatMul" and _weight_initializer(head_node) is embedding.inputs[0]
         lm_head = Linear("lm_head", Role.LM_HEAD, None, head_node, k, n, final_norm, bias=_bias_after(head_node, n),
                          lowered=self.stored(head_node))
-        return ModelMap(embedding, out, final_norm, lm_head, tied, softcap)
+        uses = list(embedding.outputs[0].uses())
+        scaled = _scalar_factor(uses[0].node) if len(uses) == 1 and uses[0].node.op_type in ("Mul", "Div") else None
+        return ModelMap(embedding, out, final_norm, lm_head, tied, softcap, scaled[1] if scaled is not None else None)
 
     def stored(self, node: ir.Node) -> str | None:
         return self.lowered[node][2] if node in self.lowered else None

@@ -299,7 +299,13 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
     mlp = "mixture-of-experts MLP (router kept float)" if b.experts else f"{'gated' if b.gated else 'plain'} MLP"
     console.print(f"blocks: {'parallel' if b.parallel else 'sequential'} attention and {mlp}; "
                   f"pre-norms per block: {len(b.norms())}, post-norms: {len(b.branch_norms)}; final norm: "
-                  f"{mm.final_norm.kind}" + (f"; logit softcap {mm.logit_softcap:g}" if mm.logit_softcap else ""))
+                  f"{mm.final_norm.kind}" + (f"; logit softcap {mm.logit_softcap:g}" if mm.logit_softcap else "")
+                  + (f"; embeddings × {mm.embedding_scale:g}" if mm.embedding_scale else ""))
+    if (a := b.attention) is not None:  # decomposed (a fused attention op holds these itself)
+        heads = f"{a.heads[0]} query / {a.heads[1]} key-value heads" if a.heads else "heads not static"
+        rope = ("no RoPE" if a.rotary is None else "RoPE" if a.rotary.dims is None else f"RoPE on {a.rotary.dims} channels")
+        console.print(f"attention: {heads} of {a.head_size(a.key_cache)}; {rope}"
+                      + ("; q/k norms" if a.query_norm else "") + (f"; softcap {a.softcap:g}" if a.softcap else ""))
     ops = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph_model.graph)
     quant = {k: v for k, v in ops.items() if any(s in k.lower() for s in ("quantize", "nbits", "integer", "qcompile"))}
     console.print(f"nodes: {sum(ops.values())}; quantized ops: {quant or 'none'}")

@@ -21,6 +21,7 @@ R = analysis.Role
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 NO_ROPE = ("gpt2", "smollm3")  # learned positions; SmolLM3's NoPE layers
 PARTIAL_ROPE = ("phi", "stablelm", "gpt_neox")  # RoPE on part of each head
+QK_NORM = ("qwen3", "gemma3", "olmo2", "qwen3_moe")  # norms on the queries and keys
 # fused projections, GELU MLP + biases + Conv1D, sandwich norms + softcap, experts + a shared expert
 FAST = ["phi3", "gpt2", "gemma2", "qwen2_moe"]
 params = [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES]
@@ -67,14 +68,16 @@ def test_model_map_has_every_role(family_export, family):
     model_map = analysis.analyze(ir.load(path))
     config = hf.config
     assert len(model_map.blocks) == 2
+    assert (model_map.embedding_scale is not None) == (family.startswith("gemma") or family == "granite")  # √hidden; a multiplier
     for block in model_map.blocks:
-        attention = block.attention  # head counts, the constant score scale and full RoPE, from the graph
+        attention = block.attention  # head counts, the constant score scale, RoPE and q/k norms, from the graph
         heads, kv_heads = attention.heads
         assert heads == config.num_attention_heads and heads % kv_heads == 0
         assert attention.scale is not None and 0 < attention.scale <= 1
         assert attention.softcap == getattr(config, "attn_logit_softcapping", None)
-        if family not in NO_ROPE:  # RoPE over whole heads is found; partial RoPE is not (GQA gets the rotated q, k)
-            assert (attention.rotary is not None) == (family not in PARTIAL_ROPE)
+        if family not in NO_ROPE:  # RoPE, over whole heads or the first channels of each
+            assert attention.rotary is not None and (attention.rotary.dims is not None) == (family in PARTIAL_ROPE)
+        assert (attention.query_norm is not None) == (attention.key_norm is not None) == (family in QK_NORM)
         assert R.O in block.linears and (R.DOWN in block.linears or block.experts)
         assert (R.QKV in block.linears) != ({R.Q, R.K, R.V} <= set(block.linears))
         assert block.part(R.UP) is not None or R.GATE_UP in block.linears or block.experts
