@@ -17,7 +17,8 @@ _ON_O_INPUT = {(custom_ops.DOMAIN, custom_ops.HADAMARD), (custom_ops.DOMAIN, cus
 class FuseGroupQueryAttention(ir.passes.InPlacePass):
     """softmax(scale·q·kᵀ + causal mask)·v with the cache Concat(past, new) → GroupQueryAttention.
 
-    Where the queries and keys are the projections' outputs with only RoPE (rotate-half form, whole heads) applied,
+    Where the queries and keys are the projections' outputs with only RoPE (rotate-half form, over whole heads or
+    their first r channels where r is a multiple of 16: ORT's cos/sin caches take multiples of 8 columns) applied,
     GQA takes the projections' outputs and applies RoPE itself (do_rotary=1, from cos/sin caches of
     `max_positions` rows computed by the graph's own rotary subgraph), so the per-head reshapes,
     transposes and rotary ops go. Otherwise (QuaRot's query/key Hadamard, or `max_positions` None) it is
@@ -101,7 +102,9 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
     attention_out = _context_output(block.linears[analysis.Role.O].node.inputs[0], context, fail)
 
     prefix = f"blocks.{block.index}.attention"
-    rope = attention.rotary if max_positions and attention.rotary and attention.rotary.dims is None else None
+    rope = attention.rotary if max_positions else None
+    if rope is not None and rope.dims is not None and rope.dims % 16:  # GQA's partial RoPE: cos/sin of 8k columns
+        rope = None
     packed = [_merged_heads(v) for v in (rope.query, rope.key, value)] if rope is not None else None
     if packed is not None and None not in packed:  # GQA takes the projections' outputs and applies RoPE itself
         if (rope.cos, rope.sin) not in caches:

@@ -78,3 +78,26 @@ def test_an_unmatched_attention_stays_unfused_when_not_strict(tiny_export):
     assert not result.modified
     assert "GroupQueryAttention" not in [n.op_type for n in model.graph]
     assert result.record["fused_attention"].startswith("2 blocks left unfused (block 0:")
+
+
+@pytest.mark.parametrize("rotary_dims", [32, 8])  # 32: GQA's own partial RoPE; 8: not a multiple of 16, fed rotated
+def test_partial_rope_fuses_into_gqa_where_its_cos_sin_fit(tmp_path, rotary_dims):
+    """Phi-style RoPE on the first `rotary_dims` channels of 64: GQA applies it itself where its cos/sin caches
+    can hold it (ORT: a multiple of 8 columns, half the rotated channels), else it is fed the rotated q and k;
+    either way the prompt, a cached step and the cache equal the decomposed graph's."""
+    import qcompile
+    from tests.families import tiny_model, write_byte_tokenizer
+
+    model = tiny_model("phi", hidden_size=128, num_attention_heads=2, num_key_value_heads=2,
+                       partial_rotary_factor=rotary_dims / 64)
+    model.save_pretrained(tmp_path / "hf")
+    write_byte_tokenizer(tmp_path / "hf")
+    exported = ir.load(qcompile.export(tmp_path / "hf") / "model.onnx")
+    assert analysis.analyze(exported).blocks[0].attention.rotary.dims == rotary_dims
+    ids = np.random.default_rng(3).integers(3, 256, size=(1, 14))
+    (p1, s1, c1), (p0, s0, c0), fused = _fused_against_unfused(exported, tmp_path, ids, 256)
+    assert {n.attributes.get_int("do_rotary") for n in fused.graph if n.op_type == "GroupQueryAttention"} == {rotary_dims == 32}
+    np.testing.assert_allclose(p1, p0, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(s1, s0, atol=1e-4, rtol=0)
+    for name in c0:
+        np.testing.assert_allclose(c1[name], c0[name], atol=1e-5, rtol=0)
