@@ -184,11 +184,11 @@ def _check_search(plan: Recipe, tgt: targets.Target, candidates: tuple[str, ...]
     if resume:
         raise errors.InputError("--resume continues one GPTQ compile, a search runs several: drop --resume")
     act = plan.activations
-    if plan.weights.layers or act.float_inputs:
-        raise errors.InputError("the recipe already holds a search's choice (weights.layers or activations.float_inputs): drop "
-                                "--search / --bits-per-weight to replay it, or clear them to search again")
     if act.static and bits_per_weight is None:
-        return  # which linears keep float inputs
+        return  # which linears keep float inputs, besides the recipe's own
+    if plan.weights.layers:
+        raise errors.InputError("the recipe already holds a search's choice (weights.layers): drop --search / --bits-per-weight "
+                                "to replay it, or clear them to search again")
     if act.kind != ActivationKind.NONE or plan.weights.fp8:
         raise errors.InputError(f"--bits-per-weight chooses weight formats of weight-only recipes; {tgt.name}'s recipe quantizes "
                                 "activations or uses FP8: pick a weight-only target (ort-int4, trt-int4, edge-int4), or use "
@@ -232,8 +232,9 @@ def _compile_searched(src: sources.Source, plan: Recipe, tgt: targets.Target, ca
 
 def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target, out: pathlib.Path, eval_windows: int,
                          max_ppl_increase: float, engine: bool, progress, started: float) -> artifact.Artifact:
-    """Static activations: keep the inputs whose quantization costs most per weight they feed at float (their weights
-    stay quantized), the fewest whose measured perplexity meets `max_ppl_increase`. Each quantizer's cost is the KL
+    """Static activations: besides the recipe's own float inputs, keep the inputs whose quantization costs most per
+    weight they feed at float (their weights stay quantized), the fewest whose measured perplexity meets
+    `max_ppl_increase`. Each quantizer's cost is the KL
     that switching it off removes from the fully quantized model (`mixed.measure_inputs`); when no set is estimated
     to meet the bound (KL does not say perplexity), the fully quantized model is measured first, to correct the estimate."""
     probed = _quantize(src, plan, [tgt], True, out, False, progress)
@@ -241,10 +242,11 @@ def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target,
     probe = windows[:mixed.PROBE_WINDOWS, :mixed.PROBE_TOKENS]
     total, inputs = mixed.measure_inputs(probed.model, scratch.unmapped(artifact.load_onnx(probed.float_path)), probe, progress)
     inputs.sort(key=lambda entry: -entry.gain / entry.weights)
+    base = sum(plan.activations.keeps_float_input(lin.name) for lin in analysis.analyze(probed.model).linears())
     left = [max(total - sum(entry.gain for entry in inputs[:count]), 0.0) for count in range(len(inputs) + 1)]  # estimated KL
 
     def kept(count: int) -> list[str]:
-        return sorted(name for entry in inputs[:count] for name in entry.linears)
+        return [*plan.activations.float_inputs, *sorted(name for entry in inputs[:count] for name in entry.linears)]
 
     def compile_at(count: int, record: dict) -> artifact.Artifact:
         nonlocal probed
@@ -254,7 +256,8 @@ def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target,
         return _lower(canonical or _quantize(src, chosen, [tgt], True, out, False, progress), chosen, tgt, out, eval_windows,
                       max_ppl_increase, engine, progress, started, search=record)
 
-    return _search_bound(left, max_ppl_increase, compile_at, lambda count: {"float_input_linears": len(kept(count))},
+    return _search_bound(left, max_ppl_increase, compile_at,
+                         lambda count: {"float_input_linears": base + sum(len(entry.linears) for entry in inputs[:count])},
                          measure_first=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import re
 
 from qcompile import errors
@@ -144,8 +145,8 @@ class ActivationScheme:
     input of down (scales in up's output columns). `lm_head`: quantize lm_head's input too; by default
     lm_head stays weight-only (measured on SmolLM2: its per-tensor activations cost more than any other
     layer's, see benchmarks/results/w8a8.md). `clip`: dynamic per-token scales are clip·max|x| / qmax.
-    `float_inputs`: linears (ModelMap names) whose inputs stay float (their weights stay quantized), as an
-    activation-precision search chooses them.
+    `float_inputs`: linears whose inputs stay float (their weights stay quantized): ModelMap names, as an
+    activation-precision search chooses them, or shell patterns of them ("blocks.*.down").
     """
 
     kind: ActivationKind = ActivationKind.NONE
@@ -167,6 +168,10 @@ class ActivationScheme:
     def dynamic(self) -> bool:
         return self.kind in (ActivationKind.INT8_DYNAMIC, ActivationKind.INT4_DYNAMIC)
 
+    def keeps_float_input(self, linear: str) -> bool:
+        """Whether `linear`'s (a ModelMap name) input stays float."""
+        return matches(linear, self.float_inputs)
+
     @property
     def static(self) -> bool:
         return self.kind in (ActivationKind.INT8_STATIC, ActivationKind.FP8_STATIC)
@@ -183,3 +188,8 @@ def parse_alpha(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise errors.InputError(f"--alpha '{text}' is not a number in 0..1 or 'auto'") from None
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a ModelMap name is one of `patterns`, or matches one as a shell pattern ("blocks.*.down")."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)

@@ -214,7 +214,8 @@ def test_a_float_inputs_search_within_its_bound_at_once_compiles_the_probed_mode
     assert len(quantized) == 1
     plain = qcompile.compile(path, "trt-int8", tmp_path / "plain", **options)
     record = searched.manifest["search"]
-    assert record["float_input_linears"] == 0 and record["tries"] == [] and record["max_ppl_increase"] == 1000
+    # the default's float inputs (both blocks' down projections), none added
+    assert record["float_input_linears"] == 2 and record["tries"] == [] and record["max_ppl_increase"] == 1000
     assert searched.metrics["ppl_increase_pct"] == plain.metrics["ppl_increase_pct"]
     assert _files_digest(searched.path) == _files_digest(plain.path)
 
@@ -251,7 +252,8 @@ def test_an_input_switched_off_in_the_probe_is_the_model_compiled_with_it_float(
     """trt-int8's static activation quantizers: the probe's gain for one quantizer (the KL that keeping its input
     float removes) is what compiling with those linears in activations.float_inputs removes, measured directly."""
     _, path = tiny_export("llama")
-    full = qcompile.compile(path, "trt-int8", tmp_path / "full", eval_windows=None, calib_samples=4, calib_seqlen=64)
+    full = qcompile.compile(path, "trt-int8", tmp_path / "full", eval_windows=None, calib_samples=4, calib_seqlen=64,
+                            float_inputs=[])  # every input quantized, the down projections' too
     float_model = artifact.load_onnx(path)
     windows = np.random.default_rng(1).integers(3, 250, size=(2, 32))
     total, inputs = mixed.measure_inputs(artifact.load_onnx(full.path / "model.onnx"), float_model, windows)

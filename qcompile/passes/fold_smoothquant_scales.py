@@ -23,7 +23,10 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
 
     Groups: `_fold.input_scalings` — each pre-norm with the linears reading it (1/s folded into the norm's
     gain, and bias for LayerNorm); with `scheme.smooth_up_down`, a gated MLP's down (1/s folded into up's
-    output columns). Linears whose input cannot be scaled keep their activations as they are. s comes from the calibration `stats` of the float model
+    output columns). Linears whose input cannot be scaled keep their activations as they are, and so does a
+    group with a member in `skip` (weights left float); a group whose every member keeps float inputs
+    (`scheme.float_inputs`) is not smoothed: with no activation quantizer to relieve, it would only widen the weights'
+    ranges. s comes from the calibration `stats` of the float model
     (keyed by tap name); α is `scheme.alpha`, or searched per group when it is None (`quantize_weight`
     then gives the weights' fake quantization, and the stats must hold sampled rows).
 
@@ -54,7 +57,7 @@ class FoldSmoothQuantScales(ir.passes.InPlacePass):
         for members, scale_input in input_scalings(analysis.analyze(model)):
             if members[0].role == R.DOWN and not self.scheme.smooth_up_down:
                 continue
-            if any(m.name in self.skip for m in members):
+            if any(m.name in self.skip for m in members) or all(self.scheme.keeps_float_input(m.name) for m in members):
                 continue
             s, alphas[members[0].name] = self._scales(members)
             scale_input(1 / s)

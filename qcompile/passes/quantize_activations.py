@@ -21,7 +21,7 @@ from qcompile.calibration import Request, TapStats
 from qcompile.passes._canonical import _initializer
 from qcompile.passes._result import Result
 from qcompile.passes.fold_smoothquant_scales import activation_request
-from qcompile.schemes import ActivationKind, WeightScheme
+from qcompile.schemes import ActivationKind, WeightScheme, matches
 
 _QMAX = {ActivationKind.INT8_DYNAMIC: 127.0, ActivationKind.INT4_DYNAMIC: 7.0}
 _ZERO_POINTS = {ActivationKind.INT8_STATIC: np.int8, ActivationKind.FP8_STATIC: ml_dtypes.float8_e4m3fn}
@@ -29,7 +29,7 @@ _ZERO_POINTS = {ActivationKind.INT8_STATIC: np.int8, ActivationKind.FP8_STATIC: 
 
 class QuantizeActivations(ir.passes.InPlacePass):
     """Insert `kind`'s quantizer before every linear whose weight is quantized (a DequantizeLinear; lm_head
-    only if `lm_head`; none of `float_inputs`, whose inputs stay float).
+    only if `lm_head`; none of `float_inputs`, names or patterns ("blocks.*.down") whose inputs stay float).
 
     Approximates x by its quantized value. Static kinds need `stats` (calibration of the same tensors,
     keyed by name, after any smoothing): the scale is max|x| / top, or, when the stats hold sampled rows,
@@ -41,7 +41,7 @@ class QuantizeActivations(ir.passes.InPlacePass):
     def __init__(self, kind: ActivationKind, stats: dict[str, TapStats] | None = None, lm_head: bool = True,
                  clip: float = 1.0, weights: WeightScheme | None = None, float_inputs: tuple[str, ...] = ()):
         super().__init__()
-        self.float_inputs = set(float_inputs)
+        self.float_inputs = float_inputs
         self.kind = kind
         self.clip = clip
         self.stats = stats
@@ -61,7 +61,7 @@ class QuantizeActivations(ir.passes.InPlacePass):
         for linear in analysis.analyze(model).linears():
             dq = linear.weight_input.producer()
             if dq is None or dq.op_type != "DequantizeLinear" or (linear.role == analysis.Role.LM_HEAD and not self.lm_head) \
-                    or linear.name in self.float_inputs:
+                    or matches(linear.name, self.float_inputs):
                 continue
             x = linear.node.inputs[0]
             if x not in made:

@@ -133,6 +133,10 @@ _INT4 = {"weights": {"bits": 4, "group_size": 64, "symmetric": True, "positive_s
 _INT4_TEXT = ("AWQ+GPTQ with act-order on 16 windows, group 64, symmetric with positive scales; lm_head 4-bit GPTQ, "
               "group 64, shared with the embedding table")
 _W8A8 = {"weights": {"bits": 8, "group_size": 0, "symmetric": True, "positive_scales": True}, "lm_head": {"bits": 8}}
+# trt-int8 keeps the MLP down projections' inputs float (weights int8): on SmolLM2 (32 windows) +1.27 % → -0.37 %
+# perplexity, where the activation search (`--search --max-ppl-increase 0.5`, which adds to these) stalled at +0.99 %
+# with 52 inputs chosen by KL per weight (benchmarks/bench_mixed_precision.py; README, "Mixed precision").
+_DOWN_INPUTS = ["blocks.*.down"]
 # Formats a search chooses among. MatMulNBits runs 2, 4 and 8 bits in blocks of 16..256 (per-channel 8-bit is stored
 # in blocks of 128 anyway); TensorRT int4 in blocks of 64 or 128, int8 per channel. Blocks of 32 are left out: the
 # built-in model's weights lie on a 4-bit grid in blocks of 32, which would flatter them (list them in a recipe).
@@ -166,8 +170,10 @@ _REGISTRY = {
         ),
         TensorRTTarget(
             "trt-int8",
-            "W8A8 for TensorRT: SmoothQuant, int8 weights per channel, static per-tensor int8 activation Q/DQ (lm_head weight-only)",
-            {**_W8A8, "activations": {"kind": "int8-static", "smoothquant": True, "alpha": 0.7, "smooth_up_down": True}},
+            "W8A8 for TensorRT: SmoothQuant, int8 weights per channel, static per-tensor int8 activation Q/DQ (lm_head and the "
+            "down projections' inputs float)",
+            {**_W8A8, "activations": {"kind": "int8-static", "smoothquant": True, "alpha": 0.7, "smooth_up_down": True,
+                                      "float_inputs": _DOWN_INPUTS}},
             **_TRT,
         ),
         TensorRTTarget(

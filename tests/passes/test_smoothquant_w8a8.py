@@ -106,3 +106,17 @@ def _static_scale(model: ir.Model, quantized: ir.Value) -> float | None:
     if node.op_type != "DequantizeLinear":
         return None
     return float(node.inputs[1].const_value.numpy())
+
+
+def test_a_group_whose_inputs_all_stay_float_is_not_smoothed(tiny_export):
+    """Smoothing moves an activation's range into the weights; where no reader's input is quantized it would only
+    cost the weights. A group of float inputs keeps its weights; a group with one quantized input is smoothed."""
+    _, model, _, stats = _calibrated(tiny_export, rows=0)
+    before = {lin.name: lin.float_weight().copy() for lin in analysis.analyze(model).linears()}
+    scheme = ActivationScheme(A.INT8_STATIC, True, 0.5, smooth_up_down=True,
+                              float_inputs=("blocks.0.*", "blocks.1.q"))  # a pattern and a name
+    result = FoldSmoothQuantScales(scheme, stats)(model)
+    after = {lin.name: lin.float_weight() for lin in analysis.analyze(model).linears()}
+    assert not any(n.startswith("blocks.0.") for n in result.record["alphas"]) and "blocks.1.q" in result.record["alphas"]
+    assert all(np.array_equal(before[n], after[n]) for n in ("blocks.0.q", "blocks.0.k", "blocks.0.v"))
+    assert not np.array_equal(before["blocks.1.k"], after["blocks.1.k"])
