@@ -35,7 +35,7 @@ import time
 import onnx_ir as ir
 
 import qcompile
-from qcompile import artifact, evaluation, runtime, sources
+from qcompile import analysis, artifact, evaluation, runtime, schemes, sources, targets
 from _results import RESULTS, meta, save
 
 BASE = dict(target="ort-int4", embedding_bits=None, calib_samples=32, act_order=True, positive_scales=False)
@@ -187,9 +187,11 @@ def measure_activations(work: pathlib.Path, windows: int) -> dict:
                          "seconds": round(time.perf_counter() - started, 1)}
             print("trt-int8", name, out[name], flush=True)
             continue
-        kept = art.manifest["recipe"]["activations"]["float_inputs"]
+        kept = art.manifest["recipe"]["activations"]["float_inputs"]  # names or patterns
+        linears = [lin.name for lin in analysis.analyze(ir.load(art.path / "model.onnx"), targets.get("trt-int8").forms).linears()]
         out[name] = {"float_ppl": art.metrics["float"]["ppl"], "perplexity": art.metrics["quantized"]["ppl"],
-                     "ppl_increase_pct": art.metrics["ppl_increase_pct"], "float_input_linears": len(kept), "float_inputs": kept,
+                     "ppl_increase_pct": art.metrics["ppl_increase_pct"], "float_inputs": kept,
+                     "float_input_linears": sum(schemes.matches(linear, tuple(kept)) for linear in linears),
                      "size_mb": round(art.metrics["quantized"]["size_bytes"] / 1e6, 1), "search": art.manifest.get("search"),
                      "seconds": round(time.perf_counter() - started, 1)}
         print("trt-int8", name, out[name], flush=True)
@@ -203,15 +205,16 @@ def activation_table(activations: dict | None) -> list[str]:
              f"--max-ppl-increase {ACTIVATION_BOUND:g}`, the fewest linears whose inputs stay float.", "",
              "| trt-int8 | perplexity | Δ vs float | linears with float inputs | size MB | compiles | seconds |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+    missed = []
     for name, r in activations.items():
         if "missed" in r:
             lines.append(f"| {name} | | {r['ppl_increase_pct']:+.2f} % (last try) | | | | {r['seconds']:.0f} |")
-            lines.append(f"\n{name}: {r['missed']}\n")
+            missed.append(f"{name}: {r['missed']}")
             continue
         compiles = len(r["search"]["tries"]) + 1 if r.get("search") else 1
         lines.append(f"| {name} | {r['perplexity']:.2f} | {r['ppl_increase_pct']:+.2f} % | {r['float_input_linears']} | "
                      f"{r['size_mb']:.0f} | {compiles} | {r['seconds']:.0f} |")
-    return lines
+    return lines + [line for m in missed for line in ("", m)]
 
 
 def measure_gate(work: pathlib.Path) -> dict:
