@@ -304,7 +304,8 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
     if (a := b.attention) is not None:  # decomposed (a fused attention op holds these itself)
         heads = f"{a.heads[0]} query / {a.heads[1]} key-value heads" if a.heads else "heads not static"
         rope = ("no RoPE" if a.rotary is None else "RoPE" if a.rotary.dims is None else f"RoPE on {a.rotary.dims} channels")
-        console.print(f"attention: {heads} of {a.head_size(a.key_cache)}; {rope}"
+        size = a.head_size(a.key_cache)
+        console.print(f"attention: {heads}{f' of {size}' if size else ''}; {rope}"
                       + ("; q/k norms" if a.query_norm else "") + (f"; softcap {a.softcap:g}" if a.softcap else ""))
     ops = collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph_model.graph)
     quant = {k: v for k, v in ops.items() if any(s in k.lower() for s in ("quantize", "nbits", "integer", "qcompile"))}
