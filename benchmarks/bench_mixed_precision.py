@@ -109,14 +109,19 @@ def main() -> None:
         rows: dict[str, dict] = {}
 
         partial = RESULTS / "mixed_precision.partial.json"
-        kept = json.loads(partial.read_text()) if partial.is_file() else {}
-        kept = kept.get("rows", {}) if kept.get("windows") == args.windows else {}
+        state = json.loads(partial.read_text()) if partial.is_file() else {}  # what a run on the same windows kept
+        state = state if state.get("windows") == args.windows else {"windows": args.windows}
+        kept = state.get("rows", {})
+
+        def keep(key: str, value) -> None:
+            state[key] = value
+            partial.write_text(json.dumps(state, indent=2))
 
         def measure(name: str, folder: pathlib.Path, kind: str, **extra) -> None:
             ppl = evaluation.perplexity(runtime.Decoder(folder), tokenizer, args.windows).ppl
             rows[name] = {"kind": kind, "perplexity": round(ppl, 3), "bits_per_weight": round(linear_bits_per_weight(folder / "model.onnx"), 3),
                           "size_mb": round(artifact.model_bytes(folder / "model.onnx") / 1e6, 1), **extra}
-            partial.write_text(json.dumps({"windows": args.windows, "rows": {**kept, **rows}}, indent=2))
+            keep("rows", {**kept, **rows})
             print(name, rows[name], flush=True)
 
         def done(name: str) -> bool:
@@ -146,15 +151,11 @@ def main() -> None:
             measure(f"searched ≤ {budget:g} bits", art.path, "searched", budget=budget, compile_seconds=round(time.perf_counter() - started, 1),
                     manifest_bits_per_weight=art.metrics["bits_per_weight"], formats=counts,
                     lm_head=art.manifest["recipe"]["lm_head"], estimated_ppl_increase_pct=art.manifest["search"]["estimated_ppl_increase_pct"])
-        gate = json.loads(partial.read_text()).get("gate") if partial.is_file() else None
-        if gate is None:
-            gate = measure_gate(work)
-            partial.write_text(json.dumps({**json.loads(partial.read_text()), "gate": gate}, indent=2))
-
-        activations = json.loads(partial.read_text()).get("activations") if partial.is_file() else None
-        if activations is None or json.loads(partial.read_text()).get("windows") != args.windows:
-            activations = measure_activations(work, args.windows)
-            partial.write_text(json.dumps({**json.loads(partial.read_text()), "activations": activations}, indent=2))
+        if "gate" not in state:
+            keep("gate", measure_gate(work))
+        if "activations" not in state:
+            keep("activations", measure_activations(work, args.windows))
+        gate, activations = state["gate"], state["activations"]
 
         if not args.skip_peer:
             peer = None if done(PEER) else build_peer(work)
