@@ -550,7 +550,7 @@ def _attention(probs: ir.Value | None, outputs: set[ir.Value]) -> Attention | No
         return None
     context = _context_matmul(probs)
     key_cache = _cache_concat(scores.inputs[1], outputs)
-    softcap, scale = _softcap_and_scale(probs.producer().inputs[0], scores.outputs[0])
+    softcapped, softcap, scale = _score_path(probs.producer().inputs[0], scores.outputs[0])
     if scale is not None and key_cache is not None:
         key_factor = _constant_factor(scores.inputs[1], key_cache.outputs[0], KEY_PATH_OPS)
         scale = scale * key_factor if key_factor is not None else None
@@ -558,7 +558,7 @@ def _attention(probs: ir.Value | None, outputs: set[ir.Value]) -> Attention | No
     query = rotary.query if rotary is not None else scores.inputs[0]
     key = rotary.key if rotary is not None else key_cache.inputs[1] if key_cache is not None else None
     return Attention(scores, context, key_cache, _cache_concat(context.inputs[1], outputs) if context is not None else None,
-                     _tanh_between(probs.producer().inputs[0], scores), scale, softcap, rotary,
+                     softcapped, scale, softcap, rotary,
                      _head_norm(query), _head_norm(key) if key is not None else None)
 
 
@@ -567,9 +567,9 @@ def _head_norm(value: ir.Value) -> Norm | None:
     return match_norm(skip_back(value, ops=("Transpose", "Reshape", custom_ops.STATIC)))
 
 
-def _softcap_and_scale(value: ir.Value, stop: ir.Value) -> tuple[float | None, float | None]:
-    """(c, f) for scores reaching the softmax as c·tanh(f·q·kᵀ) (+ mask), (None, f) as f·q·kᵀ (+ mask), where
-    `stop` is q·kᵀ; f None where the path is not constant factors."""
+def _score_path(value: ir.Value, stop: ir.Value) -> tuple[bool, float | None, float | None]:
+    """(softcapped, c, f) for the scores `value` reaching the softmax from q·kᵀ (`stop`): c·tanh(f·q·kᵀ) (+ mask)
+    or f·q·kᵀ (+ mask); c and f None where the path is not constant factors."""
     tanh = value
     for _ in range(24):
         node = tanh.producer()
@@ -577,9 +577,10 @@ def _softcap_and_scale(value: ir.Value, stop: ir.Value) -> tuple[float | None, f
             break
         if node.op_type == "Tanh":
             outer = _constant_factor(value, node.outputs[0], SCORE_PATH_OPS - {"Tanh"})
-            return outer, _constant_factor(node.inputs[0], stop, SCORE_PATH_OPS - {"Tanh"}) if outer is not None else None
+            inner = _constant_factor(node.inputs[0], stop, SCORE_PATH_OPS - {"Tanh"}) if outer is not None else None
+            return True, outer if inner is not None else None, inner
         tanh = next((v for v in node.inputs if v is not None and v.const_value is None and _reaches(v, stop)), stop)
-    return None, _constant_factor(value, stop, SCORE_PATH_OPS - {"Tanh"})
+    return False, None, _constant_factor(value, stop, SCORE_PATH_OPS - {"Tanh"})
 
 
 def _constant_factor(value: ir.Value, stop: ir.Value, allowed: set[str]) -> float | None:
@@ -629,14 +630,14 @@ def _reaches(value: ir.Value, target: ir.Value, limit: int = 24) -> bool:
         data = [v for v in (node.inputs if node else []) if v is not None and v.const_value is None]
         if not data:
             return False
-        value = data[0]
+        value = data[-1] if node.op_type == "Where" else data[0]  # Where(cond, fill, x) carries x last
     return False
 
 
 def _rotary(query: ir.Value, key: ir.Value) -> Rotary | None:
     """RoPE on the queries entering the scores (after a constant factor, if any) and on the new keys entering the
-    cache (before a cache quantizer, if any), with one cos/sin; None elsewhere (no RoPE, partial RoPE, a
-    rotation between RoPE and the scores)."""
+    cache (before a cache quantizer, if any), with one cos/sin, over whole heads or their first channels; None
+    elsewhere (no RoPE, a rotation between RoPE and the scores)."""
     factor, node = 1.0, query.producer()
     if node is not None and node.op_type in ("Mul", "Div"):
         scaled = _scalar_factor(node)
@@ -696,20 +697,6 @@ def _is_rotate_half(value: ir.Value, x: ir.Value) -> bool:
     half = x.shape[-1] // 2 if x.shape is not None and isinstance(x.shape[-1], int) else None
     starts = [_constant_scalar(s.inputs[1]) for s in (first, second)]
     return half is not None and starts == [half, 0] and _constant_scalar(second.inputs[2]) == half
-
-
-def _tanh_between(value: ir.Value, scores: ir.Node) -> bool:
-    """Whether a Tanh lies on the score path from `value` (the softmax's input) back to the scores MatMul."""
-    frontier, seen = [value], set()
-    while frontier:
-        node = frontier.pop().producer()
-        if node is None or node is scores or node in seen or node.op_type not in SCORE_PATH_OPS:
-            continue
-        if node.op_type == "Tanh":
-            return True
-        seen.add(node)
-        frontier += [i for i in node.inputs if i is not None]
-    return False
 
 
 def _bias_after(node: ir.Node, n: int) -> ir.Value | None:
@@ -781,9 +768,10 @@ class _Analyzer:
         self.attention_ops = _ATTENTION_OPS | forms.attention
         self.windows = json.loads(model.metadata_props.get(SLIDING_WINDOWS_KEY, "[]"))
         self.order = {node: i for i, node in enumerate(self.graph)}
+        self.between = _BETWEEN_NORM_AND_LINEAR + forms.between
         self.lowered = {n: lowered for n in self.graph if (lowered := forms.linear(n)) is not None}
-        self.linear_nodes = {n: self.lowered[n][:2] if n in self.lowered else _linear_dims(n) for n in self.graph}
-        self.linear_nodes = {n: d for n, d in self.linear_nodes.items() if d is not None}
+        self.linear_nodes = {n: d for n in self.graph
+                             if (d := self.lowered[n][:2] if n in self.lowered else _linear_dims(n)) is not None}
         self.shared_norms: dict[ir.Node, Norm] = {}
         self.experts = self.find_experts()
         for router in self.experts:
@@ -885,7 +873,7 @@ class _Analyzer:
         if norm is not None:
             norm = self.shared_norms.setdefault(norm.node, norm)  # one Norm per norm node, shared by its readers
             return norm.input, norm
-        return skip_back(node.inputs[0], ops=_BETWEEN_NORM_AND_LINEAR + self.forms.between + ("Cast", "Identity")), None
+        return skip_back(node.inputs[0], ops=self.between + ("Cast", "Identity")), None
 
     def run(self) -> ModelMap:
         embedding = self.embedding()
@@ -895,8 +883,7 @@ class _Analyzer:
             raise self.fail("no norm (RMSNorm/LayerNorm) feeds lm_head")
         nodes = sorted((n for n in self.linear_nodes if n is not head_node), key=self.order.get)
         stop = lambda n: n in self.linear_nodes or self.is_dynamic_matmul(n)  # noqa: E731
-        first_hit = {n: _forward_first(n.outputs[0], stop, through=_BETWEEN_NORM_AND_LINEAR + self.forms.between)
-                     for n in nodes}
+        first_hit = {n: _forward_first(n.outputs[0], stop, through=self.between) for n in nodes}
         attention_inputs: dict[ir.Value, list[ir.Node]] = {}
         for node in nodes:
             hit = first_hit[node]

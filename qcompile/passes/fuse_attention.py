@@ -173,10 +173,6 @@ def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Val
     return nodes[2].outputs[0], nodes[-1].outputs[0]
 
 
-
-
-
-
 def _merged_heads(value: ir.Value) -> ir.Value | None:
     """x when value = Transpose(Reshape(x, [batch, seq, heads, head_dim]), perm 0,2,1,3) and x is rank 3."""
     transpose = value.producer()
@@ -218,10 +214,6 @@ def _pack_heads(graph: ir.Graph, value: ir.Value, before: ir.Node, name: str) ->
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """The shared initializer `name` (made on first use)."""
     return graph.initializers[name] if name in graph.initializers else _initializer(graph, name, array)
-
-
-
-
 
 
 def _context_output(value: ir.Value, context: ir.Node, fail) -> ir.Value:

@@ -24,13 +24,14 @@ def head_dim(model_map: analysis.ModelMap) -> int:
 
 
 def head_counts(block: analysis.Block, d: int) -> tuple[int, int]:
-    """(KV heads, query heads) of the block's v and o for head size d; UnsupportedModelError unless v's
-    columns and o's rows are whole heads, each KV head read by the same number of query heads."""
+    """(KV heads, query heads) of the block's attention (`Attention.heads`); UnsupportedModelError unless v's
+    columns and o's rows are those heads of size d."""
     v, o = value_projection(block), block.linears[R.O]
-    kv_heads, heads = v.out_features // d, o.in_features // d
-    if v.out_features % d or o.in_features % d or heads % kv_heads:
+    heads, kv_heads = block.attention.heads or (None, None)
+    if heads is None or (v.out_features, o.in_features) != (kv_heads * d, heads * d):
         raise errors.UnsupportedModelError(
-            f"{v.name}: {v.out_features} value columns / {o.in_features} o rows are not whole heads of {d}")
+            f"{v.name}: {v.out_features} value columns / {o.in_features} o rows are not whole heads of {d} "
+            f"(the attention's {kv_heads} key-value / {heads} query heads)")
     return kv_heads, heads
 
 

@@ -361,9 +361,10 @@ def _pack_qkv(graph: ir.Graph, attention: ir.Node) -> bool:
 class PackGateUp(ir.passes.InPlacePass):
     """x·[W_gate | W_up], split after N_gate columns, = (x·W_gate, x·W_up): a gated MLP's gate and up
     MatMulNBits (one input, one format) become one MatMulNBits over the two weights stacked along N, cut back
-    by a Split; one pass over the input and one kernel launch instead of two. Exact, as PackQKV. On SmolLM2's default ort-int4, decode 4.82 → 4.39 ms/token after
-    a 128-token prompt, 7.45 → 7.15 after 1024 (one run, best of 3; logits identical). `analysis` reads it back
-    as a fused gate_up projection with the two column ranges, as an exported fused gate_up_proj."""
+    by a Split; one pass over the input and one kernel launch instead of two. Exact, as PackQKV. On SmolLM2's
+    default ort-int4, decode 4.82 → 4.39 ms/token after a 128-token prompt, 7.45 → 7.15 after 1024 (one run,
+    best of 3; logits identical). `analysis` reads it back (through `FORMS`) as a fused gate_up projection
+    with the two column ranges, as an exported fused gate_up_proj."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = 0
