@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import re
 import tempfile
 
 import numpy as np
@@ -203,31 +204,44 @@ class _ProbeSession(_Session):
 
 @dataclasses.dataclass
 class InputSensitivity:
-    """One activation quantizer (the linears reading it share it): the KL its quantization adds, measured as
-    what keeping its input float removes with every other input quantized."""
+    """The activation quantizers of one kind of linear in every block (`blocks.*.down`, the q/k/v projections'
+    shared input, ...): the KL their quantization adds, measured as what keeping those inputs float removes with
+    every other input quantized."""
 
+    patterns: list[str]  # the linears as activations.float_inputs names them: blocks.*.down, ...
     linears: list[str]
     weights: int  # Σ K·N of its linears: what keeping them at float inputs costs in speed, roughly
     gain: float
 
 
+def every_block(name: str) -> str:
+    """A linear's name with its block index as a wildcard: blocks.3.down → blocks.*.down (lm_head stays)."""
+    return re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
+
+
 def measure_inputs(model: ir.Model, float_model: ir.Model, windows: np.ndarray, progress=None) -> tuple[float, list[InputSensitivity]]:
-    """(KL of `model`, each static activation quantizer's gain): `model` is a canonical model with static
-    QuantizeLinear → DequantizeLinear on its linears' inputs, `float_model` its float reference. The gains are
-    measured one input at a time and scaled to add up to what keeping every input float removes (measured too)."""
+    """(KL of `model`, each kind of static activation quantizer's gain): `model` is a canonical model with static
+    QuantizeLinear → DequantizeLinear on its linears' inputs, `float_model` its float reference. The quantizers
+    are grouped by the linears they feed, the same in every block (`every_block`), and each group is switched
+    off at once: one at a time, quantizers measure badly (on SmolLM2's trt-int8, 20 of the 30 down projections'
+    inputs, switched off alone, made the probe's KL larger, while all 30 together removed a third of it and took
+    the perplexity from +1.27 % to -0.49 %). The gains are scaled to add up to what keeping every input float
+    removes (measured too)."""
     with _Session(float_model.clone()) as session:
         reference = session.log_probs(windows)
     copy = model.clone()
-    flags: dict[str, InputSensitivity] = {}
+    groups: dict[tuple[str, ...], InputSensitivity] = {}
+    switches: dict[tuple[str, ...], list[str]] = {}  # group → the boolean inputs that switch its quantizers
     quantized = []  # (linear, its input's DequantizeLinear, QuantizeLinear), found before the graph changes
     for linear in analysis.analyze(copy).linears():
         dq = linear.node.inputs[0].producer()
         q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
         if q is not None and q.op_type == "QuantizeLinear":
             quantized.append((linear, dq, q))
+    readers: dict[str, list] = {}  # switch → the linears reading its quantizer
     for linear, dq, q in quantized:
         name = f"{dq.name}_on"
-        if name not in flags:  # x → Where(on, DQ(Q(x)), x): an input switched off is read float
+        if name not in readers:  # x → Where(on, DQ(Q(x)), x): an input switched off is read float
             on = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.BOOL), const_value=ir.tensor(True))
             copy.graph.register_initializer(on)
             copy.graph.inputs.append(on)
@@ -236,22 +250,28 @@ def measure_inputs(model: ir.Model, float_model: ir.Model, windows: np.ndarray, 
             ir.convenience.replace_all_uses_with(dq.outputs[0], where.outputs[0])
             where.replace_input_with(1, dq.outputs[0])
             copy.graph.insert_after(dq, where)
-            flags[name] = InputSensitivity([], 0, 0.0)
-        flags[name].linears.append(linear.name)
-        flags[name].weights += linear.in_features * linear.out_features
-    advance = progress.task("Measuring activation sensitivity", len(flags)) if progress else (lambda: None)
+            readers[name] = []
+        readers[name].append(linear)
+    for name, linears in readers.items():
+        key = tuple(sorted({every_block(linear.name) for linear in linears}))
+        entry = groups.setdefault(key, InputSensitivity(list(key), [], 0, 0.0))
+        entry.linears += [linear.name for linear in linears]
+        entry.weights += sum(linear.in_features * linear.out_features for linear in linears)
+        switches.setdefault(key, []).append(name)
+    advance = progress.task("Measuring activation sensitivity", len(groups)) if progress else (lambda: None)
     with _Session(copy) as session:
         total = kl(reference, session.log_probs(windows))
-        for name, entry in flags.items():
-            entry.gain = total - kl(reference, session.log_probs(windows, {name: np.array(False)})) if len(flags) > 1 else 0.0
+        for key, entry in groups.items():
+            off = {name: np.array(False) for name in switches[key]}
+            entry.gain = total - kl(reference, session.log_probs(windows, off)) if len(groups) > 1 else 0.0
             advance()
-        weights_only = kl(reference, session.log_probs(windows, {name: np.array(False) for name in flags}))
-    # Gains measured one at a time do not add up to switching every input off (errors interact): scale them so
+        weights_only = kl(reference, session.log_probs(windows, {name: np.array(False) for name in readers}))
+    # Gains measured one group at a time do not add up to switching every input off (errors interact): scale them so
     # that they do, so that keeping all inputs float is estimated at what it measures.
-    measured = sum(max(entry.gain, 0.0) for entry in flags.values())
-    for entry in flags.values():
-        entry.gain = max(entry.gain, 0.0) * (total - weights_only) / measured if measured > 0 else (total - weights_only) / len(flags)
-    return total, list(flags.values())
+    measured = sum(max(entry.gain, 0.0) for entry in groups.values())
+    for entry in groups.values():
+        entry.gain = max(entry.gain, 0.0) * (total - weights_only) / measured if measured > 0 else (total - weights_only) / len(groups)
+    return total, list(groups.values())
 
 
 @dataclasses.dataclass

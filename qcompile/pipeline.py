@@ -232,11 +232,11 @@ def _compile_searched(src: sources.Source, plan: Recipe, tgt: targets.Target, ca
 
 def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target, out: pathlib.Path, eval_windows: int,
                          max_ppl_increase: float, engine: bool, progress, started: float) -> artifact.Artifact:
-    """Static activations: besides the recipe's own float inputs, keep the inputs whose quantization costs most per
-    weight they feed at float (their weights stay quantized), the fewest whose measured perplexity meets
-    `max_ppl_increase`. Each quantizer's cost is the KL
-    that switching it off removes from the fully quantized model (`mixed.measure_inputs`); when no set is estimated
-    to meet the bound (KL does not say perplexity), the fully quantized model is measured first, to correct the estimate."""
+    """Static activations: besides the recipe's own float inputs, keep at float the kinds of inputs (every block's
+    down projection's, ...) whose quantization costs most per weight they feed (their weights stay quantized),
+    the fewest whose measured perplexity meets `max_ppl_increase`. Each kind's cost is the KL that switching its
+    quantizers off removes from the fully quantized model (`mixed.measure_inputs`). KL does not say perplexity:
+    when no set is estimated to meet the bound, the sets are measured in order, the fully quantized model first."""
     probed = _quantize(src, plan, [tgt], True, out, False, progress)
     windows, _ = _calibration_windows(plan, probed.float_path, always=True)
     probe = windows[:mixed.PROBE_WINDOWS, :mixed.PROBE_TOKENS]
@@ -246,7 +246,7 @@ def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target,
     left = [max(total - sum(entry.gain for entry in inputs[:count]), 0.0) for count in range(len(inputs) + 1)]  # estimated KL
 
     def kept(count: int) -> list[str]:
-        return [*plan.activations.float_inputs, *sorted(name for entry in inputs[:count] for name in entry.linears)]
+        return [*plan.activations.float_inputs, *sorted(pattern for entry in inputs[:count] for pattern in entry.patterns)]
 
     def compile_at(count: int, record: dict) -> artifact.Artifact:
         nonlocal probed
@@ -258,20 +258,21 @@ def _search_float_inputs(src: sources.Source, plan: Recipe, tgt: targets.Target,
 
     return _search_bound(left, max_ppl_increase, compile_at,
                          lambda count: {"float_input_linears": base + sum(len(entry.linears) for entry in inputs[:count])},
-                         measure_first=True)
+                         in_order=True)
 
 
-def _search_bound(costs: list[float], max_ppl_increase: float, compile_at, describe, measure_first: bool = False):
+def _search_bound(costs: list[float], max_ppl_increase: float, compile_at, describe, in_order: bool = False):
     """Compile (`compile_at(index, record)`) the first candidate whose estimated cost (log perplexity ratio) meets
     `max_ppl_increase`; while the measurement misses the bound, correct the estimate by it and compile the next
-    candidate the corrected estimate allows, at most MAX_SEARCH_TRIES times. `measure_first`: when no candidate is
-    estimated within the bound, measure the first, to correct the estimate. None when no candidate is estimated
-    within the bound; raises the last miss, with every try's measurement, when the tries run out."""
+    candidate the corrected estimate allows, at most MAX_SEARCH_TRIES times. `in_order`: when no candidate is
+    estimated within the bound, measure the next one in order (the estimate only ranks them). None when no
+    candidate is estimated within the bound; raises the last miss, with every try's measurement, when the tries
+    run out."""
     scale, after, tries, missed = 1.0, -1, [], None
     for _ in range(MAX_SEARCH_TRIES):
         index = mixed.first_within(costs, max_ppl_increase, scale, after)
-        if index is None and measure_first and not tries:
-            index = 0
+        if index is None and in_order and after + 1 < len(costs):
+            index = after + 1
         if index is None:
             break
         estimate = {**describe(index), "estimated_ppl_increase_pct": round(100 * math.expm1(scale * costs[index]), 3)}
