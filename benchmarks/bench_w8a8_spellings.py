@@ -17,7 +17,6 @@ import argparse
 import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto as T, helper, numpy_helper
 

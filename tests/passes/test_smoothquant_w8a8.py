@@ -6,11 +6,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qcompile import analysis, calibration, fidelity
-from qcompile.algorithms.smoothquant import fake_quantize, quantize_per_token
+from qcompile import analysis, calibration
+from qcompile.algorithms.smoothquant import fake_quantize
 from qcompile.passes import FoldSmoothQuantScales, QuantizeActivations, QuantizeWeightsRTN
 from qcompile.schemes import ActivationKind as A, ActivationScheme, WeightScheme
-from qcompile.targets.ort import LowerToMatMulNBits
 from qcompile.targets.trt import check_tensorrt
 from tests.conftest import run_logits
 
