@@ -230,8 +230,6 @@ def measure_inputs(model: ir.Model, float_model: ir.Model, windows: np.ndarray, 
     with _Session(float_model.clone()) as session:
         reference = session.log_probs(windows)
     copy = model.clone()
-    groups: dict[tuple[str, ...], InputSensitivity] = {}
-    switches: dict[tuple[str, ...], list[str]] = {}  # group → the boolean inputs that switch its quantizers
     quantized = []  # (linear, its input's DequantizeLinear, QuantizeLinear), found before the graph changes
     for linear in analysis.analyze(copy).linears():
         dq = linear.node.inputs[0].producer()
@@ -252,6 +250,8 @@ def measure_inputs(model: ir.Model, float_model: ir.Model, windows: np.ndarray, 
             copy.graph.insert_after(dq, where)
             readers[name] = []
         readers[name].append(linear)
+    groups: dict[tuple[str, ...], InputSensitivity] = {}
+    switches: dict[tuple[str, ...], list[str]] = {}  # group → the boolean inputs that switch its quantizers
     for name, linears in readers.items():
         key = tuple(sorted({every_block(linear.name) for linear in linears}))
         entry = groups.setdefault(key, InputSensitivity(list(key), [], 0, 0.0))
