@@ -5,13 +5,14 @@ verifies and decodes. One export per family, shared through the session."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 import qcompile
-from qcompile import analysis, errors
+from qcompile import analysis, artifact, errors, pipeline
 from qcompile.passes import (FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, RotateResidualStream,
                              RotateValueOutput)
 from tests.conftest import prompt_and_step, run_logits
@@ -238,6 +239,25 @@ def test_expert_gptq_uses_each_experts_own_rows(family_export):
             output_error(w[e].T, tables_hat[t.name][e].T, stats[calibration.expert_key(t.input.name, e)].hessian)
             for t in tables for w in [floats[t.name]] for e in range(4))
     assert errors_by[Algorithm.GPTQ] < 0.8 * errors_by[Algorithm.RTN], errors_by
+
+
+def test_experts_too_large_to_gather_per_token_are_refused_before_any_work(family_export, tmp_path, monkeypatch):
+    """The exported experts gather each token's chosen experts' weights: where a window would gather more than the
+    memory available, the compile is refused before any pass runs, saying which window would fit; it does."""
+    _, folder, path = family_export("qwen2_moe")
+    table = max(analysis.analyze(ir.load(path)).expert_tables(), key=lambda t: math.prod(t.shape[1:]))
+    assert table.per_token == 2
+    per_token = 2 * math.prod(table.shape[1:]) * 4  # float32 rows
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 100 * per_token)  # windows of 100 tokens fit
+    assert artifact.model_bytes(path) < 100 * per_token  # the whole-model check passes
+    ran, real = [], pipeline.run_passes
+    monkeypatch.setattr(pipeline, "run_passes", lambda *a: ran.append(1) or real(*a))
+    with pytest.raises(errors.UnsupportedModelError, match="a 512-token calibration or evaluation window needs .* "
+                                                           "Windows of 100 tokens would fit: pass --no-eval and --calib-seqlen 100"):
+        qcompile.compile(folder, "ort-int4", tmp_path / "evaluated", calib_samples=2, calib_seqlen=128)
+    assert not ran and not (tmp_path / "evaluated").exists()
+    art = qcompile.compile(folder, "ort-int4", tmp_path / "calibrated", eval_windows=None, calib_samples=2, calib_seqlen=100)
+    assert ran and art.path.is_dir()
 
 
 @pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
