@@ -428,13 +428,14 @@ def _check_experts_fit(model_map: analysis.ModelMap, calibration_tokens: int, ev
     if not tables or not tokens or free is None:
         return
     table = max(tables, key=lambda t: math.prod(t.shape[1:]))
-    per_token = (table.per_token or 1) * math.prod(table.shape[1:]) * int(table.table.dtype.itemsize)
+    chosen = table.per_token or 1  # at least one expert a token, where the TopK's k is not a constant
+    per_token = chosen * math.prod(table.shape[1:]) * int(table.table.dtype.itemsize)
     if tokens * per_token <= free:
         return
     fits = free // per_token
     fixes = [*(["--no-eval"] if evaluated else []), *([f"--calib-seqlen {fits}"] if calibration_tokens > fits else [])]
     raise errors.UnsupportedModelError(
-        f"{table.name}: this mixture of experts gathers the weights of each token's {table.per_token or 1} chosen experts "
+        f"{table.name}: this mixture of experts gathers the weights of each token's {chosen} chosen experts "
         f"({'×'.join(map(str, table.shape[1:]))} each; the exported batched_mm form): a {tokens}-token calibration or "
         f"evaluation window needs {tokens * per_token / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB available. "
         + (f"Windows of {fits} tokens would fit: pass {' and '.join(fixes)}" if fits >= 16 else
