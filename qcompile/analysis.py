@@ -177,13 +177,6 @@ class ExpertTable:
         return self.reader.inputs[1]
 
     @property
-    def per_token(self) -> int | None:
-        """How many experts each token chooses: the k of the TopK whose indices pick the rows (None if unknown)."""
-        topk = backward_first(self.expert_index, lambda n: n.op_type == "TopK")
-        k = ir.convenience.get_const_tensor(topk.inputs[1]) if topk is not None and len(topk.inputs) > 1 else None
-        return int(k.numpy().reshape(-1)[0]) if k is not None else None
-
-    @property
     def shape(self) -> tuple[int, ...]:
         """[E, N, K] or [E, K, N] (a lowered block's tables may pack several codes per element)."""
         e, n, k = self.table.shape

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qcompile import errors, evaluation
+from qcompile import errors, evaluation, experts
 from qcompile.analysis import Role, analyze
 from qcompile.runtime import Decoder
 
@@ -134,6 +134,7 @@ def tapped_session(model: ir.Model, outputs: list[ir.Value], start: ir.Value | N
     copy shares `model`'s tensors and is saved to a temporary folder that lasts as long as the `with`.
     """
     copy = model.clone()
+    experts.group(copy)  # the taps are the experts' inputs and indices, which grouping keeps
     values = ir.convenience.create_value_mapping(copy.graph)
     copy.graph.outputs.clear()
     copy.graph.outputs.extend(dict.fromkeys(values[v.name] for v in outputs))

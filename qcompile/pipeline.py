@@ -396,7 +396,6 @@ def _quantize(src: sources.Source, plan: Recipe, tgts: list[targets.Target], eva
     if evaluated:
         _require_evaluable(float_path)
     windows, calib_record = _calibration_windows(plan, float_path)
-    _check_experts_fit(model_map, windows.shape[1] if windows is not None else 0, evaluated)
     saved = checkpoint.Checkpoint(out, {"qcompile": __version__, "source": src.describe(), "recipe": recipe_mod.to_dict(plan),
                                         "calibration": calib_record}, resume) if plan.weights.algorithm == Algorithm.GPTQ else None
     passes = build_passes(plan, windows, progress, saved, tied)
@@ -416,30 +415,6 @@ def _check_calibration_fits(passes: list, float_path: pathlib.Path) -> None:
             f"this recipe calibrates the whole float model ({need / 1e9:.1f} GB) in one ONNX Runtime session, more "
             f"than the {free / 1e9:.1f} GB of memory available: pass --algo gptq (it calibrates one block at a time) "
             "or --algo rtn --lm-head int8 (no calibration)")
-
-
-def _check_experts_fit(model_map: analysis.ModelMap, calibration_tokens: int, evaluated: bool) -> None:
-    """A mixture of experts in the exported form (transformers' batched_mm) gathers each chosen expert's whole
-    weight table once per token. Refuse, before any work, a model whose calibration windows (`calibration_tokens`
-    long) or evaluation windows would gather more than the memory available (ONNX Runtime would be killed midway)."""
-    tables = [t for t in model_map.expert_tables() if t.matmul is not None]
-    tokens = max(calibration_tokens, evaluation.SEQ_LEN if evaluated else 0)
-    free = available_memory()
-    if not tables or not tokens or free is None:
-        return
-    table = max(tables, key=lambda t: math.prod(t.shape[1:]))
-    chosen = table.per_token or 1  # at least one expert a token, where the TopK's k is not a constant
-    per_token = chosen * math.prod(table.shape[1:]) * int(table.table.dtype.itemsize)
-    if tokens * per_token <= free:
-        return
-    fits = free // per_token
-    fixes = [*(["--no-eval"] if evaluated else []), *([f"--calib-seqlen {fits}"] if calibration_tokens > fits else [])]
-    raise errors.UnsupportedModelError(
-        f"{table.name}: this mixture of experts gathers the weights of each token's {chosen} chosen experts "
-        f"({'×'.join(map(str, table.shape[1:]))} each; the exported batched_mm form): a {tokens}-token calibration or "
-        f"evaluation window needs {tokens * per_token / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB available. "
-        + (f"Windows of {fits} tokens would fit: pass {' and '.join(fixes)}" if fits >= 16 else
-           "qcompile cannot yet calibrate or evaluate experts this large"))
 
 
 def available_memory() -> int | None:

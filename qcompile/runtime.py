@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import tempfile
 
 import numpy as np
 
-from qcompile import errors
+from qcompile import errors, experts
 
 
 def model_file(path: str | pathlib.Path) -> pathlib.Path:
@@ -63,8 +64,10 @@ class Decoder:
         options.log_severity_level = 3
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, str(value))
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:  # a mixture of experts runs grouped per expert (`experts`): ORT has read the copy once the session exists
+            with tempfile.TemporaryDirectory(prefix="qcompile-experts-") as tmp:
+                grouped = experts.grouped_copy(self.path, pathlib.Path(tmp))
+                self.session = ort.InferenceSession(str(grouped or self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise errors.CorruptModelError(
                 f"ONNX Runtime cannot load '{self.path}': {str(e).splitlines()[0][:300]}"

@@ -5,14 +5,13 @@ verifies and decodes. One export per family, shared through the session."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 import qcompile
-from qcompile import analysis, artifact, errors, pipeline
+from qcompile import analysis, errors
 from qcompile.passes import (FuseNormGains, InsertOnlineHadamard, InsertQueryKeyHadamard, RotateResidualStream,
                              RotateValueOutput)
 from tests.conftest import prompt_and_step, run_logits
@@ -241,23 +240,33 @@ def test_expert_gptq_uses_each_experts_own_rows(family_export):
     assert errors_by[Algorithm.GPTQ] < 0.8 * errors_by[Algorithm.RTN], errors_by
 
 
-def test_experts_too_large_to_gather_per_token_are_refused_before_any_work(family_export, tmp_path, monkeypatch):
-    """The exported experts gather each token's chosen experts' weights: where a window would gather more than the
-    memory available, the compile is refused before any pass runs, saying which window would fit; it does."""
-    _, folder, path = family_export("qwen2_moe")
-    table = max(analysis.analyze(ir.load(path)).expert_tables(), key=lambda t: math.prod(t.shape[1:]))
-    assert table.per_token == 2
-    per_token = 2 * math.prod(table.shape[1:]) * 4  # float32 rows
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 100 * per_token)  # windows of 100 tokens fit
-    assert artifact.model_bytes(path) < 100 * per_token  # the whole-model check passes
-    ran, real = [], pipeline.run_passes
-    monkeypatch.setattr(pipeline, "run_passes", lambda *a: ran.append(1) or real(*a))
-    with pytest.raises(errors.UnsupportedModelError, match="a 512-token calibration or evaluation window needs .* "
-                                                           "Windows of 100 tokens would fit: pass --no-eval and --calib-seqlen 100"):
-        qcompile.compile(folder, "ort-int4", tmp_path / "evaluated", calib_samples=2, calib_seqlen=128)
-    assert not ran and not (tmp_path / "evaluated").exists()
-    art = qcompile.compile(folder, "ort-int4", tmp_path / "calibrated", eval_windows=None, calib_samples=2, calib_seqlen=100)
-    assert ran and art.path.is_dir()
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
+def test_experts_run_grouped_per_expert_with_the_same_logits(family_export, family, tmp_path, monkeypatch):
+    """What qcompile runs itself (calibration, evaluation, `run`) computes each expert's rows together instead
+    of gathering each token's expert tables: no gather of a table is left, and the logits are the exported
+    graph's for a prompt and a one-token step (where most experts get no row)."""
+    import onnxruntime as ort
+
+    from qcompile import experts, runtime
+
+    _, _, path = family_export(family)
+    grouped = experts.grouped_copy(path, tmp_path)
+    assert grouped is not None and not experts.gathered_tables(ir.load(grouped))
+    assert experts.group(ir.load(grouped)) == 0  # nothing left to group
+
+    real, copies = experts.grouped_copy, []
+    monkeypatch.setattr(experts, "grouped_copy", lambda *a: copies.append(real(*a)) or copies[-1])
+    decoder = runtime.Decoder(path)
+    assert len(copies) == 1 and copies[0] is not None  # the session runs the grouped copy
+    raw = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(3, 250, size=(1, 19))
+    feeds = decoder.feeds(ids, decoder.empty_cache(), 0)
+    names = ["logits", *decoder.present_names]
+    want, got = raw.run(names, feeds), decoder.session.run(names, feeds)
+    assert np.abs(want[0] - got[0]).max() < 1e-5
+    cache = dict(zip(decoder.past_names, got[1:]))
+    feeds = decoder.feeds(np.array([[7]]), cache, ids.shape[1])
+    assert np.abs(raw.run(["logits"], feeds)[0] - decoder.session.run(["logits"], feeds)[0]).max() < 1e-5
 
 
 @pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
