@@ -57,8 +57,10 @@ def _packed_qkv_heads(node: ir.Node) -> tuple[int, int] | None:
 
 def _moe_tables(node: ir.Node) -> tuple[ir.Value, tuple[int, ...], int] | None:
     """A QMoE (`ort_experts`): the router's logits, fc1 (gate and up) at input 2 and fc2 (down) at 5, two 4-bit
-    codes per byte."""
-    return (node.inputs[1], (2, 5), 2) if (node.domain, node.op_type) == ("com.microsoft", "QMoE") else None
+    codes or one 8-bit code per byte."""
+    if (node.domain, node.op_type) != ("com.microsoft", "QMoE"):
+        return None
+    return node.inputs[1], (2, 5), 8 // node.attributes.get_int("expert_weight_bits", 4)
 
 
 FORMS = analysis.LoweredForms(

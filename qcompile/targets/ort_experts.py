@@ -12,8 +12,9 @@ only the chosen experts' blocks. What its CPU kernel does (ORT 1.32, checked aga
     router_probs = the router's logits: softmax, top-k and, with normalize_routing_weights=1, renormalised
     weights (Mixtral); without renormalising, the softmax probabilities must come as router_weights too
 
-It fits 4-bit symmetric tables whose blocks divide H and I, SwiGLU experts from a [gate | up] table, softmax
-routing. Elsewhere the canonical form stays (it runs in ORT as it is) and the record says why.
+It fits 4-bit symmetric tables whose blocks divide H and I, and 8-bit symmetric tables with one scale per row
+(expert_weight_bits=8, no block_size: u = q + 128, scales [E, N]; ort-w8a8's experts), SwiGLU experts from a
+[gate | up] table, softmax routing. Elsewhere the canonical form stays (it runs in ORT as it is) and the record says why.
 `read_expert_table` reads the packed tables back into the canonical arrays.
 """
 
@@ -97,13 +98,16 @@ def _match(experts: analysis.Experts) -> dict:
         raise _fail(f"{len(experts.tables)} expert tables (expected a fused gate_up table and a down table)")
     up, down = experts.tables
     decoded = [_canonical.read_expert_table(t) for t in (up, down)]
-    if any(d is None or d.fp8 or d.bits != 4 or d.zero_point is not None for d in decoded):
-        raise _fail("expert tables that are not 4-bit symmetric integers")
+    if any(d is None or d.fp8 or d.bits not in (4, 8) or d.bits != decoded[0].bits or d.zero_point is not None
+           for d in decoded):
+        raise _fail("expert tables that are not 4- or 8-bit symmetric integers of one width")
     if up.in_axis != 2 or down.in_axis != 2:
         raise _fail("expert tables stored [E, K, N]")
-    block = decoded[0].block_size
-    if decoded[1].block_size != block or block < 16 or block & (block - 1):
+    block = 0 if all(d.scale.shape[-1] == 1 for d in decoded) else decoded[0].block_size  # 0: one scale per row
+    if block and (decoded[1].block_size != block or block < 16 or block & (block - 1)):
         raise _fail(f"blocks of {decoded[0].block_size} and {decoded[1].block_size}")
+    if block and decoded[0].bits == 8:  # checked on the tiny MoEs: up to 1e-3 off the canonical logits; per row exact
+        raise _fail("8-bit expert tables in blocks (ORT 1.32's CPU kernel does not match them; one scale per row does)")
     # SwiGLU: down's input = Mul(Mul(a, Sigmoid(a)), b) with a, b = Split(up's product) in two halves
     product = _producer(down.input)
     act = next((n for n in (_producer(v) for v in product.inputs) if n is not None and n.op_type == "Mul"), None) \
@@ -149,8 +153,14 @@ def _interleave(a: np.ndarray) -> np.ndarray:
 def _lower(model: ir.Model, m: dict, accuracy_level: int) -> None:
     graph, (up, down) = model.graph, m["decoded"]
     name = m["experts"].tables[0].name.rsplit(".", 1)[0]
-    arrays = {"fc1": ort._pack((_interleave(up.q) + 8).astype(np.uint8), 4), "fc1_scales": _interleave(up.scale),
-              "fc2": ort._pack((down.q + 8).astype(np.uint8), 4), "fc2_scales": down.scale}
+    bits, block = up.bits, m["block"]
+    offset = 1 << (bits - 1)  # QMoE's default zero point: unsigned codes u = q + 2^(bits-1)
+
+    def scales(scale: np.ndarray) -> np.ndarray:
+        return scale if block else scale[..., 0]  # per row: [E, N]
+
+    arrays = {"fc1": ort._pack((_interleave(up.q) + offset).astype(np.uint8), bits), "fc1_scales": scales(_interleave(up.scale)),
+              "fc2": ort._pack((down.q + offset).astype(np.uint8), bits), "fc2_scales": scales(down.scale)}
     values = {}
     for key, array in arrays.items():
         value = ir.Value(name=f"{name}.{key}", shape=ir.Shape(array.shape),
@@ -163,8 +173,8 @@ def _lower(model: ir.Model, m: dict, accuracy_level: int) -> None:
         inputs += [None] * 7 + [m["probs"]]  # router_weights (input 14): mix with the softmax probabilities
     node = ir.node("QMoE", inputs, domain="com.microsoft", name=f"{name}.qmoe", attributes=dict(
         k=m["k"], normalize_routing_weights=int(m["normalize"]), activation_type="swiglu", swiglu_fusion=1,
-        activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=4, block_size=m["block"],
-        accuracy_level=accuracy_level))
+        activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=bits, accuracy_level=accuracy_level,
+        **({"block_size": block} if block else {})))
     out = node.outputs[0]
     out.name, out.dtype, out.shape = f"{name}.qmoe_output", m["output"].dtype, m["output"].shape
     graph.insert_after(m["output"].producer(), node)
@@ -177,8 +187,10 @@ def read_expert_table(table: analysis.ExpertTable) -> Decoded | None:
     node = table.reader
     if node.op_type != "QMoE":
         return _canonical.read_expert_table(table)
+    bits, block = node.attributes.get_int("expert_weight_bits", 4), node.attributes.get_int("block_size", 0)
     packed, scale = _array(node.inputs[table.index]), _array(node.inputs[table.index + 1]).astype(np.float32)
-    q = ort._unpack(packed, 4).astype(np.int16) - 8
+    q = ort._unpack(packed, bits).astype(np.int16) - (1 << (bits - 1))
+    scale = scale.reshape(*scale.shape[:2], -1)  # per row: one block spanning K, as the canonical form stores it
     if table.index == 2:  # fc1: gate and up rows interleaved
         q, scale = (np.concatenate([a[:, 0::2], a[:, 1::2]], axis=1) for a in (q, scale))
-    return Decoded(q, scale, None, 4, node.attributes.get_int("block_size"), node.inputs[table.index].name)
+    return Decoded(q, scale, None, bits, block or q.shape[2], node.inputs[table.index].name)
