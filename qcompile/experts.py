@@ -10,7 +10,8 @@ grouped first:
                                                                   y[rows] = x[rows] · table[e]ᵀ
 
 (one ScatterND writes every row back). The same products, summed in another order; a window then holds its
-rows' activations and one expert's table at a time.
+rows' activations and one expert's table at a time (a 4-bit canonical table is dequantized whole, one table
+at a time: ORT's Gather has no 4-bit types).
 """
 
 from __future__ import annotations
@@ -79,13 +80,26 @@ def _group(graph: ir.Graph, reader: ir.Node, matmul: ir.Node, shape: tuple[int, 
     def const(array: np.ndarray) -> ir.Value:
         return add("Constant", [], value=ir.tensor(array))
 
+    def expert_table(e: int) -> ir.Value:
+        """Table e, float. An 8-bit table's integers and scales are gathered first, so that one expert at a time
+        is dequantized; ORT's Gather has no 4-bit types, so a 4-bit table is dequantized whole (per window)."""
+        at, table = const(np.array(e, np.int64)), reader.inputs[0]
+        dq = table.producer()
+        scale = dq.inputs[1] if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if (scale is None or dq.inputs[0].dtype not in (ir.DataType.INT8, ir.DataType.UINT8) or scale.shape is None
+                or len(scale.shape) != 3 or dq.attributes.get_int("axis", 1) not in (1, 2)):
+            return add("Gather", [table, at], axis=0)
+        parts = [add("Gather", [v, at], axis=0) for v in dq.inputs if v is not None]  # q, scale, zero point
+        attributes = {a.name: a.value for a in dq.attributes.values()}
+        return add("DequantizeLinear", parts, **{**attributes, "axis": dq.attributes.get_int("axis", 1) - 1})
+
     index = add("Reshape", [index, const(np.array([-1], np.int64))])  # [R]
     rows_in = add("Reshape", [x, const(np.array([-1, k], np.int64))])  # [R, K]
     rows, products = [], []
     for e in range(experts):
         hit = add("Equal", [index, const(np.array(e, (reader.inputs[1].dtype or ir.DataType.INT64).numpy()))])
         where = add("Reshape", [add("NonZero", [hit]), const(np.array([-1, 1], np.int64))])  # [n_e, 1]
-        weight = add("Gather", [reader.inputs[0], const(np.array(e, np.int64))], axis=0)  # [N, K] or [K, N]
+        weight = expert_table(e)  # [N, K] or [K, N]
         picked = add("GatherND", [rows_in, where])  # [n_e, K]
         products.append(add("Gemm", [picked, weight], transB=int(weights_first)))  # [n_e, N]
         rows.append(where)

@@ -268,6 +268,21 @@ def test_experts_run_grouped_per_expert_with_the_same_logits(family_export, fami
     feeds = decoder.feeds(np.array([[7]]), cache, ids.shape[1])
     assert np.abs(raw.run(["logits"], feeds)[0] - decoder.session.run(["logits"], feeds)[0]).max() < 1e-5
 
+    # quantized tables (the canonical form trt-* targets keep): 8-bit ones are dequantized one expert at a time,
+    # 4-bit ones whole (ORT's Gather has no 4-bit types)
+    from qcompile.passes import QuantizeExperts
+    from qcompile.schemes import WeightScheme
+
+    for bits, per_expert in [(8, 4 * 4), (4, 0)]:
+        model = ir.load(path)
+        QuantizeExperts(WeightScheme(bits=bits, group_size=32))(model)
+        ir.save(model, tmp_path / "quantized.onnx", external_data="quantized.onnx.data")
+        assert experts.group(model) == 4
+        assert sum(n.op_type == "DequantizeLinear" and n.inputs[0].producer() is not None for n in model.graph) == per_expert
+        ir.save(model, tmp_path / "grouped.onnx", external_data="grouped.onnx.data")
+        np.testing.assert_allclose(run_logits(tmp_path / "grouped.onnx", ids),
+                                   run_logits(tmp_path / "quantized.onnx", ids), atol=1e-5, rtol=0)
+
 
 @pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
 def test_experts_lower_to_one_qmoe_per_block_exactly(family_export, family, tmp_path):
