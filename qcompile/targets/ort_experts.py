@@ -12,9 +12,10 @@ only the chosen experts' blocks. What its CPU kernel does (ORT 1.32, checked aga
     router_probs = the router's logits: softmax, top-k and, with normalize_routing_weights=1, renormalised
     weights (Mixtral); without renormalising, the softmax probabilities must come as router_weights too
 
-It fits 4-bit symmetric tables whose blocks divide H and I, and 8-bit symmetric tables with one scale per row
-(expert_weight_bits=8, no block_size: u = q + 128, scales [E, N]; ort-w8a8's experts), SwiGLU experts from a
-[gate | up] table, softmax routing. Elsewhere the canonical form stays (it runs in ORT as it is) and the record says why.
+It fits 4-bit symmetric tables in blocks that divide H and I, and 4- or 8-bit symmetric tables with one scale
+per row (no block_size: scales [E, N]; 8 bits: expert_weight_bits=8, u = q + 128, ort-w8a8's experts), SwiGLU
+experts from a [gate | up] table, softmax routing. Elsewhere the canonical form stays (it runs in ORT as it is)
+and the record says why.
 `read_expert_table` reads the packed tables back into the canonical arrays.
 """
 
