@@ -289,7 +289,7 @@ def test_experts_lower_to_one_qmoe_per_block_exactly(family_export, family, tmp_
     """ORT targets run a 4-bit MoE block as one QMoE: the same logits as the canonical form in ORT (fp32
     compute), the same integers read back, the routing ops gone. Mixtral renormalises its top-k weights
     (normalize_routing_weights=1); Qwen2-MoE does not (the softmax probabilities are QMoE's router_weights).
-    8-bit tables with one scale per row lower too; 8-bit blocks and asymmetric tables do not fit, and stay
+    4- and 8-bit tables with one scale per row lower too; 8-bit blocks and asymmetric tables do not fit, and stay
     canonical with the reason recorded."""
     from qcompile import fidelity, targets
     from qcompile.passes import QuantizeExperts
@@ -316,18 +316,19 @@ def test_experts_lower_to_one_qmoe_per_block_exactly(family_export, family, tmp_
     np.testing.assert_allclose(run_logits(tmp_path / "qmoe.onnx", ids), run_logits(tmp_path / "canonical.onnx", ids),
                                atol=1e-5, rtol=0)
 
-    # 8-bit tables with one scale per row (ort-w8a8's experts: one block spanning K; QMoE without block_size)
-    model = ir.load(path)
-    QuantizeExperts(WeightScheme(bits=8, group_size=0))(model)
-    digests = fidelity.digests(model, ort)
-    ir.save(model, tmp_path / "canonical8.onnx", external_data="canonical8.onnx.data")
-    assert LowerExpertsToQMoE(accuracy_level=0)(model).record == {"experts": "QMoE in 2 blocks"}
-    qmoe = next(n for n in model.graph if n.op_type == "QMoE")
-    assert qmoe.attributes.get_int("expert_weight_bits") == 8 and qmoe.attributes.get("block_size") is None
-    assert fidelity.digests(model, ort) == digests
-    ir.save(model, tmp_path / "qmoe8.onnx", external_data="qmoe8.onnx.data")
-    np.testing.assert_allclose(run_logits(tmp_path / "qmoe8.onnx", ids), run_logits(tmp_path / "canonical8.onnx", ids),
-                               atol=1e-5, rtol=0)
+    # tables with one scale per row (ort-w8a8's 8-bit experts: one block spanning K; QMoE without block_size)
+    for bits in (8, 4):
+        model = ir.load(path)
+        QuantizeExperts(WeightScheme(bits=bits, group_size=0))(model)
+        digests = fidelity.digests(model, ort)
+        ir.save(model, tmp_path / "canonical_rows.onnx", external_data="canonical_rows.onnx.data")
+        assert LowerExpertsToQMoE(accuracy_level=0)(model).record == {"experts": "QMoE in 2 blocks"}
+        qmoe = next(n for n in model.graph if n.op_type == "QMoE")
+        assert qmoe.attributes.get_int("expert_weight_bits") == bits and qmoe.attributes.get("block_size") is None
+        assert fidelity.digests(model, ort) == digests
+        ir.save(model, tmp_path / "qmoe_rows.onnx", external_data="qmoe_rows.onnx.data")
+        np.testing.assert_allclose(run_logits(tmp_path / "qmoe_rows.onnx", ids),
+                                   run_logits(tmp_path / "canonical_rows.onnx", ids), atol=1e-5, rtol=0)
 
     for scheme, reason in [(WeightScheme(bits=8, group_size=32), "8-bit expert tables in blocks"),
                            (WeightScheme(bits=4, group_size=32, symmetric=False), "not 4- or 8-bit symmetric integers")]:
