@@ -282,8 +282,11 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
             table.add_row(lin.name, lin.role.value + parts, str(lin.in_features), str(lin.out_features), fed, lin.format())
         for t in b.experts.tables if b.experts else ():
             dq = t.table.producer()
-            stored = (f"{dq.inputs[0].dtype.name} block {dq.attributes.get_int('block_size', 0)} (DequantizeLinear)"
-                      if dq is not None else t.table.dtype.name)
+            if t.matmul is None:  # a block its target lowered into one node: codes packed into bytes
+                stored = f"{t.reader.op_type} {8 // t.packed}-bit"
+            else:
+                stored = (f"{dq.inputs[0].dtype.name} block {dq.attributes.get_int('block_size', 0)} (DequantizeLinear)"
+                          if dq is not None else t.table.dtype.name)
             k, n = t.shape[t.in_axis], t.shape[3 - t.in_axis]
             table.add_row(t.name, f"{t.shape[0]} experts", str(k), str(n), "router's choice", stored)
     head = mm.lm_head

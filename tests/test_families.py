@@ -285,7 +285,7 @@ def test_experts_run_grouped_per_expert_with_the_same_logits(family_export, fami
 
 
 @pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
-def test_experts_lower_to_one_qmoe_per_block_exactly(family_export, family, tmp_path):
+def test_experts_lower_to_one_qmoe_per_block_exactly(family_export, family, tmp_path, capsys):
     """ORT targets run a 4-bit MoE block as one QMoE: the same logits as the canonical form in ORT (fp32
     compute), the same integers read back, the routing ops gone. Mixtral renormalises its top-k weights
     (normalize_routing_weights=1); Qwen2-MoE does not (the softmax probabilities are QMoE's router_weights).
@@ -315,6 +315,11 @@ def test_experts_lower_to_one_qmoe_per_block_exactly(family_export, family, tmp_
     ir.save(model, tmp_path / "qmoe.onnx", external_data="qmoe.onnx.data")
     np.testing.assert_allclose(run_logits(tmp_path / "qmoe.onnx", ids), run_logits(tmp_path / "canonical.onnx", ids),
                                atol=1e-5, rtol=0)
+    from qcompile.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "qmoe.onnx")]) == 0
+    assert "QMoE 4-bit" in capsys.readouterr().out
 
     # tables with one scale per row (ort-w8a8's 8-bit experts: one block spanning K; QMoE without block_size)
     for bits in (8, 4):
