@@ -333,6 +333,17 @@ def _is_const(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None
 
 
+def gathered_table(node: ir.Node) -> ir.Value | None:
+    """The constant table (its integers, past a DequantizeLinear) that `node`, a Gather or GatherND of a rank-3
+    [E, ·, ·] tensor, picks experts' weights from; None for any other node."""
+    if node.op_type not in ("Gather", "GatherND") or len(node.inputs[0].shape or ()) != 3:
+        return None
+    table = node.inputs[0]
+    if (p := table.producer()) is not None and p.op_type == "DequantizeLinear":
+        table = p.inputs[0]
+    return table if _is_const(table) else None
+
+
 def skip_back(value: ir.Value, ops=("Cast", "Identity")) -> ir.Value:
     """Walk back through no-op-like producers (a bf16 model's upcasts, identities)."""
     while (p := value.producer()) is not None and p.op_type in ops:
@@ -799,13 +810,7 @@ class _Analyzer:
             routers[node] = router
         found: dict[ir.Node, list[ExpertTable]] = {router: [] for router in routers.values()}
         for node in self.graph:
-            if node.op_type not in ("Gather", "GatherND") or len(node.inputs[0].shape or ()) != 3:
-                continue
-            table = node.inputs[0]
-            if (p := table.producer()) is not None and p.op_type == "DequantizeLinear":
-                table = p.inputs[0]
-            topk = backward_first(node.inputs[1], lambda n: n in routers)
-            if not _is_const(table) or topk is None:
+            if gathered_table(node) is None or (topk := backward_first(node.inputs[1], lambda n: n in routers)) is None:
                 continue
             matmul = next((u for u in _forward_uses(node.outputs[0], ("Transpose", "Reshape", "Squeeze", "Unsqueeze"))
                            if u.node.op_type == "MatMul"), None)

@@ -134,7 +134,7 @@ def tapped_session(model: ir.Model, outputs: list[ir.Value], start: ir.Value | N
     copy shares `model`'s tensors and is saved to a temporary folder that lasts as long as the `with`.
     """
     copy = model.clone()
-    experts.group(copy)  # the taps are the experts' inputs and indices, which grouping keeps
+    experts.group(copy)  # here, before the one save (Decoder would group a second copy); the taps are kept
     values = ir.convenience.create_value_mapping(copy.graph)
     copy.graph.outputs.clear()
     copy.graph.outputs.extend(dict.fromkeys(values[v.name] for v in outputs))

@@ -284,9 +284,10 @@ def inspect(path: pathlib.Path = typer.Argument(..., help="An .onnx file, or an 
             dq = t.table.producer()
             if t.matmul is None:  # a block its target lowered into one node: codes packed into bytes
                 stored = f"{t.reader.op_type} {8 // t.packed}-bit"
+            elif dq is not None:
+                stored = f"{dq.inputs[0].dtype.name} block {dq.attributes.get_int('block_size', 0)} (DequantizeLinear)"
             else:
-                stored = (f"{dq.inputs[0].dtype.name} block {dq.attributes.get_int('block_size', 0)} (DequantizeLinear)"
-                          if dq is not None else t.table.dtype.name)
+                stored = t.table.dtype.name
             k, n = t.shape[t.in_axis], t.shape[3 - t.in_axis]
             table.add_row(t.name, f"{t.shape[0]} experts", str(k), str(n), "router's choice", stored)
     head = mm.lm_head

@@ -22,23 +22,20 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from qcompile import analysis
+
 
 def gathered_tables(model: ir.Model) -> list[tuple[ir.Node, ir.Node, tuple[int, int, int]]]:
-    """(gather, MatMul, table shape) for each MatMul of `model` that reads a Gather/GatherND (on axis 0, no batch
-    dims) of a rank-3 table, or of its DequantizeLinear: the exported form of `analysis.ExpertTable`, found from
-    the graph alone, so in lowered models too."""
+    """(gather, MatMul, table shape) for each MatMul of `model` reading an expert table's gather
+    (`analysis.gathered_table`; on axis 0, no batch dims, one [N, K] table a row) directly: found from the graph
+    alone, without a whole-model analysis, so in lowered models and peers' models too."""
     found = []
     for node in model.graph:
         for reader in {v.producer() for v in node.inputs if v is not None} if node.op_type == "MatMul" else ():
-            if reader is None or reader.op_type not in ("Gather", "GatherND") or reader.attributes.get_int("axis", 0) \
-                    or reader.attributes.get_int("batch_dims", 0) or reader.inputs[0] is None \
-                    or reader.outputs[0].shape is None or len(reader.outputs[0].shape) != 3:  # one [N, K] table a row
-                continue
-            table = reader.inputs[0]
-            if (dq := table.producer()) is not None and dq.op_type == "DequantizeLinear":
-                table = dq.inputs[0]
-            if table.producer() is None and table.shape is not None and len(table.shape) == 3 and table.shape.is_static():
-                found.append((reader, node, tuple(table.shape)))
+            if (reader is not None and analysis.gathered_table(reader) is not None and reader.inputs[0].shape.is_static()
+                    and not reader.attributes.get_int("axis", 0) and not reader.attributes.get_int("batch_dims", 0)
+                    and len(reader.outputs[0].shape or ()) == 3):
+                found.append((reader, node, tuple(reader.inputs[0].shape)))
     return found
 
 
