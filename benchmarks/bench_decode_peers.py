@@ -52,8 +52,8 @@ VARIANTS = {  # qcompile rows: (target, compile() options)
 
 
 def build_genai(work: pathlib.Path, extra_options: str | None = None, name: str = "genai-int4") -> pathlib.Path:
-    """onnxruntime-genai's builder, int4 CPU (with its `--extra_options`, e.g. int4_algo_config=k_quant_mixed), on an
-    HF folder saved from the built-in GGUF model (saved once per `work`)."""
+    """onnxruntime-genai's builder, int4 CPU (with its `--extra_options`, space-separated key=value pairs, e.g.
+    int4_algo_config=k_quant_mixed), on an HF folder saved from the built-in GGUF model (saved once per `work`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = sources.resolve("smollm2-135m").path
@@ -70,7 +70,7 @@ def build_genai(work: pathlib.Path, extra_options: str | None = None, name: str 
         del model
     out = work / name
     started = time.perf_counter()
-    extra = ["--extra_options", extra_options] if extra_options else []
+    extra = ["--extra_options", *extra_options.split()] if extra_options else []
     run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                           "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"), *extra], capture_output=True, text=True)
     if run.returncode:

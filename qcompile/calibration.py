@@ -66,21 +66,38 @@ class TapStats:
     def rms(self) -> np.ndarray:
         return np.sqrt(self.sqsum / max(self.tokens, 1))
 
-    def add(self, x: np.ndarray, token_weights: np.ndarray | None = None, rows: int = 0) -> None:
+    def add(self, x: np.ndarray, token_weights: np.ndarray | None = None, rows: int = 0,
+            envelope: np.ndarray | None = None, first: bool = True) -> None:
+        """One window's rows x [..., K]; `envelope` (x's shape), where given, stands for |x| in the max (`rope_envelope`);
+        `first`: x's first row is a sequence's first position (summed in `first`, counted in `windows`)."""
         x = x.reshape(-1, x.shape[-1])
-        self.first = x[0].astype(np.float64) + (0 if self.first is None else self.first)  # one window a call
-        self.windows += 1
+        if first:
+            self.first = x[0].astype(np.float64) + (0 if self.first is None else self.first)
+            self.windows += 1
         if rows:
             pick = np.random.default_rng(self.tokens).choice(x.shape[0], min(rows, x.shape[0]), replace=False)
             self.rows.append(x[np.sort(pick)].copy())
         magnitude = np.abs(x)
-        np.maximum(self.absmax, magnitude.max(axis=0), out=self.absmax)
+        np.maximum(self.absmax, (magnitude if envelope is None else envelope.reshape(x.shape)).max(axis=0), out=self.absmax)
         self.abssum += magnitude.sum(axis=0, dtype=np.float64)
         self.sqsum += np.square(x).sum(axis=0, dtype=np.float64)
         if self.hessian is not None:
             weighted = x if token_weights is None else x * token_weights.reshape(-1, 1)
             self.hessian += (weighted.T @ x).astype(np.float64)  # one window in float32, the sum in float64
         self.tokens += x.shape[0]
+
+
+def rope_envelope(x: np.ndarray, head_dim: int, rotated: int) -> np.ndarray:
+    """|x| for keys after RoPE (x [..., heads · head_dim], head-major), with the channels of each rotate-half pair
+    (c, c + rotated/2 of each head's first `rotated`) both replaced by the pair's magnitude √(x_c² + x_{c+rotated/2}²).
+    RoPE turns every pair by an angle that grows with the position, so a channel's largest value over a 512-token
+    window can be far below what the same content reaches further on (a pair turning once in 4000 positions barely
+    moves within 512); the pair's magnitude is the same at every position."""
+    shape = x.shape
+    x = x.reshape(*shape[:-1], -1, head_dim)
+    out, half = np.abs(x), rotated // 2
+    out[..., :half] = out[..., half:rotated] = np.hypot(x[..., :half], x[..., half:rotated])
+    return out.reshape(shape)
 
 
 def calibration_windows(tokenizer, file: str | pathlib.Path | None = None, samples: int = DEFAULT_SAMPLES,
@@ -160,13 +177,27 @@ def tapped_session(model: ir.Model, outputs: list[ir.Value], start: ir.Value | N
             del decoder
 
 
-def _runs(decoder: Decoder, names: list[str], windows: np.ndarray, start: np.ndarray | None):
+def shifts(windows: np.ndarray, positions: int) -> np.ndarray:
+    """Each window's position offset for taps that depend on absolute positions (`Request.positions`): 0 for every
+    other window, else uniform in [0, positions − window length] (seeded). A window's tokens then sit where a long
+    context puts them: RoPE turns a key by an angle that grows with its position, and some of its channel pairs
+    turn through less than a radian in 512 positions and several in 4000. RoPE's scores depend only on relative
+    positions, so the rest of the model computes the same as unshifted."""
+    offsets = np.random.default_rng(0).integers(0, max(positions - windows.shape[1], 0) + 1, len(windows))
+    offsets[::2] = 0
+    return offsets
+
+
+def _runs(decoder: Decoder, names: list[str], windows: np.ndarray, start: np.ndarray | None,
+          offsets: np.ndarray | None = None):
     """Each window's outputs `names` (a dict), the window fed as a prompt with an empty cache; with
-    `start`, window i also feeds START_INPUT = start[i]."""
+    `start`, window i also feeds START_INPUT = start[i]; with `offsets`, at positions shifted by offsets[i]."""
     for i, window in enumerate(windows):
         feeds = decoder.feeds(window[None], decoder.empty_cache(), 0)
         if start is not None:
             feeds[START_INPUT] = start[i][None]
+        if offsets is not None and "position_ids" in feeds:
+            feeds["position_ids"] = feeds["position_ids"] + offsets[i]
         yield dict(zip(names, decoder.session.run(names, feeds)))
 
 
@@ -191,9 +222,13 @@ class Request:
     many sampled `rows` per window, and attention-weighted statistics for the taps `attention` maps to
     attention probabilities (see the module docstring). `linears`: the linears whose inputs the taps are,
     for `linear_hessians`. `per_head`: the taps are [batch, heads, seq, head_dim] (a KV cache's new keys
-    or values) and their channels are the (head, dim) pairs, head-major. `experts`: for a tap that is the
-    input of a mixture of experts' MatMul (one row per token and chosen expert), the value holding each
-    row's expert index: its statistics are kept per expert, under `expert_key(tap, e)`."""
+    or values) and their channels are the (head, dim) pairs, head-major. `rope`: per-head taps of keys after
+    RoPE → the rotated channels of each head; their absmax is taken over `rope_envelope`. `positions`: the taps
+    depend on where in a context of that many positions their tokens sit (keys after RoPE, queries): every second
+    window then runs at positions shifted by a seeded offset (`shifts`), and these taps leave out the shifted
+    windows' first position, a sequence start no real context has there. `experts`: for a tap
+    that is the input of a mixture of experts' MatMul (one row per token and chosen expert), the value holding
+    each row's expert index: its statistics are kept per expert, under `expert_key(tap, e)`."""
 
     taps: list[ir.Value]
     hessian: bool = False
@@ -201,6 +236,8 @@ class Request:
     attention: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
     linears: list = dataclasses.field(default_factory=list)
     per_head: bool = False
+    rope: dict[str, int] = dataclasses.field(default_factory=dict)
+    positions: int = 0
     experts: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
 
 
@@ -234,6 +271,9 @@ def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=
     rows = {t.name: max(r.rows for r in requests if t in r.taps) for t in taps}
     attention = {k: v for r in requests for k, v in r.attention.items()}
     per_head = {t.name for r in requests if r.per_head for t in r.taps}
+    rope = {k: v for r in requests for k, v in r.rope.items()}
+    positioned = {t.name for r in requests if r.positions for t in r.taps}
+    offsets = shifts(windows, max(r.positions for r in requests)) if positioned else None
     experts = {k: v for r in requests for k, v in r.experts.items()}
     wanted = list(dict.fromkeys([*taps, *attention.values(), *experts.values(), *([keep] if keep is not None else [])]))
     names = [t.name for t in wanted]
@@ -242,11 +282,16 @@ def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=
     kept = []
     advance = progress.task(label, len(windows)) if progress else (lambda: None)
     with tapped_session(model, wanted, start_value) as decoder:
-        for out in _runs(decoder, names, windows, start_arrays):
+        for i, out in enumerate(_runs(decoder, names, windows, start_arrays, offsets)):
             for tap in taps:
                 x = out[tap.name]
+                head_dim = x.shape[-1]
                 if tap.name in per_head:
                     x = x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+                shifted = tap.name in positioned and offsets[i] > 0
+                if shifted:
+                    x = x[:, 1:]
+                envelope = rope_envelope(x, head_dim, rope[tap.name]) if tap.name in rope else None
                 keys = [(tap.name, x, None)]
                 if tap.name in attention:
                     probs = out[attention[tap.name].name]  # [1, heads, q, k]
@@ -261,7 +306,8 @@ def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=
                         stats[key] = TapStats(np.zeros(k, np.float32), np.zeros(k, np.float64),
                                               np.zeros((k, k), np.float64) if tap.name in hessian else None,
                                               np.zeros(k, np.float64))
-                    stats[key].add(x, weights, rows[tap.name] if weights is None else 0)
+                    stats[key].add(x, weights, rows[tap.name] if weights is None else 0, envelope if key == tap.name else None,
+                                   first=not shifted)
             if keep is not None:
                 kept.append(out[keep.name][0])
             advance()

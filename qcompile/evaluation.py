@@ -68,15 +68,31 @@ def perplexity(decoder: Decoder, tokenizer, count: int = DEFAULT_WINDOWS, progre
     nll, predictions = 0.0, []
     for window in batches:
         logits, _ = decoder.forward(window[None], decoder.empty_cache(), 0)
-        logits = logits[0, :-1].astype(np.float32, copy=False)
-        target = window[1:]
-        peak = logits.max(axis=-1, keepdims=True)  # exp in float32 (each term is in (0, 1]), sums in float64
-        logsumexp = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
-        nll += float((logsumexp - logits[np.arange(len(target)), target]).sum())
-        predictions.append(logits.argmax(axis=-1))
+        nll += float(token_nll(logits[0, :-1], window[1:]).sum())
+        predictions.append(logits[0, :-1].argmax(axis=-1))
         advance()
     tokens = count * (SEQ_LEN - 1)
     return Perplexity(float(np.exp(nll / tokens)), tokens, count, np.concatenate(predictions))
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """−log p(target) at each position of `logits` [s, vocab] (exp in float32, each term in (0, 1]; sums in float64)."""
+    logits = logits.astype(np.float32, copy=False)
+    peak = logits.max(axis=-1, keepdims=True)
+    logsumexp = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
+    return logsumexp - logits[np.arange(len(targets)), targets]
+
+
+def position_nll(decoder: Decoder, ids: np.ndarray, chunk: int = SEQ_LEN) -> np.ndarray:
+    """−log p(ids[t + 1] | ids[:t + 1]) for every t of one long sequence, fed `chunk` tokens at a time into the
+    growing cache: what a long conversation's later tokens cost (the evaluation and calibration windows stop at
+    512 tokens, so positions past them are where a quantized cache's scales were never measured)."""
+    cache, out = decoder.empty_cache(), []
+    for start in range(0, len(ids) - 1, chunk):
+        logits, cache = decoder.forward(ids[None, start:start + chunk], cache, start)
+        targets = ids[start + 1:start + chunk + 1]
+        out.append(token_nll(logits[0, :len(targets)], targets))
+    return np.concatenate(out)
 
 
 def latency(decoder: Decoder, prompt_len: int = SEQ_LEN, decode_steps: int = 32, rounds: int = 3) -> dict:

@@ -398,7 +398,7 @@ def _quantize(src: sources.Source, plan: Recipe, tgts: list[targets.Target], eva
     windows, calib_record = _calibration_windows(plan, float_path)
     saved = checkpoint.Checkpoint(out, {"qcompile": __version__, "source": src.describe(), "recipe": recipe_mod.to_dict(plan),
                                         "calibration": calib_record}, resume) if plan.weights.algorithm == Algorithm.GPTQ else None
-    passes = build_passes(plan, windows, progress, saved, tied)
+    passes = build_passes(plan, windows, progress, saved, tied, context_length(float_path.parent))
     _check_calibration_fits(passes, float_path)
     results = run_passes(model, passes)
     return _Canonical(model, src, float_path, results, fidelity.digests(model, _canonical), calib_record, saved)
@@ -556,12 +556,13 @@ _WEIGHT_PASSES = {
 
 
 def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved: checkpoint.Checkpoint | None = None,
-                 tied: bool = False) -> list[ir.passes.PassBase]:
+                 tied: bool = False, context: int | None = None) -> list[ir.passes.PassBase]:
     """The passes that turn the float model into the canonical quantized model, in order: QuaRot's
     rotations (float-equivalent), one calibration run for every pass that needs the float model's
     statistics, SmoothQuant's fold, the weights (a 4-bit lm_head by GPTQ first, when the blocks are not
     GPTQ's; a mixture of experts' tables by RTN), the activation and KV-cache quantizers, the embedding. `tied`: the float model's lm_head reads
-    the embedding table; quantized to the same width, the table then takes the lm_head's integers."""
+    the embedding table; quantized to the same width, the table then takes the lm_head's integers. `context`: the
+    model's context length, which a quantized KV cache's scales must cover."""
     scheme, act = plan.weight_scheme(), plan.activations
     passes = _rotation_passes(plan, windows, progress)
     head = QuantizeWeightsGPTQ(scheme, None, scheme.act_order, scheme.damp, progress, names={"lm_head"}) if plan.head_calibrated else None
@@ -570,7 +571,7 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     fold = FoldSmoothQuantScales(act, quantize_weight=_fake_quantizer(scheme), skip=scheme.skip, weights=scheme) if act.smoothquant else None
     acts = QuantizeActivations(act.kind, lm_head=act.lm_head, clip=act.clip, weights=scheme,
                                float_inputs=act.float_inputs) if act.kind != ActivationKind.NONE else None
-    kv = QuantizeKVCache(plan.kv_cache.bits) if plan.kv_cache.bits is not None else None
+    kv = QuantizeKVCache(plan.kv_cache.bits, context=context) if plan.kv_cache.bits is not None else None
     consumers = [p for p in (fold, acts if act.static else None, head, weights if shares_calibration else None, kv)
                  if p is not None]
     if consumers:

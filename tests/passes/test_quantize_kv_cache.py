@@ -46,16 +46,47 @@ def test_kv_cache_holds_values_quantized_with_calibrated_per_channel_scales(tiny
     logits, cache = reference.forward(ids, reference.empty_cache(), 0)
     qmax = 2 ** (bits - 1) - 1
     # layer 0's keys and values are computed before any quantized cache is read: exactly the float ones, quantized
-    # with a scale per (head, channel) of c · max |x| over the calibration windows / qmax, c in 0.5..1
+    # with a scale per (head, channel) of c · max |x| over the calibration windows / qmax, c in 0.5..1; for the keys
+    # (after RoPE), |x| of each rotate-half pair's channels is the pair's magnitude
     _, full = decoder.forward(WINDOWS, decoder.empty_cache(len(WINDOWS)), 0)
     for name in (["past_key_values.0.key"] if bits == 8 else []) + ["past_key_values.0.value"]:  # 4-bit keys: transformed
         scale = model.graph.initializers[name.replace("past_key_values", "present") + ".kv_scale"].const_value.numpy()
-        ratio = scale / (np.abs(full[name]).max(axis=(0, 2), keepdims=True) / qmax)
+        x = full[name]
+        magnitude = calibration.rope_envelope(x, 16, 16) if name.endswith("key") else np.abs(x)
+        ratio = scale / (magnitude.max(axis=(0, 2), keepdims=True) / qmax)
         assert ratio.shape == (1, 2, 1, 16) and (ratio > 0.5 - 1e-6).all() and (ratio < 1 + 1e-6).all()
         want = np.clip(np.round(float_cache[name] / scale), -qmax - 1, qmax) * scale
         np.testing.assert_allclose(cache[name], want, atol=1e-5)
     error = np.abs(logits - float_logits).max()
     assert 0 < error < (0.5 if bits == 4 else 0.05), error
+
+
+def test_key_scales_hold_at_every_position_of_the_context(tiny_export):
+    """A RoPE pair's magnitude is the same at every position, so the 8-bit key scales (from it) are equal within each
+    pair and cover the keys of a window fed at the end of the context, which calibration never ran there."""
+    _, path = tiny_export("llama")
+    model = ir.load(path)
+    kv = QuantizeKVCache(8, context=2048)
+    Calibrate(WINDOWS, [kv])(model)
+    kv(model)
+    scale = model.graph.initializers["present.0.key.kv_scale"].const_value.numpy()[0, :, 0]  # [heads, 16]
+    np.testing.assert_array_equal(scale[:, :8], scale[:, 8:])
+    decoder = Decoder(path)
+    feeds = decoder.feeds(WINDOWS, decoder.empty_cache(len(WINDOWS)), 0)
+    feeds["position_ids"] = feeds["position_ids"] + 2048 - WINDOWS.shape[1]
+    keys = decoder.session.run(["present.0.key"], feeds)[0]  # [windows, heads, seq, 16]
+    assert (np.abs(keys).max(axis=(0, 2)) <= 127 * scale * (1 + 1e-5)).all()
+
+
+def test_position_dependent_taps_see_shifted_windows_without_their_first_position():
+    offsets = calibration.shifts(np.zeros((6, 32), np.int64), 1000)
+    assert (offsets[::2] == 0).all() and (offsets[1::2] > 0).all() and (offsets <= 1000 - 32).all()
+    np.testing.assert_array_equal(offsets, calibration.shifts(np.zeros((6, 32), np.int64), 1000))  # seeded
+    assert not calibration.shifts(np.zeros((6, 32), np.int64), 32).any()  # a context no longer than a window
+    x = np.random.default_rng(0).standard_normal((5, 2 * 8))
+    magnitude = calibration.rope_envelope(x, 8, 4)  # two heads of 8 channels, the first 4 rotated: pairs (0, 2), (1, 3)
+    np.testing.assert_allclose(magnitude[:, [0, 2, 8, 10]], np.hypot(x[:, [0, 0, 8, 8]], x[:, [2, 2, 10, 10]]))
+    np.testing.assert_allclose(magnitude[:, [4, 5, 12]], np.abs(x[:, [4, 5, 12]]))
 
 
 @pytest.mark.parametrize("bits, dtype, width", [(8, np.int8, 1.0), (4, np.uint8, 0.5)])
