@@ -196,7 +196,7 @@ def _runs(decoder: Decoder, names: list[str], windows: np.ndarray, start: np.nda
         feeds = decoder.feeds(window[None], decoder.empty_cache(), 0)
         if start is not None:
             feeds[START_INPUT] = start[i][None]
-        if offsets is not None and "position_ids" in feeds:
+        if offsets is not None:
             feeds["position_ids"] = feeds["position_ids"] + offsets[i]
         yield dict(zip(names, decoder.session.run(names, feeds)))
 
@@ -282,13 +282,14 @@ def run(model: ir.Model, requests: list[Request], windows: np.ndarray, progress=
     kept = []
     advance = progress.task(label, len(windows)) if progress else (lambda: None)
     with tapped_session(model, wanted, start_value) as decoder:
+        offsets = offsets if decoder.positions else None  # positions computed inside the graph cannot be shifted
         for i, out in enumerate(_runs(decoder, names, windows, start_arrays, offsets)):
             for tap in taps:
                 x = out[tap.name]
                 head_dim = x.shape[-1]
                 if tap.name in per_head:
                     x = x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
-                shifted = tap.name in positioned and offsets[i] > 0
+                shifted = offsets is not None and tap.name in positioned and offsets[i] > 0
                 if shifted:
                     x = x[:, 1:]
                 envelope = rope_envelope(x, head_dim, rope[tap.name]) if tap.name in rope else None
