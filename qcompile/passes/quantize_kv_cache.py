@@ -43,7 +43,8 @@ class QuantizeKVCache(ir.passes.InPlacePass):
     (benchmarks/bench_kv_cache.py, SmolLM2, perplexity over the same model with a float cache: the clip
     search took the 4-bit cache from +15.4 % to +13.8 %, and the 8-bit one from +0.00 % to +0.17 %, so 8 bits
     keep max |x|; the key transform then took 4 bits to +6.8 %; with QuaRot's rotations and GPTQ weights 4 bits
-    cost +4.4 %, against +8.0 % before the transform, measured with an earlier GPTQ.)
+    cost +4.4 %, against +8.0 % before the transform, measured with an earlier GPTQ. All of these on 512-token
+    windows before the calibration covered the context; with it: int8 +0.02 %, int4 +6.29 %, rotated +5.42 %.)
     """
 
     def __init__(self, bits: int, stats: dict[str, TapStats] | None = None, context: int | None = None):
