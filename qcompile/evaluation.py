@@ -126,8 +126,8 @@ def latency(decoder: Decoder, prompt_len: int = SEQ_LEN, decode_steps: int = 32,
 
 
 def evaluate_model(path, count: int = DEFAULT_WINDOWS, with_latency: bool = True, progress=None,
-                   label: str = "") -> tuple[Perplexity, dict]:
-    decoder = Decoder(path)
+                   label: str = "", session_config: dict | None = None) -> tuple[Perplexity, dict]:
+    decoder = Decoder(path, session_config)
     tokenizer = load_tokenizer(decoder.path.parent)
     ppl = perplexity(decoder, tokenizer, count, progress, label)
     return ppl, (latency(decoder) if with_latency else {})

@@ -72,17 +72,19 @@ class _Evaluated:
     predictions: np.ndarray | None
 
 
-def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cache: pathlib.Path | None = None) -> _Evaluated:
-    """Perplexity, latency and size of one model. With `cache` (a folder per source, see
-    `_float_cache`) the perplexity is reused across compiles; latency is always measured now, so the
+def _evaluate(model_path: pathlib.Path, windows: int, progress, label: str, cache: pathlib.Path | None = None,
+              session_config: dict | None = None) -> _Evaluated:
+    """Perplexity, latency and size of one model (run under `session_config`). With `cache` (a folder per source,
+    see `_float_cache`) the perplexity is reused across compiles; latency is always measured now, so the
     float/quantized timings share a run."""
     cached = cache / f"perplexity-{windows}.json" if cache is not None else None
     if cached is not None and cached.is_file():
         ppl = json.loads(cached.read_text())
         predictions = np.load(cache / f"predictions-{windows}.npy")
-        lat = evaluation.latency(Decoder(model_path))
+        lat = evaluation.latency(Decoder(model_path, session_config))
     else:
-        result, lat = evaluation.evaluate_model(model_path, windows, progress=progress, label=label)
+        result, lat = evaluation.evaluate_model(model_path, windows, progress=progress, label=label,
+                                                session_config=session_config)
         ppl, predictions = result.to_dict(), result.predictions
         if cached is not None:
             cache.mkdir(parents=True, exist_ok=True)
@@ -442,7 +444,8 @@ def _lower(canonical: _Canonical, plan: Recipe, tgt: targets.Target, out: pathli
         metrics = {}
         if eval_windows is not None:
             base = _evaluate(float_path, eval_windows, progress, "(float)", _float_cache(canonical.src))
-            metrics = _compare(base, _evaluate(tmp / "model.onnx", eval_windows, progress, "(quantized)"))
+            metrics = _compare(base, _evaluate(tmp / "model.onnx", eval_windows, progress, "(quantized)",
+                                                  session_config=tgt.cpu_session(plan)))
             _gate(metrics, max_ppl_increase, canonical.saved)
         metrics["compile_seconds"] = round(time.perf_counter() - started, 1)
         metrics["bits_per_weight"] = mixed.bits_per_weight(merged_layers(r for _, r in canonical.results))
@@ -466,7 +469,7 @@ def _manifest(src, tgt, plan, calib_record, results, lowered, fidelity_record, m
         "qcompile_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": src.describe(),
-        "target": {"name": tgt.name, "runtime": tgt.runtime},
+        "target": {"name": tgt.name, "runtime": tgt.runtime, "cpu_session": tgt.cpu_session(plan)},
         "recipe": recipe_mod.to_dict(plan),
         "calibration": calib_record,
         "passes": [{"name": getattr(p, "manifest_name", type(p).__name__), "modified": r.modified, **getattr(r, "record", {})} for p, r in results + lowered],

@@ -43,6 +43,14 @@ def eos_token_ids(folder: pathlib.Path) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
+def _recorded_session(model: pathlib.Path) -> dict:
+    """The session config an artifact's manifest records for running it on the CPU (`Target.cpu_session`)."""
+    manifest = model.parent / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    return json.loads(manifest.read_text()).get("target", {}).get("cpu_session", {})
+
+
 def _head_size(model: pathlib.Path) -> int | None:
     """The head size of a model whose cache inputs leave it symbolic (onnxruntime-genai's builder)."""
     config = model.parent / "genai_config.json"
@@ -57,12 +65,13 @@ class Decoder:
     """An ORT session over a KV-cache decoder graph (qcompile's export signature)."""
 
     def __init__(self, path: str | pathlib.Path, session_config: dict | None = None):
+        """`session_config`: ONNX Runtime session config entries; by default those the artifact's manifest records."""
         import onnxruntime as ort
 
         self.path = model_file(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        for key, value in (session_config or {}).items():
+        for key, value in (_recorded_session(self.path) if session_config is None else session_config).items():
             options.add_session_config_entry(key, str(value))
         try:  # a mixture of experts runs grouped per expert (`experts`): ORT has read the copy once the session exists
             with tempfile.TemporaryDirectory(prefix="qcompile-experts-") as tmp:

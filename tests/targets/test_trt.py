@@ -3,7 +3,7 @@ import onnx_ir as ir
 import pytest
 
 import qcompile
-from qcompile import analysis, errors, fidelity
+from qcompile import analysis, errors, fidelity, runtime
 from qcompile.passes import QuantizeWeightsRTN
 from qcompile.schemes import WeightScheme
 from qcompile.passes import _canonical
@@ -155,6 +155,27 @@ def test_verify_passes_across_targets_and_names_a_tampered_tensor(tiny_export, t
     assert not report["passed"]
     assert any("blocks.1.up" in p and tensor in p for p in report["problems"]), report["problems"]
     assert len(report["problems"]) == 1
+
+
+@pytest.mark.parametrize("target", ["trt-int4", "trt-int8"])
+def test_artifacts_run_on_the_cpu_as_tensorrt_computes_them(tiny_export, tmp_path, target):
+    # TensorRT computes Q/DQ exactly (float activations into a weight-only DequantizeLinear → MatMul). ORT's default
+    # session fuses them into its integer kernels: the manifest records the session config that keeps them exact.
+    import onnxruntime as ort
+
+    _, path = tiny_export("llama")
+    art = qcompile.compile(path, target, tmp_path / "trt", eval_windows=None, algo="rtn")
+    assert art.manifest["target"]["cpu_session"]
+    ids = np.random.default_rng(0).integers(0, 256, size=(2, 9))
+    decoder = runtime.Decoder(art.path)
+    got = decoder.forward(ids, decoder.empty_cache(len(ids)), 0)[0]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every node as written
+    plain = ort.InferenceSession(str(art.model_path), options, providers=["CPUExecutionProvider"])
+    ref = plain.run(["logits"], decoder.feeds(ids, decoder.empty_cache(len(ids)), 0))[0]
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    if target == "trt-int4":  # ORT's default: MatMulNBits at accuracy_level 4 rounds the activations to int8
+        assert np.abs(run_logits(art.path, ids) - ref).max() > 1e-3
 
 
 @pytest.mark.parametrize("rotate", [False, True])  # rotated: TensorRT parses the qcompile.Hadamard function op
