@@ -193,6 +193,21 @@ def atomic_folder(out: pathlib.Path):
 
 
 @contextlib.contextmanager
+def exclusive(out: pathlib.Path):
+    """Hold an exclusive lock on `out` (a file `.<name>.lock` beside it) across processes, where the OS has
+    POSIX file locks; elsewhere nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+@contextlib.contextmanager
 def scratch_folder(out: pathlib.Path):
     """Yield a temporary working folder beside `out` (named like `atomic_folder`'s, so a killed run's is
     removed by the next); it is always removed."""

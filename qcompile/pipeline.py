@@ -47,18 +47,23 @@ def export(source: str | pathlib.Path = "smollm2-135m", out_dir: str | pathlib.P
 def _export(src: sources.Source, out_dir, progress) -> pathlib.Path:
     if src.kind == sources.SourceKind.ONNX:
         raise errors.InputError(f"'{src.path}' is already ONNX: pass it straight to `qcompile model` or `eval`")
-    if out_dir is None:
+    if out_dir is None:  # cached: compiles of one source started together wait for a single export
         out = cache_root() / "exports" / f"{src.name}-{src.sha256[:16]}-{__version__}-e{export_mod.EXPORT_FORMAT}"
-        if (out / "model.onnx").is_file():
-            return out
-    else:
-        out = pathlib.Path(out_dir)
+        with artifact.exclusive(out):
+            if not (out / "model.onnx").is_file():
+                _write_export(src, out, progress)
+        return out
+    out = pathlib.Path(out_dir)
+    _write_export(src, out, progress)
+    return out
+
+
+def _write_export(src: sources.Source, out: pathlib.Path, progress) -> None:
     artifact.check_output(out)  # before the minutes of tracing and writing
     with artifact.atomic_folder(out) as tmp:
         export_mod.export_source(src, tmp, progress)
         (tmp / "export.json").write_text(json.dumps({"source": src.describe(), "qcompile": __version__,
                                                       "versions": artifact.package_versions()}, indent=2))
-    return out
 
 
 def _float_model(src: sources.Source, progress) -> pathlib.Path:

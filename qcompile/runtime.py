@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import tempfile
 
@@ -71,6 +72,7 @@ class Decoder:
         self.path = model_file(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = int(os.environ.get("QCOMPILE_THREADS", 0))  # 0: ORT's default, every core
         for key, value in (_recorded_session(self.path) if session_config is None else session_config).items():
             options.add_session_config_entry(key, str(value))
         try:  # a mixture of experts runs grouped per expert (`experts`): ORT has read the copy once the session exists

@@ -11,6 +11,18 @@ import pytest
 
 from tests.families import write_byte_tokenizer  # noqa: F401  (tests import it from here too)
 
+# The CLI's tables are as wide as the terminal: one width wherever the tests run (pytest-xdist's workers have none).
+os.environ["COLUMNS"] = "160"
+
+
+def pytest_configure(config):
+    """With pytest-xdist's workers (pyproject's addopts), each worker computes on one thread (BLAS, torch and
+    ONNX Runtime), set here before the workers start: threads of two workers competing for the same cores
+    made the real-model tests 2× slower."""
+    if getattr(config.option, "numprocesses", None) not in (None, 0, 1):
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "QCOMPILE_THREADS"):
+            os.environ.setdefault(name, "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _export_cache(tmp_path_factory):

@@ -221,3 +221,21 @@ def test_artifact_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "art").stat().st_mode & 0o777 == 0o750
+
+
+def test_one_export_per_cache_entry_however_many_processes_ask(tmp_path):
+    # the second process waits for the first one's lock instead of exporting the same model beside it
+    out, started, done = tmp_path / "export", tmp_path / "started", tmp_path / "done"
+    first = subprocess.Popen([sys.executable, "-c", f"""
+import pathlib, time
+from qcompile import artifact
+with artifact.exclusive(pathlib.Path({str(out)!r})):
+    pathlib.Path({str(started)!r}).touch()
+    time.sleep(1)
+    pathlib.Path({str(done)!r}).touch()
+"""])
+    while not started.exists():
+        assert first.poll() is None, "the first process ended without taking the lock"
+    with artifact.exclusive(out):
+        assert done.exists()
+    assert first.wait() == 0

@@ -13,11 +13,13 @@ def smollm2_export():
 
 
 def pytest_collection_modifyitems(items):
-    """Everything on the real model is in the slow tier (`pytest -m "not slow"` skips it)."""
+    """Everything on the real model is in the slow tier (`pytest -m "not slow"` skips it); each module's tests
+    run on one pytest-xdist worker, which compiles the module's artifacts once."""
     here = __file__.rsplit("/", 1)[0]
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group(item.fspath.basename))
 
 
 WINDOWS = 4  # evaluation windows: small for CI; the benchmarks run the full 128-window protocol
