@@ -44,6 +44,14 @@ def eos_token_ids(folder: pathlib.Path) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
+def _threads() -> int:
+    """ONNX Runtime's threads per session: QCOMPILE_THREADS, else 0 (ORT's default, every core)."""
+    value = os.environ.get("QCOMPILE_THREADS", "0")
+    if not value.isdigit():
+        raise errors.InputError(f"QCOMPILE_THREADS={value!r}: give a whole number of threads (0: every core)")
+    return int(value)
+
+
 def _recorded_session(model: pathlib.Path) -> dict:
     """The session config an artifact's manifest records for running it on the CPU (`Target.cpu_session`)."""
     manifest = model.parent / "manifest.json"
@@ -72,7 +80,7 @@ class Decoder:
         self.path = model_file(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = int(os.environ.get("QCOMPILE_THREADS", 0))  # 0: ORT's default, every core
+        options.intra_op_num_threads = _threads()
         for key, value in (_recorded_session(self.path) if session_config is None else session_config).items():
             options.add_session_config_entry(key, str(value))
         try:  # a mixture of experts runs grouped per expert (`experts`): ORT has read the copy once the session exists
