@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import onnx_ir as ir
 import pytest
@@ -236,6 +237,7 @@ with artifact.exclusive(pathlib.Path({str(out)!r})):
 """])
     while not started.exists():
         assert first.poll() is None, "the first process ended without taking the lock"
+        time.sleep(0.01)
     with artifact.exclusive(out):
         assert done.exists()
     assert first.wait() == 0
