@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import onnx_ir as ir
@@ -15,21 +17,24 @@ from tests.families import write_byte_tokenizer  # noqa: F401  (tests import it 
 os.environ["COLUMNS"] = "160"
 
 
+_OWN_CACHE: list[str] = []  # the cache this process made for the run (removed at its end)
+
+
 def pytest_configure(config):
-    """With pytest-xdist's workers (pyproject's addopts), each worker computes on one thread (BLAS, torch and
-    ONNX Runtime), set here before the workers start: threads of two workers competing for the same cores
-    made the real-model tests 2× slower."""
+    """Set before pytest-xdist's workers start (pyproject's addopts), so that they inherit it: one thread per
+    worker (BLAS, torch and ONNX Runtime; two workers' threads competing for the cores made the real-model
+    tests 2× slower), and one fresh export cache for the run unless QCOMPILE_CACHE_DIR names one."""
     if getattr(config.option, "numprocesses", None) not in (None, 0, 1):
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "QCOMPILE_THREADS"):
             os.environ.setdefault(name, "1")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _export_cache(tmp_path_factory):
-    """Exports are cached by content hash; tests use a fresh cache unless QCOMPILE_CACHE_DIR is set."""
     if "QCOMPILE_CACHE_DIR" not in os.environ:
-        os.environ["QCOMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
+        _OWN_CACHE.append(tempfile.mkdtemp(prefix="qcompile-tests-cache-"))
+        os.environ["QCOMPILE_CACHE_DIR"] = _OWN_CACHE[0]
+
+
+def pytest_unconfigure(config):
+    for cache in _OWN_CACHE:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
