@@ -10,7 +10,7 @@ import tempfile
 
 import numpy as np
 
-from qcompile import errors, experts
+from qcompile import artifact, errors, experts
 
 
 def model_file(path: str | pathlib.Path) -> pathlib.Path:
@@ -54,7 +54,7 @@ def _threads() -> int:
 
 def _recorded_session(model: pathlib.Path) -> dict:
     """The session config an artifact's manifest records for running it on the CPU (`Target.cpu_session`)."""
-    manifest = model.parent / "manifest.json"
+    manifest = model.parent / artifact.MANIFEST
     if not manifest.is_file():
         return {}
     return json.loads(manifest.read_text()).get("target", {}).get("cpu_session", {})
