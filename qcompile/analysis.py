@@ -245,6 +245,26 @@ class Attention:
         shape = cache.inputs[1].shape if cache is not None else None
         return shape[-1] if shape is not None and len(shape) == 4 and isinstance(shape[-1], int) else None
 
+    def merged_output(self, o_input: ir.Value) -> ir.Value | None:
+        """The context with its heads merged back, [batch, seq, heads·head_dim], where o_proj's input `o_input` is it
+        (Transpose/Reshape after the probabilities·v MatMul), or is it through a `qcompile.Hadamard`, activation
+        quantizers and the Add of a constant (QuantizeKVCache's values' centre, added back); None elsewhere."""
+        for _ in range(4):
+            node = o_input.producer()
+            if node is None or not ((node.domain, node.op_type) in _ON_O_INPUT
+                                    or node.op_type == "Add" and _is_const(node.inputs[1])):
+                break
+            o_input = node.inputs[0]
+        walk = o_input
+        for _ in range(4):
+            if self.context is not None and walk is self.context.outputs[0]:
+                return o_input
+            node = walk.producer()
+            if node is None or node.op_type not in ("Transpose", "Reshape"):
+                break
+            walk = node.inputs[0]
+        return None
+
     @property
     def heads(self) -> tuple[int, int] | None:
         """(query heads, key/value heads), where the query and the new keys are static [batch, heads, seq, head_dim]."""
@@ -252,6 +272,10 @@ class Attention:
         if any(s is None or len(s) != 4 or not isinstance(s[1], int) for s in shapes):
             return None
         return shapes[0][1], shapes[1][1]
+
+
+_ON_O_INPUT = {(custom_ops.DOMAIN, custom_ops.HADAMARD), (custom_ops.DOMAIN, custom_ops.PER_TOKEN),
+               ("", "QuantizeLinear"), ("", "DequantizeLinear")}  # between the merged context and o_proj
 
 
 @dataclasses.dataclass

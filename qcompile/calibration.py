@@ -41,6 +41,8 @@ class TapStats:
     rows: list[np.ndarray] = dataclasses.field(default_factory=list)  # sampled token rows [r, K] per window
     first: np.ndarray | None = None  # [K], Σ over windows of the first position's row (float64)
     windows: int = 0
+    high: np.ndarray | None = None  # [K], the largest value (signed)
+    low: np.ndarray | None = None  # [K], the smallest
 
     @property
     def samples(self) -> np.ndarray:
@@ -57,6 +59,8 @@ class TapStats:
         self.rows = [r / s for r in self.rows]
         if self.first is not None:
             self.first /= s
+        if self.high is not None:
+            self.high, self.low = self.high / s, self.low / s
 
     @property
     def absmean(self) -> np.ndarray:
@@ -77,6 +81,9 @@ class TapStats:
         if rows:
             pick = np.random.default_rng(self.tokens).choice(x.shape[0], min(rows, x.shape[0]), replace=False)
             self.rows.append(x[np.sort(pick)].copy())
+        high, low = x.max(axis=0), x.min(axis=0)
+        self.high = high if self.high is None else np.maximum(self.high, high)
+        self.low = low if self.low is None else np.minimum(self.low, low)
         magnitude = np.abs(x)
         np.maximum(self.absmax, (magnitude if envelope is None else envelope.reshape(x.shape)).max(axis=0), out=self.absmax)
         self.abssum += magnitude.sum(axis=0, dtype=np.float64)

@@ -9,10 +9,6 @@ from qcompile import analysis, custom_ops, errors
 from qcompile.passes._canonical import _initializer
 from qcompile.passes._result import Result
 
-_CONTEXT_PATH = {"Transpose", "Reshape"}  # between the probabilities·V MatMul and o_proj (heads merged back)
-_ON_O_INPUT = {(custom_ops.DOMAIN, custom_ops.HADAMARD), (custom_ops.DOMAIN, custom_ops.PER_TOKEN),
-               ("", "QuantizeLinear"), ("", "DequantizeLinear")}
-
 
 class FuseGroupQueryAttention(ir.passes.InPlacePass):
     """softmax(scale·q·kᵀ + causal mask)·v with the cache Concat(past, new) → GroupQueryAttention.
@@ -86,7 +82,7 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
         raise fail("no probabilities·V MatMul after the softmax")
     if attention.key_cache is None or attention.value_cache is None:
         raise errors.UnsupportedModelError(analysis.NO_KV_CACHE)
-    scores, context, key_concat, value_concat = attention.scores, attention.context, attention.key_cache, attention.value_cache
+    scores, key_concat, value_concat = attention.scores, attention.key_cache, attention.value_cache
     query, key, value = scores.inputs[0], key_concat.inputs[1], value_concat.inputs[1]
     quantizers = [_cache_quantizer(v) for v in (key, value)]
     if quantizers[0] is not None or quantizers[1] is not None:
@@ -99,7 +95,9 @@ def _fuse_block(model: ir.Model, block: analysis.Block, seqlens: ir.Value, total
     (heads, kv_heads), scale, softcap = attention.heads, attention.scale, attention.softcap
     if scale is None:
         raise fail("the scores are not q·kᵀ times constants (plus a mask, under an optional softcap)")
-    attention_out = _context_output(block.linears[analysis.Role.O].node.inputs[0], context, fail)
+    attention_out = attention.merged_output(block.linears[analysis.Role.O].node.inputs[0])
+    if attention_out is None:
+        raise fail("o_proj's input is not the attention context with its heads merged")
 
     prefix = f"blocks.{block.index}.attention"
     rope = attention.rotary if max_positions else None
@@ -214,22 +212,3 @@ def _pack_heads(graph: ir.Graph, value: ir.Value, before: ir.Node, name: str) ->
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """The shared initializer `name` (made on first use)."""
     return graph.initializers[name] if name in graph.initializers else _initializer(graph, name, array)
-
-
-def _context_output(value: ir.Value, context: ir.Node, fail) -> ir.Value:
-    """The merged-heads attention output [batch, seq, heads·head_dim] that reaches o_proj from `context`
-    (through Transpose/Reshape; o_proj's input may be a `qcompile.Hadamard` or an activation quantizer of it)."""
-    for _ in range(4):
-        node = value.producer()
-        if node is None or (node.domain, node.op_type) not in _ON_O_INPUT:
-            break
-        value = node.inputs[0]
-    out, walk = value, value
-    for _ in range(4):
-        if walk is context.outputs[0]:
-            return out
-        node = walk.producer()
-        if node is None or node.op_type not in _CONTEXT_PATH:
-            break
-        walk = node.inputs[0]
-    raise fail("o_proj's input is not the attention context with its heads merged")

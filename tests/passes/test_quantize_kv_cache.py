@@ -47,15 +47,20 @@ def test_kv_cache_holds_values_quantized_with_calibrated_per_channel_scales(tiny
     qmax = 2 ** (bits - 1) - 1
     # layer 0's keys and values are computed before any quantized cache is read: exactly the float ones, quantized
     # with a scale per (head, channel) of c · max |x| over the calibration windows / qmax, c in 0.5..1; for the keys
-    # (after RoPE), |x| of each rotate-half pair's channels is the pair's magnitude
+    # (after RoPE), |x| of each rotate-half pair's channels is the pair's magnitude; 4-bit values are cached
+    # centred on their first position's mean over the windows, x − μ
     _, full = decoder.forward(WINDOWS, decoder.empty_cache(len(WINDOWS)), 0)
     for name in (["past_key_values.0.key"] if bits == 8 else []) + ["past_key_values.0.value"]:  # 4-bit keys: transformed
-        scale = model.graph.initializers[name.replace("past_key_values", "present") + ".kv_scale"].const_value.numpy()
-        x = full[name]
+        present = name.replace("past_key_values", "present")
+        initializer = lambda suffix: model.graph.initializers[present + suffix].const_value.numpy()  # noqa: E731
+        scale, mean = initializer(".kv_scale"), initializer(".mean") if bits == 4 else 0
+        if bits == 4:
+            np.testing.assert_allclose(mean, full[name][:, :, :1].mean(axis=0, keepdims=True), atol=1e-6)
+        x = full[name] - mean
         magnitude = calibration.rope_envelope(x, 16, 16) if name.endswith("key") else np.abs(x)
         ratio = scale / (magnitude.max(axis=(0, 2), keepdims=True) / qmax)
         assert ratio.shape == (1, 2, 1, 16) and (ratio > 0.5 - 1e-6).all() and (ratio < 1 + 1e-6).all()
-        want = np.clip(np.round(float_cache[name] / scale), -qmax - 1, qmax) * scale
+        want = np.clip(np.round((float_cache[name] - mean) / scale), -qmax - 1, qmax) * scale
         np.testing.assert_allclose(cache[name], want, atol=1e-5)
     error = np.abs(logits - float_logits).max()
     assert 0 < error < (0.5 if bits == 4 else 0.05), error
@@ -169,11 +174,15 @@ def _without_quantizers(model: ir.Model) -> ir.Model:
 
 
 @pytest.mark.parametrize("rotate", [False, True])
-def test_4bit_key_transform_leaves_float_attention_unchanged(tiny_export, tmp_path, rotate):
-    """k·A − μ cached, q·A⁻ᵀ read: the same logits for a prompt, a chunk and a cached step (float, no quantizer)."""
+def test_4bit_key_transform_and_value_centre_leave_float_attention_unchanged(tiny_export, tmp_path, rotate):
+    """k·A − μ cached, q·A⁻ᵀ read; v − ν cached, ν added back to the attention output: the same logits for a
+    prompt, a chunk and a cached step (float, no quantizer)."""
     _, path = tiny_export("llama")
     model = _quantized(path, 4, rotate)
-    assert [n.op_type for n in model.graph].count("Einsum") == 2 * 2 and [n.op_type for n in model.graph].count("Sub") >= 2
+    names = [n.name for n in model.graph]
+    assert sum(n.endswith(".transform") for n in names) == sum(n.endswith(".uncenter") for n in names) == 2
+    assert sum(n.endswith(".center") for n in names) == 2 * 2  # keys and values
+    assert model.graph.initializers["present.1.value.mean"].const_value.numpy().any()
     transformed = _save(_without_quantizers(model), tmp_path / "transformed.onnx")
     ids = np.random.default_rng(6).integers(0, 256, size=(1, 14))
     (p1, s1, _), (p0, s0, _) = prompt_and_step(transformed, ids), prompt_and_step(path, ids)
@@ -181,11 +190,12 @@ def test_4bit_key_transform_leaves_float_attention_unchanged(tiny_export, tmp_pa
     np.testing.assert_allclose(s1, s0, atol=1e-4, rtol=0)
 
 
-def test_4bit_key_cache_holds_the_first_position_exactly(tiny_export):
-    """Calibrated on windows that all start with one token, the key cached at position 0 of a prompt starting
-    with it lies on the grid (the attention sink's key), while later keys carry rounding error. Layer 0: later
-    layers' first keys read the quantized values of the layers before, which calibration (on the float model)
-    does not see."""
+@pytest.mark.parametrize("kind", ["key", "value"])
+def test_4bit_cache_holds_the_first_position_exactly(tiny_export, kind):
+    """Calibrated on windows that all start with one token, the key and the value cached at position 0 of a prompt
+    starting with it lie on the grid (the attention sink's), while later ones carry rounding error. Layer 0: later
+    layers' first keys and values read the quantized values of the layers before, which calibration (on the float
+    model) does not see."""
     _, path = tiny_export("llama")
     model = ir.load(path)
     windows = WINDOWS.copy()
@@ -193,7 +203,7 @@ def test_4bit_key_cache_holds_the_first_position_exactly(tiny_export):
     kv = QuantizeKVCache(4)
     Calibrate(windows, [kv])(model)
     kv(model)
-    quantizer = next(n for n in model.graph if n.op_type == custom_ops.STATIC and n.name.startswith("present.0.key"))
+    quantizer = next(n for n in model.graph if n.op_type == custom_ops.STATIC and n.name.startswith(f"present.0.{kind}"))
     ids = np.concatenate([[7], np.random.default_rng(7).integers(0, 256, size=11)])[None]
     with calibration.tapped_session(model, [quantizer.inputs[0], quantizer.outputs[0]]) as decoder:
         before, after = next(calibration._runs(decoder, [quantizer.inputs[0].name, quantizer.outputs[0].name], ids, None)).values()
