@@ -32,6 +32,17 @@ def pytest_configure(config):
         os.environ["QCOMPILE_CACHE_DIR"] = _OWN_CACHE[0]
 
 
+def pytest_collection_modifyitems(items):
+    """pytest-xdist (`--dist loadgroup`) hands out the groups with the most tests first: the real-model modules
+    (tests/e2e/conftest.py) and, here, each family of test_families.py. So while one worker exports SmolLM2,
+    the other works through tiny families instead of waiting for that export's lock (about a minute idle when
+    two real-model modules came first), and each family's tests share one worker."""
+    for item in items:
+        family = getattr(item, "callspec", None) and item.callspec.params.get("family")
+        if item.fspath.basename == "test_families.py" and family:
+            item.add_marker(pytest.mark.xdist_group(f"family-{family}"))
+
+
 def pytest_unconfigure(config):
     for cache in _OWN_CACHE:
         shutil.rmtree(cache, ignore_errors=True)
