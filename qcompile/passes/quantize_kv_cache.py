@@ -41,7 +41,7 @@ class QuantizeKVCache(ir.passes.InPlacePass):
     (in SmolLM2 its spread across windows is a hundredth of other keys' and later layers give it up to half
     their attention), lies on the quantization grid and is cached almost exactly.
 
-    At 4 bits the values are centred on that sink too: v − ν is cached, ν the first position's mean value over
+    At 4 bits the values are centered on that sink too: v − ν is cached, ν the first position's mean value over
     the calibration windows, and ν is added back to the attention output (heads merged, before o_proj): the
     probabilities of a query sum to 1, so Σ p·(v − ν) + ν = Σ p·v, exact in float. The sink's value is then
     cached as about 0, on the grid, where its rounding error would otherwise reach every query at the weight
@@ -52,7 +52,7 @@ class QuantizeKVCache(ir.passes.InPlacePass):
     keep max |x|; the key transform then took 4 bits to +6.8 %; with QuaRot's rotations and GPTQ weights 4 bits
     cost +4.4 %, against +8.0 % before the transform, measured with an earlier GPTQ. All of these on 512-token
     windows before the calibration covered the context; with it: int8 +0.02 %, int4 +6.29 %, rotated +5.42 %.
-    Centring the values on the sink then took the rotated GPTQ model's 4-bit cache from +5.42 % to +4.83 % on 128
+    Centering the values on the sink then took the rotated GPTQ model's 4-bit cache from +5.42 % to +4.83 % on 128
     windows; on rotated 8-bit RTN weights, 32 windows, from +5.36 % to +4.32 %, where only putting the sink's
     value on the grid, a shift under half a step, gave +4.80 %.)
     """
@@ -93,13 +93,13 @@ class QuantizeKVCache(ir.passes.InPlacePass):
         caches = cache_concats(model_map)
         transformed = {a.key_cache.outputs[0].name: self._transform_keys(graph, a.scores, a.key_cache, not a.softcapped, qmax)
                        for a in self._transformed(model_map)}
-        centred = {b.attention.value_cache.outputs[0].name: self._centre_values(graph, b, qmax) for b in self._centred(model_map)}
+        centered = {b.attention.value_cache.outputs[0].name: self._center_values(graph, b, qmax) for b in self._centered(model_map)}
         amax = []
         for present, concat in caches:
             new = concat.inputs[1]
             shape = new.shape
-            if present.name in transformed or present.name in centred:
-                scale, top = transformed.get(present.name) or centred[present.name]
+            if present.name in transformed or present.name in centered:
+                scale, top = transformed.get(present.name) or centered[present.name]
             elif new.name in self.stats and shape is not None and all(isinstance(shape[i], int) for i in (1, 3)):
                 scale, top = _scales(self.stats[new.name], qmax), float(self.stats[new.name].absmax.max())
             else:
@@ -116,17 +116,17 @@ class QuantizeKVCache(ir.passes.InPlacePass):
                   "max_abs": [round(min(amax), 4), round(max(amax), 4)]}
         if transformed:
             record["keys"] = f"transformed per KV head before caching (k·A − μ, queries q·A⁻ᵀ) in {len(transformed)} blocks"
-        if centred:
-            record["values"] = f"centred on the first position's value before caching, added back after attention in {len(centred)} blocks"
+        if centered:
+            record["values"] = f"centered on the first position's value before caching, added back after attention in {len(centered)} blocks"
         return Result(model, modified=bool(caches), record={"kv_cache": record})
 
-    def _centred(self, model_map: analysis.ModelMap) -> list[analysis.Block]:
-        """At 4 bits, the blocks whose values the cache stores centred (see above): o_proj reads the context."""
+    def _centered(self, model_map: analysis.ModelMap) -> list[analysis.Block]:
+        """At 4 bits, the blocks whose values the cache stores centered (see above): o_proj reads the context."""
         return [b for b in model_map.blocks if self.bits == 4 and b.attention and b.attention.heads
                 and analysis.Role.O in b.linears and b.attention.merged_output(b.linears[analysis.Role.O].node.inputs[0])]
 
-    def _centre_values(self, graph: ir.Graph, block: analysis.Block, qmax: int) -> tuple[np.ndarray, float]:
-        """Insert v − μ before the value cache and + μ after attention, μ the first position's mean value over the
+    def _center_values(self, graph: ir.Graph, block: analysis.Block, qmax: int) -> tuple[np.ndarray, float]:
+        """Insert v − ν before the value cache and + ν after attention, ν the first position's mean value over the
         calibration windows (see the class docstring); returns the cached values' scales and largest magnitude."""
         concat, attention = block.attention.value_cache, block.attention
         values = concat.inputs[1]

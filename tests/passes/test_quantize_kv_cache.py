@@ -48,7 +48,7 @@ def test_kv_cache_holds_values_quantized_with_calibrated_per_channel_scales(tiny
     # layer 0's keys and values are computed before any quantized cache is read: exactly the float ones, quantized
     # with a scale per (head, channel) of c · max |x| over the calibration windows / qmax, c in 0.5..1; for the keys
     # (after RoPE), |x| of each rotate-half pair's channels is the pair's magnitude; 4-bit values are cached
-    # centred on their first position's mean over the windows, x − μ
+    # centered on their first position's mean over the windows, x − μ
     _, full = decoder.forward(WINDOWS, decoder.empty_cache(len(WINDOWS)), 0)
     for name in (["past_key_values.0.key"] if bits == 8 else []) + ["past_key_values.0.value"]:  # 4-bit keys: transformed
         present = name.replace("past_key_values", "present")
@@ -174,7 +174,7 @@ def _without_quantizers(model: ir.Model) -> ir.Model:
 
 
 @pytest.mark.parametrize("rotate", [False, True])
-def test_4bit_key_transform_and_value_centre_leave_float_attention_unchanged(tiny_export, tmp_path, rotate):
+def test_4bit_key_transform_and_value_center_leave_float_attention_unchanged(tiny_export, tmp_path, rotate):
     """k·A − μ cached, q·A⁻ᵀ read; v − ν cached, ν added back to the attention output: the same logits for a
     prompt, a chunk and a cached step (float, no quantizer)."""
     _, path = tiny_export("llama")
