@@ -579,7 +579,8 @@ def build_passes(plan: Recipe, windows: np.ndarray | None, progress=None, saved:
     fold = FoldSmoothQuantScales(act, quantize_weight=_fake_quantizer(scheme), skip=scheme.skip, weights=scheme) if act.smoothquant else None
     acts = QuantizeActivations(act.kind, lm_head=act.lm_head, clip=act.clip, weights=scheme,
                                float_inputs=act.float_inputs) if act.kind != ActivationKind.NONE else None
-    kv = QuantizeKVCache(plan.kv_cache.bits, context=context) if plan.kv_cache.bits is not None else None
+    kv = (QuantizeKVCache(plan.kv_cache.bits, context=context, center_values=plan.rotation.enabled)
+          if plan.kv_cache.bits is not None else None)
     consumers = [p for p in (fold, acts if act.static else None, head, weights if shares_calibration else None, kv)
                  if p is not None]
     if consumers:

@@ -41,12 +41,15 @@ class QuantizeKVCache(ir.passes.InPlacePass):
     (in SmolLM2 its spread across windows is a hundredth of other keys' and later layers give it up to half
     their attention), lies on the quantization grid and is cached almost exactly.
 
-    At 4 bits the values are centered on that sink too: v − ν is cached, ν the first position's mean value over
+    With `center_values` (the pipeline sets it where QuaRot's rotations are on), 4-bit values are centered on
+    that sink too: v − ν is cached, ν the first position's mean value over
     the calibration windows, and ν is added back to the attention output (heads merged, before o_proj): the
     probabilities of a query sum to 1, so Σ p·(v − ν) + ν = Σ p·v, exact in float. The sink's value is then
     cached as about 0, on the grid, where its rounding error would otherwise reach every query at the weight
     the sink gets (a third to a half in SmolLM2's later layers), while other positions' errors, spread over
-    many keys, partly average out.
+    many keys, partly average out. A rotation spreads the sink's value over every channel; without one it sits
+    in a few, whose ranges centering widens (SmolLM2: by up to 1.79×, median 1.01), and on RTN weights it cost
+    more than it saved (+6.29 → +6.97 % over the float cache, 128 windows), so unrotated values stay as they are.
     (benchmarks/bench_kv_cache.py, SmolLM2, perplexity over the same model with a float cache: the clip
     search took the 4-bit cache from +15.4 % to +13.8 %, and the 8-bit one from +0.00 % to +0.17 %, so 8 bits
     keep max |x|; the key transform then took 4 bits to +6.8 %; with QuaRot's rotations and GPTQ weights 4 bits
@@ -57,11 +60,12 @@ class QuantizeKVCache(ir.passes.InPlacePass):
     value on the grid, a shift under half a step, gave +4.80 %.)
     """
 
-    def __init__(self, bits: int, stats: dict[str, TapStats] | None = None, context: int | None = None):
+    def __init__(self, bits: int, stats: dict[str, TapStats] | None = None, context: int | None = None,
+                 center_values: bool = False):
         super().__init__()
         if bits not in (4, 8):
             raise errors.InputError(f"KV-cache bits={bits} is not supported: use 4 or 8")
-        self.bits, self.stats, self.context = bits, stats, context
+        self.bits, self.stats, self.context, self.center_values = bits, stats, context, center_values
 
     def requires(self, model: ir.Model) -> None:
         cache_concats(analysis.analyze(model))
@@ -122,7 +126,7 @@ class QuantizeKVCache(ir.passes.InPlacePass):
 
     def _centered(self, model_map: analysis.ModelMap) -> list[analysis.Block]:
         """At 4 bits, the blocks whose values the cache stores centered (see above): o_proj reads the context."""
-        return [b for b in model_map.blocks if self.bits == 4 and b.attention and b.attention.heads
+        return [b for b in model_map.blocks if self.center_values and self.bits == 4 and b.attention and b.attention.heads
                 and analysis.Role.O in b.linears and b.attention.merged_output(b.linears[analysis.Role.O].node.inputs[0])]
 
     def _center_values(self, graph: ir.Graph, block: analysis.Block, qmax: int) -> tuple[np.ndarray, float]:

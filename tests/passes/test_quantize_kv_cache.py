@@ -17,13 +17,13 @@ R = analysis.Role
 WINDOWS = np.random.default_rng(0).integers(0, 256, size=(4, 32))
 
 
-def _quantized(path, bits, rotate=False) -> ir.Model:
+def _quantized(path, bits, rotate=False, center=None) -> ir.Model:
     model = ir.load(path)
     if rotate:
         for p in [FuseNormGains(), RotateResidualStream(), RotateValueOutput(), InsertOnlineHadamard((R.DOWN, R.O)),
                   InsertQueryKeyHadamard()]:
             p(model)
-    kv = QuantizeKVCache(bits)
+    kv = QuantizeKVCache(bits, center_values=rotate if center is None else center)  # as the pipeline, unless told
     Calibrate(WINDOWS, [kv])(model)
     assert kv(model).modified
     return model
@@ -37,7 +37,7 @@ def _save(model, path):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_kv_cache_holds_values_quantized_with_calibrated_per_channel_scales(tiny_export, tmp_path, bits):
     _, path = tiny_export("llama")
-    model = _quantized(path, bits)
+    model = _quantized(path, bits, center=True)
     nodes = [n for n in model.graph if n.op_type == "QuantizeDequantizeStatic"]
     assert len(nodes) == 2 * 2  # keys and values, 2 layers
     ids = np.random.default_rng(1).integers(0, 256, size=(1, 12))
@@ -178,7 +178,7 @@ def test_4bit_key_transform_and_value_center_leave_float_attention_unchanged(tin
     """k·A − μ cached, q·A⁻ᵀ read; v − ν cached, ν added back to the attention output: the same logits for a
     prompt, a chunk and a cached step (float, no quantizer)."""
     _, path = tiny_export("llama")
-    model = _quantized(path, 4, rotate)
+    model = _quantized(path, 4, rotate, center=True)
     names = [n.name for n in model.graph]
     assert sum(n.endswith(".transform") for n in names) == sum(n.endswith(".uncenter") for n in names) == 2
     assert sum(n.endswith(".center") for n in names) == 2 * 2  # keys and values
@@ -200,7 +200,7 @@ def test_4bit_cache_holds_the_first_position_exactly(tiny_export, kind):
     model = ir.load(path)
     windows = WINDOWS.copy()
     windows[:, 0] = 7
-    kv = QuantizeKVCache(4)
+    kv = QuantizeKVCache(4, center_values=True)
     Calibrate(windows, [kv])(model)
     kv(model)
     quantizer = next(n for n in model.graph if n.op_type == custom_ops.STATIC and n.name.startswith(f"present.0.{kind}"))
