@@ -33,10 +33,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """pytest-xdist (`--dist loadgroup`) hands out the groups with the most tests first: the real-model modules
-    (tests/e2e/conftest.py) and, here, each family of test_families.py. So while one worker exports SmolLM2,
-    the other works through tiny families instead of waiting for that export's lock (about a minute idle when
-    two real-model modules came first), and each family's tests share one worker."""
+    """Each family's tests in test_families.py run on one pytest-xdist worker (`--dist loadgroup`), as each
+    real-model module's do (tests/e2e/conftest.py), so a family's export and artifacts stay with its tests."""
     for item in items:
         family = getattr(item, "callspec", None) and item.callspec.params.get("family")
         if item.fspath.basename == "test_families.py" and family:

@@ -47,8 +47,8 @@ class QuantizeKVCache(ir.passes.InPlacePass):
     probabilities of a query sum to 1, so Σ p·(v − ν) + ν = Σ p·v, exact in float. The sink's value is then
     cached as about 0, on the grid, where its rounding error would otherwise reach every query at the weight
     the sink gets (a third to a half in SmolLM2's later layers), while other positions' errors, spread over
-    many keys, partly average out. A rotation spreads the sink's value over every channel; without one it sits
-    in a few, whose ranges centering widens (SmolLM2: by up to 1.79×, median 1.01), and on RTN weights it cost
+    many keys, partly average out. Without a rotation the sink's value is large in a
+    few channels, whose ranges centering widens (SmolLM2: by up to 1.83×, per-layer medians 1.00 to 1.14×), and on RTN weights it cost
     more than it saved (+6.29 → +6.97 % over the float cache, 128 windows), so unrotated values stay as they are.
     (benchmarks/bench_kv_cache.py, SmolLM2, perplexity over the same model with a float cache: the clip
     search took the 4-bit cache from +15.4 % to +13.8 %, and the 8-bit one from +0.00 % to +0.17 %, so 8 bits
@@ -97,13 +97,15 @@ class QuantizeKVCache(ir.passes.InPlacePass):
         caches = cache_concats(model_map)
         transformed = {a.key_cache.outputs[0].name: self._transform_keys(graph, a.scores, a.key_cache, not a.softcapped, qmax)
                        for a in self._transformed(model_map)}
-        centered = {b.attention.value_cache.outputs[0].name: self._center_values(graph, b, qmax) for b in self._centered(model_map)}
+        centered = {b.attention.value_cache.outputs[0].name: self._center_values(graph, b, merged, qmax)
+                    for b, merged in self._centered(model_map)}
+        prepared = {**transformed, **centered}  # present name → the cached tensor's scales and largest magnitude
         amax = []
         for present, concat in caches:
             new = concat.inputs[1]
             shape = new.shape
-            if present.name in transformed or present.name in centered:
-                scale, top = transformed.get(present.name) or centered[present.name]
+            if present.name in prepared:
+                scale, top = prepared[present.name]
             elif new.name in self.stats and shape is not None and all(isinstance(shape[i], int) for i in (1, 3)):
                 scale, top = _scales(self.stats[new.name], qmax), float(self.stats[new.name].absmax.max())
             else:
@@ -124,35 +126,34 @@ class QuantizeKVCache(ir.passes.InPlacePass):
             record["values"] = f"centered on the first position's value before caching, added back after attention in {len(centered)} blocks"
         return Result(model, modified=bool(caches), record={"kv_cache": record})
 
-    def _centered(self, model_map: analysis.ModelMap) -> list[analysis.Block]:
-        """At 4 bits, the blocks whose values the cache stores centered (see above): o_proj reads the context."""
-        return [b for b in model_map.blocks if self.center_values and self.bits == 4 and b.attention and b.attention.heads
-                and analysis.Role.O in b.linears and b.attention.merged_output(b.linears[analysis.Role.O].node.inputs[0])]
+    def _centered(self, model_map: analysis.ModelMap) -> list[tuple[analysis.Block, ir.Value]]:
+        """With `center_values` at 4 bits, the blocks whose values the cache stores centered (see above), each with
+        the merged attention output [batch, seq, heads · head_dim] that o_proj reads and ν is added back to."""
+        if not (self.center_values and self.bits == 4):
+            return []
+        found = [(b, b.attention.merged_output(b.linears[analysis.Role.O].node.inputs[0])) for b in model_map.blocks
+                 if b.attention and b.attention.heads and analysis.Role.O in b.linears]
+        return [(b, merged) for b, merged in found if merged is not None]
 
-    def _center_values(self, graph: ir.Graph, block: analysis.Block, qmax: int) -> tuple[np.ndarray, float]:
-        """Insert v − ν before the value cache and + ν after attention, ν the first position's mean value over the
+    def _center_values(self, graph: ir.Graph, block: analysis.Block, merged: ir.Value, qmax: int) -> tuple[np.ndarray, float]:
+        """Insert v − ν before the value cache and + ν on `merged`, ν the first position's mean value over the
         calibration windows (see the class docstring); returns the cached values' scales and largest magnitude."""
-        concat, attention = block.attention.value_cache, block.attention
+        concat = block.attention.value_cache
         values = concat.inputs[1]
-        (heads, kv_heads), head_dim = attention.heads, values.shape[3]
+        (heads, kv_heads), head_dim = block.attention.heads, values.shape[3]
         stats = self.stats[values.name]
         mean = stats.first / stats.windows
         top = np.maximum(stats.high - mean, mean - stats.low)
         scale = _clip_scales(stats.samples - mean, top, qmax)
+        concat.replace_input_with(1, _subtract(graph, concat, values, mean, kv_heads, head_dim))
         name = concat.outputs[0].name
-        node = ir.node("Sub", [values, _initializer(graph, f"{name}.mean", mean.reshape(1, kv_heads, 1, head_dim).astype(np.float32))],
-                       name=f"{name}.center")
-        _like(node.outputs[0], values, f"{name}.centered")
-        graph.insert_before(concat, node)
-        concat.replace_input_with(1, node.outputs[0])
-        merged = attention.merged_output(block.linears[analysis.Role.O].node.inputs[0])  # [b, s, heads · head_dim]
         back = np.repeat(mean.reshape(kv_heads, head_dim), heads // kv_heads, axis=0)  # query head j reads KV head j // group
+        readers = list(merged.uses())
         add = ir.node("Add", [merged, _initializer(graph, f"{name}.mean_back", back.reshape(-1).astype(np.float32))],
                       name=f"{name}.uncenter")
         _like(add.outputs[0], merged, f"{name}.uncentered")
-        for use in list(merged.uses()):
-            if use.node is not add:
-                use.node.replace_input_with(use.idx, add.outputs[0])
+        for use in readers:
+            use.node.replace_input_with(use.idx, add.outputs[0])
         graph.insert_after(merged.producer(), add)
         return scale, float(top.max())
 
@@ -181,11 +182,7 @@ class QuantizeKVCache(ir.passes.InPlacePass):
         graph.insert_before(concat, node)
         cached = node.outputs[0]
         if centered:
-            node = ir.node("Sub", [cached, _initializer(graph, f"{name}.mean", mean.reshape(1, kv_heads, 1, head_dim).astype(np.float32))],
-                           name=f"{name}.center")
-            _like(node.outputs[0], keys, f"{name}.centered")
-            graph.insert_before(concat, node)
-            cached = node.outputs[0]
+            cached = _subtract(graph, concat, cached, mean, kv_heads, head_dim)
         concat.replace_input_with(1, cached)
         inverse = np.repeat(np.linalg.inv(a).transpose(0, 2, 1), group, axis=0)
         node = _per_head_matmul(graph, queries, inverse, f"{name}.query_transform")
@@ -225,6 +222,16 @@ def _per_head_matmul(graph: ir.Graph, x: ir.Value, matrices: np.ndarray, name: s
                    attributes={"equation": "bhsd,hde->bhse"}, name=name)
     _like(node.outputs[0], x, f"{name}.out")
     return node
+
+
+def _subtract(graph: ir.Graph, concat: ir.Node, x: ir.Value, mean: np.ndarray, kv_heads: int, head_dim: int) -> ir.Value:
+    """x − mean (one value per KV head and channel), inserted before the cache Concat `concat`."""
+    name = concat.outputs[0].name
+    node = ir.node("Sub", [x, _initializer(graph, f"{name}.mean", mean.reshape(1, kv_heads, 1, head_dim).astype(np.float32))],
+                   name=f"{name}.center")
+    _like(node.outputs[0], x, f"{name}.centered")
+    graph.insert_before(concat, node)
+    return node.outputs[0]
 
 
 def _like(value: ir.Value, like: ir.Value, name: str) -> None:
