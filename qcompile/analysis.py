@@ -248,7 +248,7 @@ class Attention:
     def merged_output(self, o_input: ir.Value) -> ir.Value | None:
         """The context with its heads merged back, [batch, seq, heads·head_dim], where o_proj's input `o_input` is it
         (Transpose/Reshape after the probabilities·v MatMul), or is it through a `qcompile.Hadamard`, activation
-        quantizers and the Add of a constant (QuantizeKVCache's values' centre, added back); None elsewhere."""
+        quantizers and the Add of a constant (QuantizeKVCache's values' center, added back); None elsewhere."""
         for _ in range(4):
             node = o_input.producer()
             if node is None or not ((node.domain, node.op_type) in _ON_O_INPUT
